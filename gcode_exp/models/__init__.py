@@ -1,0 +1,16 @@
+"""Model zoo: `model.name` picks one; all share the encoder/decoder trunk in encoder.py."""
+
+from __future__ import annotations
+
+from gcode_exp.data.vocab import Vocab
+from gcode_exp.models.baseline import BaselineModel
+from gcode_exp.models.encoder import TokenModel
+from gcode_exp.models.multihead import MultiHeadModel
+
+
+def build_model(model_cfg, vocab: Vocab, n_inputs: int, window: int, max_len: int) -> TokenModel:
+    if model_cfg.name == "baseline":
+        return BaselineModel(n_inputs, len(vocab), window, max_len, model_cfg)
+    if model_cfg.name == "multihead":
+        return MultiHeadModel(n_inputs, vocab, window, max_len, model_cfg)
+    raise ValueError(f"model.name must be baseline or multihead, got {model_cfg.name!r}")

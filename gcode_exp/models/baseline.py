@@ -1,0 +1,26 @@
+"""Approach 1: one softmax over the flat vocabulary."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gcode_exp.data.vocab import PAD
+from gcode_exp.models.encoder import TokenModel
+
+
+class BaselineModel(TokenModel):
+    def __init__(self, n_inputs: int, vocab_size: int, window: int, max_len: int, cfg):
+        super().__init__(n_inputs, vocab_size, window, max_len, cfg)
+        self.head = nn.Linear(cfg.d_model, vocab_size)
+
+    def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"token": self.head(h)}
+
+    def loss(self, out, target):
+        loss = F.cross_entropy(out["token"].flatten(0, 1).float(), target.flatten(), ignore_index=PAD)
+        return loss, {"token": loss.item()}
+
+    def predict(self, out):
+        return out["token"].argmax(-1)

@@ -1,0 +1,149 @@
+"""The three jobs behind `run.py task=...`: prepare, train, eval. Each writes into the run folder and
+returns its metrics; `run` returns the number a sweeper optimises."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from gcode_exp import GcodeExpError, plots
+from gcode_exp.config import validate
+from gcode_exp.data.dataset import Features, build_split, prepare
+from gcode_exp.data.dataset import read_runs
+from gcode_exp.data.read import DataError, list_runs
+from gcode_exp.logger import make_logger
+from gcode_exp.training.checkpoint import load_checkpoint
+from gcode_exp.training.loop import evaluate, fit, load_model, pick_device
+from gcode_exp.training.metrics import majority_metrics, per_class
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg, run_dir: Path) -> dict:
+    """Validate the config, then run the job it names."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.task == "prepare":
+        return prepare_job(cfg, run_dir)
+    if (run_dir / "metrics.json").exists() and not (cfg.overwrite or cfg.trainer.resume):
+        raise GcodeExpError(f"{run_dir} already holds finished results (metrics.json); pass overwrite=true to replace them")
+    return train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
+
+
+def write_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def prepare_job(cfg, run_dir: Path) -> dict:
+    data = prepare(cfg)
+    write_json(data.summary, run_dir / "data_summary.json")
+    s = data.summary
+    print(f"vocab {cfg.vocab.name}: {s['vocab_size']} tokens {s['token_counts_by_type']}; "
+          f"{s['n_channels']} channels + {s['n_board_flags']} board flags ({'+'.join(s['feature_groups'])})")
+    for name in ("train", "val", "test"):
+        print(f"{name:5s}: {len(s[name]['files']):3d} files {s[name]['windows']:5d} windows "
+              f"{s[name]['distinct_target_lines']:4d} distinct targets, OOV {s[name]['oov_rate']:.2%}")
+    if s["skipped_files"]:
+        print(f"skipped {len(s['skipped_files'])} unusable files (see data_summary.json)")
+    return s
+
+
+def train_job(cfg, run_dir: Path) -> dict:
+    data = prepare(cfg)
+    write_json(data.summary, run_dir / "data_summary.json")
+    data.vocab.save(run_dir / "vocab.json")
+    logger = make_logger(cfg, run_dir)
+    try:
+        state = fit(cfg, data, run_dir, logger)
+        device = pick_device(cfg.hardware)
+        blob = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+        model, vocab = load_model(blob, device)
+        metrics = {}
+        for split in ("val", "test"):
+            m, pred = evaluate(model, data.splits[split], vocab, cfg, device, with_lines=cfg.trainer.line_exact)
+            metrics.update({f"{split}/{k}": v for k, v in m.items()})
+        majority = majority_metrics(blob["majority_line"], data.splits["test"].targets, vocab)
+        history = state["history"]
+        metrics.update({f"majority/{k}": v for k, v in majority.items()})
+        metrics.update(
+            best_epoch=state["best_epoch"],
+            epochs=len(history),
+            sec_per_epoch=sum(r["sec"] for r in history) / max(len(history), 1),
+            collapsed=state["collapsed"],
+            n_params=sum(p.numel() for p in model.parameters()),
+        )
+        write_outputs(cfg, run_dir, metrics, pred, data.splits["test"].targets[:, 1:], vocab, history)
+        if logger is not None:
+            logger.finish(metrics, run_dir / "plots")
+            logger = None
+        return metrics
+    finally:
+        if logger is not None:
+            logger.finish(None, None)
+
+
+def eval_job(cfg, run_dir: Path) -> dict:
+    """Score a checkpoint on every window of every file in data.dir, read the way it was trained."""
+    blob = load_checkpoint(cfg.ckpt_path)
+    feats = Features(**blob["features"])
+    data_cfg = OmegaConf.create(blob["config"]["data"])
+    for key in ("dir", "pattern", "on_error", "max_nonfinite"):
+        data_cfg[key] = cfg.data[key]
+    runs, skipped = read_runs(list_runs(data_cfg.dir, data_cfg.pattern), data_cfg)
+    if not runs:
+        raise DataError(f"{data_cfg.dir}: no usable recordings")
+    required = [c for c in feats.channels if "." not in c]
+    for r in runs:
+        missing = [c for c in required if c not in r.columns]
+        if missing:
+            raise DataError(f"{r.name}: lacks channels the checkpoint was trained on: {', '.join(missing[:5])}")
+    device = pick_device(cfg.hardware)
+    model, vocab = load_model(blob, device)
+    split = build_split(runs, feats, vocab, data_cfg)
+    eval_cfg = OmegaConf.merge(blob["config"], {"hardware": cfg.hardware, "data": data_cfg})
+    m, pred = evaluate(model, split, vocab, eval_cfg, device, with_lines=cfg.trainer.line_exact)
+    metrics = {f"test/{k}": v for k, v in m.items()}
+    metrics.update({f"majority/{k}": v for k, v in majority_metrics(blob["majority_line"], split.targets, vocab).items()})
+    metrics["ckpt_path"] = str(cfg.ckpt_path)
+    summary = {"data_dir": str(data_cfg.dir), "test": {"files": split.files, "windows": len(split)}, "skipped_files": skipped}
+    write_json(summary, run_dir / "data_summary.json")
+    write_outputs(cfg, run_dir, metrics, pred, split.targets[:, 1:], vocab, None)
+    return metrics
+
+
+def write_outputs(cfg, run_dir: Path, metrics: dict, pred, target, vocab, history) -> None:
+    """metrics.json (last, so its presence means 'finished'), per_class.csv and plots/."""
+    rows = per_class(pred, target, vocab)
+    with open(run_dir / "per_class.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["token"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if cfg.trainer.plots:
+        out = run_dir / "plots"
+        if history:
+            plots.learning_curves(history, out / "learning_curves.png")
+        plots.command_confusion(pred, target, vocab, out / "command_confusion.png")
+        plots.token_frequencies(pred, target, vocab, out / "token_frequencies.png")
+        plots.command_recall(rows, out / "command_recall.png")
+    write_json(metrics, run_dir / "metrics.json")
+    keys = ("overall_acc", "command_acc", "command_macro_recall", "token_macro_recall", "unique_tokens")
+    log.info("test: %s", " | ".join(f"{k} {metrics.get('test/' + k, float('nan')):.3f}" for k in keys))
+    log.info("majority reference: %s", " | ".join(f"{k} {metrics.get('majority/' + k, float('nan')):.3f}" for k in keys))
+
+
+def objective(cfg, metrics: dict) -> float:
+    """The number a sweeper optimises: `optimized_metric` (default: the early-stopping monitor)."""
+    key = cfg.get("optimized_metric") or cfg.trainer.monitor
+    value = metrics.get(key)
+    if value is None:
+        raise GcodeExpError(f"optimized_metric={key}: not among the run's metrics ({', '.join(sorted(metrics)[:8])}, ...)")
+    return float(value)
+

@@ -1,0 +1,32 @@
+"""A checkpoint is one dict: model, optimiser, vocabulary, features, config, epoch, RNG and loop state.
+Everything `task=eval` needs to read new recordings exactly as the training data was read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gcode_exp import GcodeExpError
+from gcode_exp.data.dataset import atomic_torch_save
+
+FORMAT = "gcode-exp/1"
+REQUIRED = ("format", "model", "vocab", "features", "config", "epoch", "majority_line")
+
+
+def save_checkpoint(path: Path, **blob) -> None:
+    atomic_torch_save({"format": FORMAT, **blob}, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load and check a checkpoint; a missing file or a foreign one is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise GcodeExpError(f"ckpt_path={path}: no such file")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise GcodeExpError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT or any(k not in blob for k in REQUIRED):
+        raise GcodeExpError(f"ckpt_path={path}: not a gcode-exp checkpoint (format {FORMAT})")
+    return blob

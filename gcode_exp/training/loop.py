@@ -1,0 +1,179 @@
+"""Training and evaluation loops: plain PyTorch, one screen each."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
+from gcode_exp.data.dataset import Prepared, Split
+from gcode_exp.data.vocab import BOS, Vocab
+from gcode_exp.models import TokenModel, build_model
+from gcode_exp.training.checkpoint import load_checkpoint, save_checkpoint
+from gcode_exp.training.metrics import line_exact, majority_line, token_metrics
+
+log = logging.getLogger(__name__)
+COLLAPSE_REMEDIES = (
+    "remedies from the guide: check the vocabulary (vocab=v2), raise aug.oversample_factor (aug=5x), "
+    "raise model.loss_weights.command (e.g. 5.0), lower trainer.batch_size (16)"
+)
+
+
+def pick_device(hw_cfg) -> torch.device:
+    """`auto` takes cuda, then mps, then cpu; naming a device that is absent is an error."""
+    if hw_cfg.threads:
+        torch.set_num_threads(hw_cfg.threads)
+    want = hw_cfg.device
+    has = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if want == "auto":
+        want = next(d for d in ("cuda", "mps", "cpu") if has[d])
+    if not has.get(want, False):
+        from gcode_exp import GcodeExpError
+
+        raise GcodeExpError(f"hardware.device={want}: no such device on this machine (try hardware=auto)")
+    return torch.device(want)
+
+
+def autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: TokenModel, split: Split, vocab: Vocab, cfg, device, with_lines: bool):
+    """Metrics of one split: teacher-forced predictions, and free-running decoding for line_exact."""
+    model.eval()
+    preds, gens, losses = [], [], []
+    for x, y in batches(split, cfg.data.window, 256):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, cfg.hardware.amp):
+            out = model(x, y[:, :-1])
+            losses.append(model.loss(out, y[:, 1:])[0].item() * len(x))
+            preds.append(model.predict(out).cpu())
+            if with_lines:
+                gens.append(model.generate(x, y.shape[1] - 1, BOS).cpu())
+    pred, target = torch.cat(preds), split.targets[:, 1:]
+    metrics = token_metrics(pred, target, vocab)
+    metrics["loss"] = sum(losses) / max(len(split), 1)
+    if with_lines:
+        metrics["line_exact"] = line_exact(torch.cat(gens), target)
+    return metrics, pred
+
+
+def progress(epoch: int, step: int, total: int, loss: float) -> None:
+    """A one-line bar on a terminal; nothing in logs or pipes."""
+    if sys.stderr.isatty():
+        done = int(30 * step / max(total, 1))
+        sys.stderr.write(f"\repoch {epoch} [{'#' * done}{'.' * (30 - done)}] {step}/{total} loss {loss:.3f}")
+        sys.stderr.flush()
+        if step == total:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+
+
+def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
+    """Train with early stopping; checkpoints/best.pt holds the best epoch, last.pt the latest state."""
+    device = pick_device(cfg.hardware)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train, val, tc = data.splits["train"], data.splits["val"], cfg.trainer
+    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sign = 1 if tc.monitor_mode == "max" else -1
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "collapsed": False, "history": []}
+    ckpt_dir = run_dir / "checkpoints"
+    if tc.resume and (ckpt_dir / "last.pt").exists():
+        blob = load_checkpoint(ckpt_dir / "last.pt")
+        model.load_state_dict(blob["model"])
+        opt.load_state_dict(blob["optimizer"])
+        gen.set_state(blob["rng"]["gen"])
+        torch.set_rng_state(blob["rng"]["torch"])
+        state = blob["state"]
+        log.info("resuming after epoch %d from %s", state["epoch"], ckpt_dir / "last.pt")
+    rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
+    aug = Augment.from_config(cfg.aug, data.features)
+    common = {
+        "vocab": data.vocab.to_dict(),
+        "features": vars(data.features),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "majority_line": majority_line(train.targets),
+    }
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("%s: %d params on %s; %d train windows (%d rare, x%d)", cfg.name, n_params, device, len(train),
+             int(rare.sum()), cfg.aug.oversample_factor)
+    for epoch in range(state["epoch"] + 1, tc.max_epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)
+        total, seen, n_steps = 0.0, 0, math.ceil(len(order) / tc.batch_size)
+        for step, (x, y) in enumerate(batches(train, cfg.data.window, tc.batch_size, order, aug, gen), 1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, cfg.hardware.amp):
+                loss, _ = model.loss(model(x, y[:, :-1]), y[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            total, seen = total + loss.item() * len(x), seen + len(x)
+            if tc.progress:
+                progress(epoch, step, n_steps, total / seen)
+        train_sec = time.perf_counter() - t0
+        val_metrics, _ = evaluate(model, val, data.vocab, cfg, device, with_lines=False)
+        row = {"epoch": epoch, "train/loss": total / max(seen, 1), "sec": train_sec,
+               **{f"val/{k}": v for k, v in val_metrics.items()}}
+        state["history"].append(row)
+        score = row.get(tc.monitor, float("nan"))
+        if not math.isnan(score) and sign * score > state["best"]:
+            state.update(best=sign * score, best_epoch=epoch, bad_epochs=0)
+            save_checkpoint(ckpt_dir / "best.pt", model=model.state_dict(), epoch=epoch, **common)
+        else:
+            state["bad_epochs"] += 1
+        n_target = len(set(val.targets[:, 1:].flatten().tolist()) - {0})
+        threshold = min(tc.collapse_min_unique, math.ceil(0.5 * n_target))
+        collapsed_now = val_metrics["unique_tokens"] < threshold
+        if collapsed_now and not state["collapsed"]:
+            log.warning("collapse: %d distinct tokens predicted on val (< %d); %s",
+                        val_metrics["unique_tokens"], threshold, COLLAPSE_REMEDIES)
+        state["collapsed"] = state["collapsed"] or collapsed_now
+        state["epoch"] = epoch
+        save_checkpoint(ckpt_dir / "last.pt", model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+                        state=state, rng={"gen": gen.get_state(), "torch": torch.get_rng_state()}, **common)
+        write_history(state["history"], run_dir / "history.csv")
+        log.info("epoch %3d | train loss %.4f | val loss %.4f | %s %.4f | cmd %.3f | uniq %d | %.1fs",
+                 epoch, row["train/loss"], row["val/loss"], tc.monitor, score, row["val/command_acc"],
+                 row["val/unique_tokens"], train_sec)
+        if logger is not None:
+            logger.log(row, step=epoch)
+        if state["bad_epochs"] >= tc.patience or (collapsed_now and tc.stop_on_collapse):
+            log.info("stopping after epoch %d (best epoch %d)", epoch, state["best_epoch"])
+            break
+    return state
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+def load_model(blob: dict, device) -> tuple[TokenModel, Vocab]:
+    """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode."""
+    cfg = OmegaConf.create(blob["config"])
+    vocab = Vocab.from_dict(blob["vocab"])
+    n_inputs = len(blob["features"]["channels"]) + len(blob["features"]["boards"])
+    model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len)
+    model.load_state_dict(blob["model"])
+    return model.to(device).eval(), vocab

@@ -1,0 +1,47 @@
+"""gcode-exp entry point: `python run.py [task=train|eval|prepare] [group=option ...] [key=value ...]`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # the guide's setting for Apple GPUs
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from gcode_exp import GcodeExpError  # noqa: E402
+
+log = logging.getLogger("gcode_exp")
+
+
+@hydra.main(config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from gcode_exp import tasks
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode.name == "MULTIRUN"
+    try:
+        metrics = tasks.run(cfg, run_dir)
+        return tasks.objective(cfg, metrics) if cfg.task != "prepare" else None
+    except (GcodeExpError, KeyboardInterrupt) as e:
+        message = str(e) or type(e).__name__
+        detail = message
+    except Exception as e:  # a bug, not bad input: keep the traceback in the run folder
+        message = f"{type(e).__name__}: {e} (traceback in {run_dir / 'error.txt'})"
+        detail = traceback.format_exc()
+    (run_dir / "error.txt").write_text(detail + "\n")
+    print(f"error: {message}", file=sys.stderr)
+    if multirun:  # the sweep goes on; Optuna records a NaN objective as a failed trial
+        return math.nan
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
