@@ -39,6 +39,7 @@ class Run:
     values: np.ndarray  # float32 [rows, len(columns)]
     lines: list[str]  # G-code text per row; "" where the controller reported none
     nonfinite_cells: int  # cells that were empty, NaN or inf and will read as the channel mean
+    silent_rows: int  # rows dropped because every sensor column was empty
 
 
 def channel_group(column: str) -> str | None:
@@ -90,6 +91,11 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
             row = int(np.flatnonzero(text.to_numpy())[0])
             raise DataError(f"{path}: row {row + 2}: column '{col}' holds non-numeric value {raw.iloc[row]!r}")
         values[:, j] = numeric.to_numpy(dtype=np.float64)
+    sensors = [j for j, c in enumerate(columns) if channel_group(c) != "controller"]
+    alive = np.isfinite(values[:, sensors]).any(axis=1) if sensors else np.ones(len(values), dtype=bool)
+    if not alive.any():
+        raise DataError(f"{path}: no row has any sensor value (motor currents or IMU boards)")
+    values = values[alive]  # rows where every sensor is silent carry nothing to learn from
     bad = ~np.isfinite(values)
     nonfinite = int(bad.sum())
     if nonfinite > max_nonfinite * values.size:
@@ -99,9 +105,10 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
             f"(limit data.max_nonfinite={max_nonfinite}; first at row {row + 2}, column '{columns[j]}')"
         )
     values[bad] = np.nan
-    lines = frame["gcode_string"].fillna("").astype(str).str.strip().tolist()
+    lines = frame["gcode_string"].fillna("").astype(str).str.strip()[alive].tolist()
     name, op = run_name(path)
-    return Run(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite)
+    return Run(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite,
+               silent_rows=int((~alive).sum()))
 
 
 def list_runs(data_dir: str | Path, pattern: str) -> list[Path]:
