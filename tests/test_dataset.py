@@ -1,0 +1,116 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
+from gcode_exp.data.dataset import Features, encode_target, fit_features, prepare, split_files, window_target
+from gcode_exp.data.read import Run, read_run
+from gcode_exp.data.vocab import BOS, EOS, PAD, Vocab
+from tests.conftest import SAMPLE
+
+
+def fake_run(name: str, op: str, value: float = 0.0, rows: int = 8) -> Run:
+    cols = ["spindle", "b1.Ax", "posx"]
+    return Run(name, op, cols, np.full((rows, 3), value, np.float32), ["G1 X1"] * rows, 0, 0)
+
+
+def test_split_is_by_file_stratified_and_seeded():
+    runs = [fake_run(f"{op}_{i:03d}", op) for op in ("face", "pocket", "adaptive") for i in range(10)]
+    runs += [fake_run("damageface_001", "damageface"), fake_run("damagepocket_001", "damagepocket")]
+    parts = split_files(runs, (0.7, 0.15, 0.15), seed=0)
+    names = {k: {r.name for r in v} for k, v in parts.items()}
+    assert not (names["train"] & names["val"]) and not (names["train"] & names["test"]) and not (names["val"] & names["test"])
+    assert sum(len(v) for v in names.values()) == len(runs)
+    for op in ("face", "pocket", "adaptive"):  # every operation type reaches every split
+        for split in names.values():
+            assert any(n.startswith(op + "_") for n in split)
+    assert {r.name for r in split_files(runs, (0.7, 0.15, 0.15), seed=0)["test"]} == names["test"]
+    assert {r.name for r in split_files(runs, (0.7, 0.15, 0.15), seed=1)["test"]} != names["test"]
+
+
+def test_normalisation_uses_training_files_only():
+    train = [fake_run("a_001", "a", 1.0), fake_run("a_002", "a", 3.0)]
+    feats = fit_features(train, ["motors", "boards"], board_flags=True)
+    assert feats.channels == ["b1.Ax", "spindle"]  # controller columns excluded by the feature groups
+    assert feats.boards == ["b1"]
+    assert feats.mean == pytest.approx([2.0, 2.0]) and feats.std == pytest.approx([1.0, 1.0])
+
+
+def test_window_target_longest_line_ties_and_unlabelled_rows():
+    assert window_target(["A", "B", "B", "A"], "longest", 3) == ["A"]  # tie: the earliest line
+    assert window_target(["", "", "B", "A", "A"], "longest", 3) == ["A"]  # empty rows never vote
+    assert window_target(["", ""], "longest", 3) is None
+    assert window_target(["A", "A", "B", "", "B", "C", "D"], "lines", 3) == ["A", "B", "C"]
+
+
+def test_encode_target_starts_with_bos_and_is_padded():
+    v = Vocab.build(["G1 X1 Y2 Z3"], 2)
+    ids = encode_target(["G1 X1 Y2 Z3"], v, 16)
+    assert ids[0] == BOS and ids[8] == EOS and ids[9:] == [PAD] * 7 and len(ids) == 16
+    short = encode_target(["G1 X1 Y2 Z3"], v, 5)
+    assert short == [BOS, v.index["G1"], v.index["X"], v.index[v.line_tokens("X1")[1]], EOS]
+
+
+def test_targets_and_proxies_are_never_inputs():
+    run = read_run(next(SAMPLE.glob("pocket_*")))
+    for col in ("momo", "gcode_line", "gcode_string", "line", "raw_json", "t_console", "spindle_A", "vel"):
+        assert col not in run.columns
+    assert "spindle" in run.columns and "posx" in run.columns
+
+
+def test_prepare_on_sample_and_cache_hit(tiny_cfg):
+    cfg = tiny_cfg()
+    t0 = time.perf_counter()
+    cold = prepare(cfg)
+    t_cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    warm = prepare(cfg)
+    t_warm = time.perf_counter() - t0
+    assert t_warm < t_cold
+    files = {k: set(s.files) for k, s in cold.splits.items()}
+    assert files == {k: set(s.files) for k, s in warm.splits.items()}
+    assert not (files["train"] & files["test"]) and len(files["val"]) >= 1
+    for name in ("train", "val", "test"):
+        assert torch.equal(cold.splits[name].targets, warm.splits[name].targets)
+        assert torch.equal(cold.splits[name].rows, warm.splits[name].rows)
+    assert cold.vocab.tokens == warm.vocab.tokens
+    assert all((s.targets[:, 0] == BOS).all() for s in cold.splits.values())
+    side = prepare(tiny_cfg("features=side_channel"))
+    assert not any(c.startswith("pos") or c == "feed" for c in side.features.channels)
+    assert side.features.n_inputs < cold.features.n_inputs
+
+
+def test_oversampling_and_augmentation_statistics():
+    gen = torch.Generator().manual_seed(0)
+    rare = torch.tensor([True, False, False, False])
+    order = epoch_order(4, rare, 3, gen)
+    assert sorted(order.tolist()) == [0, 0, 0, 1, 2, 3]
+    feats = Features(["a", "b"], ["b1"], mean=[0.0, 10.0], std=[1.0, 2.0])
+    aug = Augment(noise=0.02, shift=0, scale=0.0, n_sensor=2, offset=torch.tensor([0.0, 5.0]))
+    x = torch.zeros(2000, 8, 3)
+    x[..., 2] = 1.0
+    noisy = aug.perturb(x, gen)
+    assert noisy[..., :2].std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(noisy[..., 2], x[..., 2])  # board presence flags are never perturbed
+    scaled = Augment(noise=0.0, shift=0, scale=0.05, n_sensor=2, offset=torch.tensor([0.0, 5.0])).perturb(x, gen)
+    k = 1 + scaled[:, 0, 1] / 5.0  # a raw value of 10 (z = 0) scaled by k reads (k - 1) * 5
+    assert k.min() >= 0.95 - 1e-6 and k.max() <= 1.05 + 1e-6 and k.std() > 0.02
+    assert Augment.from_config(type("A", (), {"noise": 0, "shift": 0, "scale": 0})(), feats) is None
+
+
+def test_shift_stays_inside_the_file(tiny_cfg):
+    data = prepare(tiny_cfg())
+    train = data.splits["train"]
+    aug = Augment(noise=0.0, shift=2, scale=0.0, n_sensor=len(data.features.channels), offset=torch.zeros(1))
+    gen = torch.Generator().manual_seed(0)
+    starts = aug.shift_starts(train.starts, train.lo, train.hi, gen)
+    assert ((starts >= train.lo) & (starts <= train.hi)).all()
+    assert (starts - train.starts).abs().max() <= 2 and (starts != train.starts).any()
+    rare = rare_window_mask(train.targets, data.vocab, "auto")
+    others = torch.tensor([data.vocab.index[c] for c in data.vocab.commands if c != "G1"])
+    assert rare.any() and torch.isin(train.targets[rare], others).any(dim=1).all()
+    assert not torch.isin(train.targets[~rare], others).any()
+    x, y = next(batches(train, 32, 8))
+    assert x.shape == (8, 32, data.features.n_inputs) and y.shape == (8, 16)

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from gcode_exp import tasks
+from gcode_exp.training.checkpoint import load_checkpoint
+from tests.conftest import SAMPLE
+
+RUN_FOLDER = ["metrics.json", "history.csv", "vocab.json", "data_summary.json", "per_class.csv",
+              "checkpoints/best.pt", "checkpoints/last.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [("model=multihead", "aug=3x"), ("model=baseline", "aug=none")])
+def test_train_round_trip_writes_complete_run_folder(tiny_cfg, tmp_path, overrides):
+    cfg = tiny_cfg(*overrides, "trainer.max_epochs=2", "trainer.plots=true")
+    metrics = tasks.run(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in RUN_FOLDER:
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "plots").iterdir()) == [
+        "command_confusion.png", "command_recall.png", "learning_curves.png", "token_frequencies.png"]
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("val/overall_acc", "test/command_acc", "test/token_macro_recall", "test/line_exact",
+                "majority/command_macro_recall", "best_epoch", "epochs", "sec_per_epoch", "collapsed"):
+        assert key in saved, key
+    assert saved["epochs"] == 2 and 1 <= saved["best_epoch"] <= 2
+    assert 0 <= saved["test/overall_acc"] <= 1
+    assert len((run / "history.csv").read_text().splitlines()) == 3
+    blob = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert blob["config"]["model"]["name"] == cfg.model.name and blob["epoch"] == saved["best_epoch"]
+    assert metrics == saved
+
+
+@pytest.mark.slow
+def test_eval_of_saved_checkpoint_reproduces_test_metrics(tiny_cfg, tmp_path):
+    metrics = tasks.run(tiny_cfg(), tmp_path / "train")
+    test_files = json.loads((tmp_path / "train" / "data_summary.json").read_text())["test"]["files"]
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    for name in test_files:
+        (only_test / f"{name}_aligned.csv.gz").symlink_to(SAMPLE / f"{name}_aligned.csv.gz")
+    ckpt = tmp_path / "train" / "checkpoints" / "best.pt"
+    evaluated = tasks.run(tiny_cfg("task=eval", f"ckpt_path={ckpt}", f"data.dir={only_test}"), tmp_path / "eval")
+    for key in ("overall_acc", "command_acc", "token_macro_recall", "unique_tokens", "line_exact"):
+        assert evaluated[f"test/{key}"] == pytest.approx(metrics[f"test/{key}"]), key
+    assert (tmp_path / "eval" / "metrics.json").is_file() and (tmp_path / "eval" / "per_class.csv").is_file()
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(tiny_cfg, tmp_path):
+    a = tasks.run(tiny_cfg("seed=3"), tmp_path / "a")
+    b = tasks.run(tiny_cfg("seed=3"), tmp_path / "b")
+    c = tasks.run(tiny_cfg("seed=4"), tmp_path / "c")
+    drop = ("sec_per_epoch",)
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    assert a["val/loss"] != c["val/loss"]
