@@ -13,8 +13,7 @@ from omegaconf import OmegaConf
 
 from gcode_exp import GcodeExpError, plots
 from gcode_exp.config import validate
-from gcode_exp.data.dataset import Features, build_split, prepare
-from gcode_exp.data.dataset import read_runs
+from gcode_exp.data.dataset import Features, build_split, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.logger import make_logger
 from gcode_exp.training.checkpoint import load_checkpoint
@@ -32,7 +31,9 @@ def run(cfg, run_dir: Path) -> dict:
     if cfg.task == "prepare":
         return prepare_job(cfg, run_dir)
     if (run_dir / "metrics.json").exists() and not (cfg.overwrite or cfg.trainer.resume):
-        raise GcodeExpError(f"{run_dir} already holds finished results (metrics.json); pass overwrite=true to replace them")
+        raise GcodeExpError(
+            f"{run_dir} already holds finished results (metrics.json); pass overwrite=true to replace them"
+        )
     return train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
 
 
@@ -111,9 +112,11 @@ def eval_job(cfg, run_dir: Path) -> dict:
     eval_cfg = OmegaConf.merge(blob["config"], {"hardware": cfg.hardware, "data": data_cfg})
     m, pred = evaluate(model, split, vocab, eval_cfg, device, with_lines=cfg.trainer.line_exact)
     metrics = {f"test/{k}": v for k, v in m.items()}
-    metrics.update({f"majority/{k}": v for k, v in majority_metrics(blob["majority_line"], split.targets, vocab).items()})
+    majority = majority_metrics(blob["majority_line"], split.targets, vocab)
+    metrics.update({f"majority/{k}": v for k, v in majority.items()})
     metrics["ckpt_path"] = str(cfg.ckpt_path)
-    summary = {"data_dir": str(data_cfg.dir), "test": {"files": split.files, "windows": len(split)}, "skipped_files": skipped}
+    summary = {"data_dir": str(data_cfg.dir), "test": {"files": split.files, "windows": len(split)},
+               "skipped_files": skipped}
     write_json(summary, run_dir / "data_summary.json")
     write_outputs(cfg, run_dir, metrics, pred, split.targets[:, 1:], vocab, None)
     return metrics
@@ -135,8 +138,8 @@ def write_outputs(cfg, run_dir: Path, metrics: dict, pred, target, vocab, histor
         plots.command_recall(rows, out / "command_recall.png")
     write_json(metrics, run_dir / "metrics.json")
     keys = ("overall_acc", "command_acc", "command_macro_recall", "token_macro_recall", "unique_tokens")
-    log.info("test: %s", " | ".join(f"{k} {metrics.get('test/' + k, float('nan')):.3f}" for k in keys))
-    log.info("majority reference: %s", " | ".join(f"{k} {metrics.get('majority/' + k, float('nan')):.3f}" for k in keys))
+    for label, prefix in (("test", "test/"), ("majority reference", "majority/")):
+        log.info("%s: %s", label, " | ".join(f"{k} {metrics.get(prefix + k, float('nan')):.3f}" for k in keys))
 
 
 def objective(cfg, metrics: dict) -> float:
@@ -144,6 +147,6 @@ def objective(cfg, metrics: dict) -> float:
     key = cfg.get("optimized_metric") or cfg.trainer.monitor
     value = metrics.get(key)
     if value is None:
-        raise GcodeExpError(f"optimized_metric={key}: not among the run's metrics ({', '.join(sorted(metrics)[:8])}, ...)")
+        raise GcodeExpError(f"optimized_metric={key}: not a metric of this run (e.g. {', '.join(sorted(metrics)[:6])})")
     return float(value)
 

@@ -21,7 +21,7 @@ def test_split_is_by_file_stratified_and_seeded():
     runs += [fake_run("damageface_001", "damageface"), fake_run("damagepocket_001", "damagepocket")]
     parts = split_files(runs, (0.7, 0.15, 0.15), seed=0)
     names = {k: {r.name for r in v} for k, v in parts.items()}
-    assert not (names["train"] & names["val"]) and not (names["train"] & names["test"]) and not (names["val"] & names["test"])
+    assert not (names["train"] & names["val"] or names["train"] & names["test"] or names["val"] & names["test"])
     assert sum(len(v) for v in names.values()) == len(runs)
     for op in ("face", "pocket", "adaptive"):  # every operation type reaches every split
         for split in names.values():

@@ -1,0 +1,132 @@
+"""Benchmark: `python -m gcode_exp.bench [--data-dir DIR] [--out bench.json] [hydra overrides ...]`.
+
+Prints a table and writes JSON: training throughput of the full pipeline (batch gathering +
+augmentation + step) against the bare step on pre-built tensors, per model; inference latency per
+window at batch 1 and 256; cold vs cached `prepare`; epoch time at 1x/2x/4x the data; peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
+from gcode_exp.data.dataset import prepare
+from gcode_exp.models import build_model
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Best of `repeat` runs, in seconds: the least disturbed by other work on the machine."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def train_steps(model, opt, pairs) -> None:
+    for x, y in pairs:
+        loss, _ = model.loss(model(x, y[:, :-1]), y[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def bench_model(cfg, data, steps: int) -> dict:
+    """Windows/s of the bare step on tensors gathered once vs the full per-epoch pipeline."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    train, bs = data.splits["train"], cfg.trainer.batch_size
+    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    aug = Augment.from_config(cfg.aug, data.features)
+    rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
+    order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)[: steps * bs]
+    prebuilt = list(batches(train, cfg.data.window, bs, order))
+    n = sum(len(x) for x, _ in prebuilt)
+    model.train()
+    train_steps(model, opt, prebuilt[:3])  # warm-up
+    bare = timed(lambda: train_steps(model, opt, prebuilt), 3)
+    full = timed(lambda: train_steps(model, opt, batches(train, cfg.data.window, bs, order, aug, gen)), 3)
+    model.eval()
+    out = {"params": sum(p.numel() for p in model.parameters()), "bare_windows_per_s": n / bare,
+           "pipeline_windows_per_s": n / full, "pipeline_vs_bare": bare / full}
+    with torch.no_grad():
+        x1, y1 = prebuilt[0][0][:1], prebuilt[0][1][:1]
+        big = next(batches(train, cfg.data.window, 256))
+        out["latency_ms_batch1"] = 1e3 * timed(lambda: model(x1, y1[:, :-1]), 20)
+        out["latency_ms_per_window_batch256"] = 1e3 * timed(lambda: model(big[0], big[1][:, :-1]), 3) / len(big[0])
+    return out
+
+
+def bench_scaling(cfg, data) -> dict:
+    """Seconds for one training epoch over the train split repeated 1x, 2x, 4x."""
+    torch.manual_seed(0)
+    train = data.splits["train"]
+    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    out = {}
+    for k in (1, 2, 4):
+        order = torch.arange(len(train)).repeat(k)
+        out[f"{k}x"] = timed(lambda o=order: train_steps(model, opt, batches(train, cfg.data.window, 32, o)), 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default="data/sample")
+    ap.add_argument("--steps", type=int, default=30, help="training steps timed per model")
+    ap.add_argument("--out", default="bench.json")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.d_model=64")
+    args = ap.parse_args(argv)
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose("config", overrides=[f"data.dir={args.data_dir}", *args.overrides])
+    with tempfile.TemporaryDirectory() as cache:
+        cfg.data.cache_dir = cache
+        cold = timed(lambda: prepare(cfg))
+        cached = timed(lambda: prepare(cfg), 3)
+    data = prepare(cfg)
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "data_dir": args.data_dir,
+        "train_windows": len(data.splits["train"]),
+        "prepare_cold_s": cold,
+        "prepare_cached_s": cached,
+        "prepare_speedup": cold / cached,
+        "models": {},
+    }
+    for name, extra in (("baseline", ["model=baseline", "aug=3x"]), ("multihead", ["model=multihead", "aug=3x"]),
+                        ("multihead_lstm", ["model=multihead", "aug=3x", "model.encoder=lstm"])):
+        with initialize_config_dir(config_dir=str(CONF)):
+            mcfg = compose("config", overrides=[f"data.dir={args.data_dir}", *args.overrides, *extra])
+        result["models"][name] = bench_model(mcfg, data, args.steps)
+    result["epoch_s_by_data_size"] = bench_scaling(cfg, data)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"{result['machine']}; data {args.data_dir}: {result['train_windows']} train windows")
+    print(f"prepare: cold {cold:.2f} s, cached {cached:.3f} s ({cold / cached:.0f}x)")
+    heads = ("params", "bare w/s", "pipe w/s", "pipe/bare", "b1 ms", "b256 ms/w")
+    print(f"{'model':16s} " + " ".join(f"{h:>9s}" for h in heads))
+    for name, m in result["models"].items():
+        print(f"{name:16s} {m['params']:9d} {m['bare_windows_per_s']:9.0f} {m['pipeline_windows_per_s']:9.0f} "
+              f"{m['pipeline_vs_bare']:9.2f} {m['latency_ms_batch1']:9.2f} {m['latency_ms_per_window_batch256']:9.3f}")
+    s = result["epoch_s_by_data_size"]
+    print("epoch seconds at 1x/2x/4x data: " + " / ".join(f"{v:.2f}" for v in s.values())
+          + f" (4x/1x = {s['4x'] / s['1x']:.2f})")
+    print(f"peak memory {result['peak_rss_mb']:.0f} MB; JSON in {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
