@@ -29,6 +29,7 @@ def main(cfg: DictConfig) -> float | None:
     multirun = hc.mode.name == "MULTIRUN"
     try:
         metrics = tasks.run(cfg, run_dir)
+        log.info("run folder: %s", run_dir)
         return tasks.objective(cfg, metrics) if cfg.task != "prepare" else None
     except (GcodeExpError, KeyboardInterrupt) as e:
         message = str(e) or type(e).__name__
