@@ -114,3 +114,20 @@ def test_shift_stays_inside_the_file(tiny_cfg):
     assert not torch.isin(train.targets[~rare], others).any()
     x, y = next(batches(train, 32, 8))
     assert x.shape == (8, 32, data.features.n_inputs) and y.shape == (8, 16)
+
+
+def _prepare_in_child(overrides: list[str]) -> int:
+    from tests.conftest import make_cfg
+
+    return len(prepare(make_cfg(*overrides)).splits["train"])
+
+
+def test_concurrent_builders_share_one_intact_cache(tmp_path):
+    import multiprocessing as mp
+
+    overrides = [f"data.cache_dir={tmp_path}"]
+    with mp.get_context("spawn").Pool(2) as pool:
+        sizes = pool.map(_prepare_in_child, [overrides, overrides])
+    assert sizes[0] == sizes[1] > 0
+    assert len(list(tmp_path.glob("*.pt"))) == 1 and not list(tmp_path.glob(".*tmp"))
+    assert _prepare_in_child(overrides) == sizes[0]  # the file left behind loads
