@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from gcode_exp import GcodeExpError  # noqa: E402
+from gcode_exp.config import seed_of  # noqa: E402, F401  (registers the resolver used by conf/hparams_search)
 
 log = logging.getLogger("gcode_exp")
 

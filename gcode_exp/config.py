@@ -3,7 +3,9 @@ with a message naming the key."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import zlib
+
+from omegaconf import DictConfig, OmegaConf
 
 from gcode_exp import GcodeExpError
 
@@ -24,6 +26,15 @@ FEATURE_GROUPS = {"controller", "motors", "boards"}
 
 class ConfigError(GcodeExpError):
     pass
+
+
+def seed_of(text: str) -> int:
+    """A stable seed from a string: `${seed_of:${hydra.sweep.dir}}` seeds each sweep call differently
+    (a continued study must not replay the suggestions it already tried) yet reproducibly per folder."""
+    return zlib.crc32(str(text).encode()) % 2**31
+
+
+OmegaConf.register_new_resolver("seed_of", seed_of, replace=True)
 
 
 def _get(cfg: DictConfig, key: str):
