@@ -34,7 +34,7 @@ def seed_of(text: str) -> int:
     return zlib.crc32(str(text).encode()) % 2**31
 
 
-OmegaConf.register_new_resolver("seed_of", seed_of, replace=True)
+OmegaConf.register_resolver("seed_of", seed_of, replace=True)
 
 
 def _get(cfg: DictConfig, key: str):
