@@ -53,12 +53,13 @@ def bench_model(cfg, data, steps: int) -> dict:
     aug = Augment.from_config(cfg.aug, data.features)
     rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
     order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)[: steps * bs]
-    prebuilt = list(batches(train, cfg.data.window, bs, order))
+    prebuilt = list(batches(train, cfg.data.window, bs, order, trim=True))
     n = sum(len(x) for x, _ in prebuilt)
     model.train()
     train_steps(model, opt, prebuilt[:3])  # warm-up
     bare = timed(lambda: train_steps(model, opt, prebuilt), 3)
-    full = timed(lambda: train_steps(model, opt, batches(train, cfg.data.window, bs, order, aug, gen)), 3)
+    pipeline = lambda: batches(train, cfg.data.window, bs, order, aug, gen, trim=True)  # noqa: E731
+    full = timed(lambda: train_steps(model, opt, pipeline()), 3)
     model.eval()
     out = {"params": sum(p.numel() for p in model.parameters()), "bare_windows_per_s": n / bare,
            "pipeline_windows_per_s": n / full, "pipeline_vs_bare": bare / full}
@@ -79,7 +80,8 @@ def bench_scaling(cfg, data) -> dict:
     out = {}
     for k in (1, 2, 4):
         order = torch.arange(len(train)).repeat(k)
-        out[f"{k}x"] = timed(lambda o=order: train_steps(model, opt, batches(train, cfg.data.window, 32, o)), 2)
+        out[f"{k}x"] = timed(lambda o=order: train_steps(model, opt, batches(train, cfg.data.window, 32, o, trim=True)),
+                             2)
     return out
 
 

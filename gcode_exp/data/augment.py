@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from gcode_exp.data.dataset import Features, Split
-from gcode_exp.data.vocab import COMMAND, Vocab
+from gcode_exp.data.vocab import COMMAND, PAD, Vocab
 
 
 def rare_window_mask(targets: torch.Tensor, vocab: Vocab, rare_commands) -> torch.Tensor:
@@ -78,8 +78,10 @@ def batches(
     order: torch.Tensor | None = None,
     aug: Augment | None = None,
     gen: torch.Generator | None = None,
+    trim: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs [B, window, n_inputs], targets [B, max_len]) in `order` (default: split order)."""
+    """(inputs [B, window, n_inputs], targets [B, max_len]) in `order` (default: split order).
+    `trim` cuts target columns that are PAD in the whole batch (less decoder work in training)."""
     order = torch.arange(len(split)) if order is None else order
     steps = torch.arange(window)
     for i in range(0, len(order), batch_size):
@@ -90,4 +92,7 @@ def batches(
         x = split.rows[starts[:, None] + steps]
         if aug is not None:
             x = aug.perturb(x, gen)
-        yield x, split.targets[idx]
+        y = split.targets[idx]
+        if trim:
+            y = y[:, : int((y != PAD).sum(1).max())]
+        yield x, y

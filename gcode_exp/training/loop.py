@@ -114,7 +114,8 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         model.train()
         order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)
         total, seen, n_steps = 0.0, 0, math.ceil(len(order) / tc.batch_size)
-        for step, (x, y) in enumerate(batches(train, cfg.data.window, tc.batch_size, order, aug, gen), 1):
+        epoch_batches = batches(train, cfg.data.window, tc.batch_size, order, aug, gen, trim=True)
+        for step, (x, y) in enumerate(epoch_batches, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, cfg.hardware.amp):
                 loss, _ = model.loss(model(x, y[:, :-1]), y[:, 1:])
