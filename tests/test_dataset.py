@@ -13,7 +13,7 @@ from tests.conftest import SAMPLE
 
 def fake_run(name: str, op: str, value: float = 0.0, rows: int = 8) -> Run:
     cols = ["spindle", "b1.Ax", "posx"]
-    return Run(name, op, cols, np.full((rows, 3), value, np.float32), ["G1 X1"] * rows, 0, 0)
+    return Run(name, op, cols, np.full((rows, 3), value, np.float32), ["G1 X1"] * rows, 0, 0, 0)
 
 
 def test_split_is_by_file_stratified_and_seeded():

@@ -25,7 +25,7 @@ from gcode_exp.data.read import DataError, Run, channel_group, list_runs, read_r
 from gcode_exp.data.vocab import BOS, EOS, PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when what is cached changes
 SPLITS = ("train", "val", "test")
 
 
@@ -262,7 +262,8 @@ def prepare(cfg) -> Prepared:
     vocab = Vocab.build((t for r in parts["train"] for t in r.lines if t), cfg.vocab.digits)
     feats = fit_features(parts["train"], list(cfg.features.groups), cfg.features.board_flags)
     splits = {name: build_split(parts[name], feats, vocab, cfg.data) for name in SPLITS}
-    summary = summarize(splits, vocab, feats, skipped, sum(r.nonfinite_cells for r in runs), cfg)
+    oddities = {k: sum(getattr(r, k) for r in runs) for k in ("nonfinite_cells", "silent_rows", "unparsed_chunks")}
+    summary = summarize(splits, vocab, feats, skipped, oddities, cfg)
     if cfg.data.cache_dir:
         blob = {
             "splits": {k: vars(v) for k, v in splits.items()},
@@ -275,7 +276,7 @@ def prepare(cfg) -> Prepared:
     return Prepared(splits=splits, vocab=vocab, features=feats, summary=summary)
 
 
-def summarize(splits: dict[str, Split], vocab: Vocab, feats: Features, skipped: list, nonfinite: int, cfg) -> dict:
+def summarize(splits: dict[str, Split], vocab: Vocab, feats: Features, skipped: list, oddities: dict, cfg) -> dict:
     """The facts a reader checks first: which files went where, how many windows, vocabulary, channels."""
     out = {
         "data_dir": str(cfg.data.dir),
@@ -287,7 +288,9 @@ def summarize(splits: dict[str, Split], vocab: Vocab, feats: Features, skipped: 
         "feature_groups": list(cfg.features.groups),
         "channels": feats.channels,
         "skipped_files": skipped,
-        "nonfinite_cells_filled": nonfinite,
+        "nonfinite_cells_filled": oddities["nonfinite_cells"],  # read as the channel's training mean
+        "silent_rows_dropped": oddities["silent_rows"],  # rows where every sensor column was empty
+        "unparsed_chunks_dropped": oddities["unparsed_chunks"],  # G-code text the tokenizer could not read
     }
     for name, split in splits.items():
         t = split.targets[:, 1:]

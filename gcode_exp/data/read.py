@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from gcode_exp import GcodeExpError
+from gcode_exp.data.vocab import parse_line
 
 TARGET_AND_PROXIES = ("gcode_line", "gcode_string", "line", "raw_json", "t_console", "momo")
 ALWAYS_EMPTY = ("vel", "plane")
@@ -40,6 +41,7 @@ class Run:
     lines: list[str]  # G-code text per row; "" where the controller reported none
     nonfinite_cells: int  # cells that were empty, NaN or inf and will read as the channel mean
     silent_rows: int  # rows dropped because every sensor column was empty
+    unparsed_chunks: int  # G-code text the tokenizer could not read (e.g. `#5`), dropped from targets
 
 
 def channel_group(column: str) -> str | None:
@@ -106,9 +108,10 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
         )
     values[bad] = np.nan
     lines = frame["gcode_string"].fillna("").astype(str).str.strip()[alive].tolist()
+    dropped = {line: parse_line(line)[1] for line in set(lines)}
     name, op = run_name(path)
     return Run(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite,
-               silent_rows=int((~alive).sum()))
+               silent_rows=int((~alive).sum()), unparsed_chunks=sum(dropped[line] for line in lines))
 
 
 def list_runs(data_dir: str | Path, pattern: str) -> list[Path]:
