@@ -72,7 +72,7 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty file") from None
     except (pd.errors.ParserError, ValueError, OSError) as e:
