@@ -115,3 +115,21 @@ def test_wandb_offline_logs_one_run_per_job(tmp_path):
         runs = list((tmp_path / "s" / f"{i}_multihead-3x-v2" / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, runs
         assert (tmp_path / "s" / f"{i}_multihead-3x-v2" / "history.csv").exists()
+
+
+def test_slurm_launcher_config_composes():
+    with initialize_config_dir(config_dir=str(ROOT / "conf")):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert {"timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb", "array_parallelism"} <= set(launcher)
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_jobs_as_separate_processes(tmp_path):
+    res = run_py("-m", "hydra/launcher=submitit_local", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}",
+                 cache=tmp_path / "c")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert all((tmp_path / "s" / f"{i}_multihead-3x-v2" / "metrics.json").exists() for i in (0, 1))
+    assert list((tmp_path / "s" / ".submitit").iterdir())  # submitit's per-job folders: real separate jobs
