@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 
 import optuna
 import pytest
@@ -98,12 +99,19 @@ def test_optuna_sweep_resumes_study_and_records_failures(tmp_path):
 
 
 @pytest.mark.slow
-def test_joblib_runs_trials_in_parallel_processes(tmp_path):
-    res = run_py("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1",
+def test_joblib_runs_two_optuna_trials_at_once(tmp_path):
+    res = run_py("-m", "hparams_search=optuna", "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2",
+                 "hydra.launcher.n_jobs=2", "hydra.sweeper.n_trials=2", f"optuna_storage=sqlite:///{tmp_path}/s.db",
                  f"hydra.sweep.dir={tmp_path / 's'}", cache=tmp_path / "c")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
-    assert all((tmp_path / "s" / f"{i}_multihead-3x-v2" / "metrics.json").exists() for i in (0, 1))
+    spans = []
+    for i in (0, 1):
+        folder = tmp_path / "s" / f"{i}_optuna"
+        assert (folder / "metrics.json").exists()
+        stamps = [line[1:24] for line in (folder / "run.log").read_text().splitlines() if line.startswith("[20")]
+        spans.append((datetime.fromisoformat(stamps[0]), datetime.fromisoformat(stamps[-1])))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1  # the two trials' logs overlap in time: they ran at once
 
 
 @pytest.mark.slow
