@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ class Group:
 def find_runs(paths: list[Path]) -> list[Run]:
     runs = []
     for root in paths:
-        for cfg_file in sorted(root.rglob(".hydra/config.yaml")):
+        for cfg_file in sorted(root.rglob(".hydra/config.yaml"), key=natural_key):
             folder = cfg_file.parent.parent
             overrides_file = folder / ".hydra" / "overrides.yaml"
             metrics_file, error_file = folder / "metrics.json", folder / "error.txt"
@@ -67,6 +68,11 @@ def find_runs(paths: list[Path]) -> list[Run]:
                 error=error_file.read_text().strip().splitlines()[0] if error_file.exists() else None,
             ))
     return runs
+
+
+def natural_key(path: Path) -> list:
+    """Sort `2_x` before `10_x`: job folders in the order Hydra ran them."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def load_config(path: Path) -> dict:
