@@ -1,0 +1,1 @@
+"""Reading recordings, tokenising G-code, windowing, splitting, caching, augmenting."""
