@@ -28,12 +28,12 @@ def run(cfg, run_dir: Path) -> dict:
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.task == "prepare":
-        return prepare_job(cfg, run_dir)
     if (run_dir / "metrics.json").exists() and not (cfg.overwrite or cfg.trainer.resume):
         raise GcodeExpError(
             f"{run_dir} already holds finished results (metrics.json); pass overwrite=true to replace them"
         )
+    if cfg.task == "prepare":
+        return prepare_job(cfg, run_dir)
     return train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
 
 
@@ -105,7 +105,7 @@ def eval_job(cfg, run_dir: Path) -> dict:
     for r in runs:
         missing = [c for c in required if c not in r.columns]
         if missing:
-            raise DataError(f"{r.name}: lacks channels the checkpoint was trained on: {', '.join(missing[:5])}")
+            raise DataError(f"{r.path}: lacks channels the checkpoint was trained on: {', '.join(missing[:5])}")
     device = pick_device(cfg.hardware)
     model, vocab = load_model(blob, device)
     split = build_split(runs, feats, vocab, data_cfg)

@@ -40,8 +40,9 @@ class Run:
     values: np.ndarray  # float32 [rows, len(columns)]
     lines: list[str]  # G-code text per row; "" where the controller reported none
     nonfinite_cells: int  # cells that were empty, NaN or inf and will read as the channel mean
-    silent_rows: int  # rows dropped because every sensor column was empty
+    silent_rows: int  # rows dropped because no sensor column held a finite value
     unparsed_chunks: int  # G-code text the tokenizer could not read (e.g. `#5`), dropped from targets
+    path: str = ""  # the file it was read from, for messages
 
 
 def channel_group(column: str) -> str | None:
@@ -111,7 +112,8 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
     dropped = {line: parse_line(line)[1] for line in set(lines)}
     name, op = run_name(path)
     return Run(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite,
-               silent_rows=int((~alive).sum()), unparsed_chunks=sum(dropped[line] for line in lines))
+               silent_rows=int((~alive).sum()), unparsed_chunks=sum(dropped[line] for line in lines),
+               path=str(path))
 
 
 def list_runs(data_dir: str | Path, pattern: str) -> list[Path]:
