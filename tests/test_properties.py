@@ -1,0 +1,104 @@
+"""Property tests (hypothesis): the tokenizer and the CSV reader never crash on odd input, and the
+tokenizer gives back any line it can represent, each number within one bucket width."""
+
+import gzip
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gcode_exp.data.read import DataError, read_run
+from gcode_exp.data.vocab import BOS, EOS, UNK, Vocab, parse_line
+from tests.conftest import SAMPLE
+
+FEW = settings(max_examples=80, deadline=None)
+
+# --- tokenizer ---------------------------------------------------------------------------------------
+LETTERS = "GMXYZFRIJKSTPNOQ"
+PARAMS = "XYZFRIJKSTP"  # letters that become PARAMETER + NUMERIC tokens
+COMMANDS = ("G0", "G1", "G2", "G3", "G17", "G53", "G90", "M3", "M30")
+# numbers the way the controller writes them: 4 decimals, sometimes a bare trailing dot (`Z0.`, `F40.`)
+four_places = st.decimals(min_value=-500, max_value=500, places=4, allow_nan=False, allow_infinity=False).map(float)
+spelled = st.tuples(four_places, st.sampled_from(["{:.4f}", "{:g}", "{:.0f}."])).map(lambda t: t[1].format(t[0]))
+word = st.tuples(st.sampled_from(LETTERS), spelled).map("".join)
+junk = st.text(alphabet="GXYZ()#;.-+ 0123456789abcxyz\t%*[]=", max_size=12)
+gcode_like = st.lists(st.one_of(word, junk), max_size=8).map(" ".join)
+CORPUS = ["G0 X0 Y0 Z0", "G1 X-5 Y10 Z-1 F40", "G2 X100 Y-100 R5 I1 J-1 K0", "M30 S12000 T2 P1", "G53 Z0."]
+
+
+@FEW
+@given(text=st.one_of(gcode_like, st.text(max_size=40)), digits=st.sampled_from([2, 4]))
+def test_tokenizer_never_crashes(text, digits):
+    words, dropped = parse_line(text)
+    assert dropped >= 0 and all(len(k) == 1 for k, _ in words)
+    vocab = Vocab.build(CORPUS, digits)
+    ids = vocab.encode(text)
+    assert ids[0] == BOS and ids[-1] == EOS and all(0 <= i < len(vocab) for i in ids)
+    assert isinstance(vocab.decode(ids[1:]), str)
+    Vocab.build([text, *CORPUS], digits)  # a training file holding this line builds too
+
+
+@FEW
+@given(ids=st.lists(st.integers(0, 200), max_size=20))
+def test_decoding_any_id_sequence_never_crashes(ids):
+    vocab = Vocab.build(CORPUS, 2)
+    assert isinstance(vocab.decode([i % len(vocab) for i in ids]), str)
+
+
+@FEW
+@given(
+    command=st.sampled_from(("", *COMMANDS)),
+    words=st.lists(st.tuples(st.sampled_from(PARAMS), spelled), min_size=1, max_size=6, unique_by=lambda w: w[0]),
+    others=st.lists(st.tuples(st.sampled_from(PARAMS), four_places), max_size=10),
+    digits=st.sampled_from([2, 4]),
+)
+def test_representable_lines_round_trip_within_a_bucket(command, words, others, digits):
+    """A line built from training-file tokens (its letters known, its numbers inside the training range)
+    decodes to the same words, each number within one bucket width of the original."""
+    line = " ".join([command, *(k + v for k, v in words)]).strip()
+    vocab = Vocab.build([line, *(f"{k}{v:.4f}" for k, v in others)], digits)
+    ids = vocab.encode(line)
+    assert UNK not in ids and parse_line(line)[1] == 0
+    want, got = parse_line(line)[0], parse_line(vocab.decode(ids[1:]))[0]
+    assert [k for k, _ in got] == [k for k, _ in want], vocab.decode(ids[1:])
+    for (letter, value), (_, original) in zip(got, want):
+        if letter in "GM":
+            assert value == original
+        else:
+            lo, hi = vocab.ranges[letter]
+            assert abs(value - original) <= (hi - lo) / vocab.n_buckets + 1e-9, (letter, value, original)
+    assert vocab.encode(vocab.decode(ids[1:])) == ids  # decoding lands back in the same buckets
+
+
+# --- reader ------------------------------------------------------------------------------------------
+RAW = gzip.decompress((SAMPLE / "pocket_016_aligned.csv.gz").read_bytes())
+HEAD = b"\n".join(RAW.split(b"\n")[:60]) + b"\n"  # header + 59 rows: fast to parse, still real
+PIECES = [b",", b"\n", b'"', b"\r", b"\t", b"nan", b"inf", b"-inf", b"1e999", b"abc", b"#5", b"(", b";",
+          b"\xff", b"\xc3", b"\x00", b"\xef\xbb\xbf"]
+edit = st.tuples(st.sampled_from(["replace", "insert", "delete"]), st.integers(0, len(HEAD)), st.integers(0, 400),
+                 st.one_of(st.sampled_from(PIECES), st.binary(max_size=6)))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(edit, max_size=5), compress=st.booleans(), keep=st.integers(1, 40))
+def test_reader_reads_or_raises_data_error_on_damaged_files(tmp_path, edits, compress, keep):
+    data = bytearray(HEAD)
+    for kind, at, n, piece in edits:
+        if kind == "replace":
+            data[at : at + len(piece)] = piece
+        elif kind == "insert":
+            data[at:at] = piece
+        else:
+            del data[at : at + n]
+    data = bytes(data)
+    if compress:
+        data = gzip.compress(data)
+        data = data[: len(data) * keep // 30] if keep < 30 else data  # a third of the time: cut short
+    path = tmp_path / ("d_001_aligned.csv.gz" if compress else "d_001_aligned.csv")
+    path.write_bytes(data)
+    try:
+        run = read_run(path)
+    except DataError as e:  # the project's own error: one line, naming the file
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+    else:
+        assert run.values.shape == (len(run.lines), len(run.columns)) and len(run.lines) >= 1
+        assert 0 <= run.nonfinite_cells <= 0.05 * run.values.size
