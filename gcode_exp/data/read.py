@@ -93,7 +93,8 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
         if text.any():
             row = int(np.flatnonzero(text.to_numpy())[0])
             raise DataError(f"{path}: row {row + 2}: column '{col}' holds non-numeric value {raw.iloc[row]!r}")
-        values[:, j] = numeric.to_numpy(dtype=np.float64)
+        with np.errstate(over="ignore"):  # beyond float32 (|x| > 3.4e38) becomes inf: counted as non-finite
+            values[:, j] = numeric.to_numpy(dtype=np.float64)
     sensors = [j for j, c in enumerate(columns) if channel_group(c) != "controller"]
     alive = np.isfinite(values[:, sensors]).any(axis=1) if sensors else np.ones(len(values), dtype=bool)
     if not alive.any():
