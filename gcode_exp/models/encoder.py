@@ -11,7 +11,8 @@ class SensorEncoder(nn.Module):
 
     `conv`: strided temporal convolutions, each halving the time axis (64 rows -> 16 steps with 2
     layers); `lstm`: a bidirectional LSTM over all rows. The conv encoder is the default because it
-    is several times faster on CPU at equal accuracy (see docs/RESULTS.md, `python -m gcode_exp.bench`).
+    trains ~1.8x faster on CPU (docs/RESULTS.md, `python -m gcode_exp.bench`); the LSTM's accuracy on
+    the real data has not been compared yet.
     """
 
     def __init__(self, n_inputs: int, window: int, d_model: int, layers: int, kind: str, dropout: float):
