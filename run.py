@@ -29,6 +29,11 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
     try:
+        if multirun:  # an Optuna trial records which folder it wrote (gcode_exp/sweeps.py)
+            from gcode_exp.sweeps import record_optuna_trial
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record_optuna_trial(run_dir)
         metrics = tasks.run(cfg, run_dir)
         log.info("run folder: %s", run_dir)
         return tasks.objective(cfg, metrics) if cfg.task != "prepare" else None

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A private PostgreSQL server on loopback for the shared-Optuna-study test.
 #   bash .ci/postgres.sh start   -> prints the SQLAlchemy URL (everything else goes to stderr)
-#   bash .ci/postgres.sh stop
+#   bash .ci/postgres.sh stop    -> stops it (nothing to do when it is not running)
+# Both are idempotent. GCODE_EXP_PG_DIR (data folder) and GCODE_EXP_PG_PORT pick a private server.
 # Installs Debian's postgresql when its binaries are missing (needs root and the package registry).
 set -euo pipefail
 PGDIR=${GCODE_EXP_PG_DIR:-/tmp/gcode-exp-pg}
@@ -28,7 +29,9 @@ case "${1:-}" in
     ;;
   stop)
     BIN=$(pg_bin)
-    [ -n "$BIN" ] && as_pg "$BIN/pg_ctl -D $PGDIR -m fast stop" >&2 || true
+    if [ -n "$BIN" ] && [ -f "$PGDIR/PG_VERSION" ] && as_pg "$BIN/pg_ctl -D $PGDIR status" >/dev/null 2>&1; then
+      as_pg "$BIN/pg_ctl -D $PGDIR -m fast -w stop" >&2
+    fi
     ;;
   *) echo "usage: $0 start|stop" >&2; exit 2 ;;
 esac

@@ -4,8 +4,10 @@
 
 Finds every run folder (a folder with `.hydra/config.yaml`) under the paths, groups runs that differ
 only in `seed` into mean ± sd, adds the majority reference, lists unfinished and failed runs, and
-writes summary.csv, summary.md and summary.png into the first path. With --storage/--study it also
-lists the trials of an Optuna study and the folder each trial wrote.
+writes summary.csv, summary.md and summary.png into the first path. Jobs of an Optuna sweep are listed
+as trials (parameters, value, folder) from their own `optuna_trial.json`, with the best result of each
+sweep; with --storage it lists every trial of the study straight from the storage (any machine's),
+with its state and the folder it wrote.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from gcode_exp.sweeps import TRIAL_FILE, same_params
+
 METRICS = ("unique_tokens", "command_acc", "overall_acc", "type_acc", "param_type_acc", "command_macro_recall",
            "token_macro_recall", "token_coverage", "line_exact")
 RUN_STATS = ("sec_per_epoch", "epochs")
@@ -33,6 +37,7 @@ class Run:
     overrides: list[str]
     metrics: dict | None
     error: str | None
+    trial: dict | None = None   # optuna_trial.json: study, trial number, params (jobs of an Optuna sweep)
 
     @property
     def status(self) -> str:
@@ -65,9 +70,17 @@ def find_runs(paths: list[Path]) -> list[Run]:
                 config=load_config(cfg_file),
                 overrides=yaml.safe_load(overrides_file.read_text()) or [] if overrides_file.exists() else [],
                 metrics=json.loads(metrics_file.read_text()) if metrics_file.exists() else None,
-                error=error_file.read_text().strip().splitlines()[0] if error_file.exists() else None,
+                error=first_line(error_file),
+                trial=json.loads((folder / TRIAL_FILE).read_text()) if (folder / TRIAL_FILE).exists() else None,
             ))
     return runs
+
+
+def first_line(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    lines = path.read_text(errors="replace").strip().splitlines()
+    return lines[0] if lines else "(empty error.txt)"
 
 
 def natural_key(path: Path) -> list:
@@ -86,11 +99,14 @@ def load_config(path: Path) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
-def describe(cfg: dict) -> dict:
-    """The columns that say what a run was."""
+def describe(cfg: dict, trial: dict | None = None) -> dict:
+    """The columns that say what a run was (an Optuna trial is told apart by its number)."""
     model, aug, feats = cfg.get("model", {}), cfg.get("aug", {}), cfg.get("features", {})
+    approach = str(cfg.get("name", "?"))
+    if trial is not None:
+        approach += f" #{trial['trial']}"
     return {
-        "approach": cfg.get("name", "?"),
+        "approach": approach,
         "features": feats.get("name", "?") + ("" if feats.get("board_flags", True) else "-noflags"),
         "vocab": cfg.get("vocab", {}).get("name", "?"),
         "aug": f"{aug.get('oversample_factor', 1)}x" if aug.get("name") != "none" else "none",
@@ -104,8 +120,11 @@ def group_runs(runs: list[Run]) -> list[Group]:
     for r in runs:
         if r.status != "finished":
             continue
-        key = json.dumps({k: v for k, v in r.config.items() if k not in ("seed", "hydra")}, sort_keys=True, default=str)
-        groups.setdefault(key, Group(describe(r.config))).runs.append(r)
+        same = {k: v for k, v in r.config.items() if k not in ("seed", "hydra")}
+        if r.trial is not None:  # two trials never form a group, even with equal parameters
+            same["optuna_trial"] = [r.trial.get("study"), r.trial.get("trial")]
+        key = json.dumps(same, sort_keys=True, default=str)
+        groups.setdefault(key, Group(describe(r.config, r.trial))).runs.append(r)
     return list(groups.values())
 
 
@@ -134,7 +153,9 @@ def table(groups: list[Group]) -> list[dict]:
                     finished)
         row = {**ref.label, "seeds": "-"}
         for m in METRICS:
-            row[m] = fmt(ref.values(f"majority/{m}"), 1 if m == "unique_tokens" else 3)
+            values = ref.values(f"majority/{m}")
+            values = values[:1] if len(set(values)) == 1 else values  # the same test windows: one number
+            row[m] = fmt(values, 1 if m == "unique_tokens" else 3)
         rows.append({**row, "sec_per_epoch": "-", "epochs": "-", "collapsed": "-"})
     return rows
 
@@ -171,31 +192,96 @@ def chart(groups: list[Group], path: Path) -> None:
 
 
 def study_trials(storage: str, study: str, runs: list[Run]) -> list[dict]:
-    """Trials of an Optuna study, each matched to the run folder whose overrides carry its parameters."""
+    """Every trial of an Optuna study in the storage: state, value, parameters and the folder it wrote.
+
+    The folder is the one the job stored on its trial (gcode_exp/sweeps.py); for trials run before
+    that existed, a run folder among `runs` whose overrides carry the trial's parameters."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     loaded = optuna.load_study(study_name=study, storage=storage)
     out = []
     for t in loaded.trials:
-        folder = next((str(r.folder) for r in runs if _same_params(r.overrides, t.params)), "-")
-        out.append({"trial": t.number, "state": t.state.name, "value": t.value, **t.params, "folder": folder})
+        folder = t.user_attrs.get("folder")
+        if folder is None:
+            folder = next((str(r.folder) for r in runs if r.trial and r.trial.get("study") == study
+                           and r.trial.get("trial") == t.number), None)
+        if folder is None:
+            overrides = [dict(o.split("=", 1) for o in r.overrides if "=" in o) for r in runs]
+            folder = next((str(r.folder) for r, o in zip(runs, overrides) if same_params(o, t.params)), "-")
+        out.append({"trial": t.number, "state": t.state.name, "value": _num(t.value), **_short(t.params),
+                    "folder": folder})
     return out
 
 
-def _same_params(overrides: list[str], params: dict) -> bool:
-    given = dict(o.split("=", 1) for o in overrides if "=" in o)
-    try:
-        return bool(params) and all(math.isclose(float(given[k]), float(v)) for k, v in params.items())
-    except (KeyError, ValueError):
-        return False
+def folder_trials(runs: list[Run]) -> list[dict]:
+    """The Optuna trials that the run folders themselves record (no storage needed)."""
+    out = []
+    for r in runs:
+        if r.trial is None:
+            continue
+        metric = r.config.get("optimized_metric") or r.config.get("trainer", {}).get("monitor")
+        value = r.metrics.get(metric) if r.metrics else None
+        out.append({"study": r.trial.get("study"), "trial": r.trial.get("trial"), "run": r.status,
+                    "value": _num(value), **_short(r.trial.get("params", {})), "folder": str(r.folder)})
+    return sorted(out, key=lambda row: (str(row["study"]), row["trial"]))
+
+
+def best_results(paths: list[Path]) -> list[str]:
+    """What the Optuna sweeper wrote at the end of each sweep folder (optimization_results.yaml)."""
+    lines = []
+    for root in paths:
+        for f in sorted(root.rglob("optimization_results.yaml"), key=natural_key):
+            res = yaml.safe_load(f.read_text()) or {}
+            if "best_value" in res:
+                lines.append(f"- {f.parent}: best value {_num(res['best_value'])}, params {res.get('best_params')}")
+    return lines
+
+
+def _short(params: dict) -> dict:
+    return {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in params.items()}
+
+
+def _num(value) -> str | float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4f}"
+    return "-" if value is None else value
+
+
+def pick_study(storage: str, runs: list[Run]) -> str:
+    """The study to read when --study is not given: the one the run folders name, or the storage's only one."""
+    import optuna
+
+    named = sorted({r.trial["study"] for r in runs if r.trial and r.trial.get("study")})
+    if len(named) == 1:
+        return named[0]
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+    if len(names) == 1:
+        return names[0]
+    raise SystemExit(f"error: name the study with --study (storage holds: {', '.join(names) or 'no studies'})")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for row in rows for k in row))  # trials of other studies may add columns
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, restval="")
+        if keys:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def statistics_of(trials: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    return f"{len(trials)} trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description="Comparison table from gcode-exp run folders.")
     ap.add_argument("paths", nargs="+", type=Path, help="sweep folders or single run folders")
     ap.add_argument("--storage", help="Optuna storage URL (sqlite:///..., postgresql://...)")
-    ap.add_argument("--study", help="Optuna study name (with --storage)")
+    ap.add_argument("--study", help="Optuna study name (default: the one the run folders name)")
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.is_dir()]
     if missing:
@@ -208,22 +294,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if others:
         text += "\nNot finished:\n\n" + "".join(f"- {r.folder}: {r.status}{': ' + r.error if r.error else ''}\n"
                                                 for r in others)
-    trials = []
-    if args.storage and args.study:
-        trials = study_trials(args.storage, args.study, runs)
-        text += f"\nOptuna study `{args.study}`:\n\n" + markdown(trials)
+    best = best_results(args.paths)
+    if best:
+        text += "\nOptuna sweeps (optimization_results.yaml):\n\n" + "\n".join(best) + "\n"
+    trials: list[dict] = []
+    if args.storage:
+        study = args.study or pick_study(args.storage, runs)
+        trials = study_trials(args.storage, study, runs)
+        states = statistics_of(trials)
+        text += f"\nOptuna study `{study}` ({states}):\n\n" + markdown(trials)
+    elif any(r.trial for r in runs):
+        trials = folder_trials(runs)
+        text += "\nOptuna trials recorded in the run folders (add --storage URL for the whole study):\n\n"
+        text += markdown(trials)
     out = args.paths[0]
     (out / "summary.md").write_text(text)
-    with open(out / "summary.csv", "w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(rows, out / "summary.csv")
+    written = ["summary.csv", "summary.md"]
+    if trials:
+        write_csv(trials, out / "trials.csv")
+        written.append("trials.csv")
     if groups:
         chart(groups, out / "summary.png")
+        written.append("summary.png")
     print(text, end="")
-    print(f"\n{len(runs)} run folders ({len(runs) - len(others)} finished); wrote summary.csv, summary.md"
-          f"{', summary.png' if groups else ''} in {out}")
+    print(f"\n{len(runs)} run folders ({len(runs) - len(others)} finished); wrote {', '.join(written)} in {out}")
     return rows
 
 

@@ -32,3 +32,40 @@ def make_cfg(*overrides: str, tmp: Path | None = None):
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return lambda *overrides: make_cfg(*overrides, tmp=tmp_path)
+
+
+def run_py(*args: str, cache: Path, timeout: int = 300, env: dict | None = None):
+    """`python run.py` in a subprocess on tiny settings, one torch thread per job (a shared 2-core
+    machine slows several-thread jobs down many times over), wandb offline."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "run.py"), f"data.dir={SAMPLE}", f"data.cache_dir={cache}", *TINY,
+           "trainer.line_exact=false", "hardware.threads=1", *args]
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A running PostgreSQL server named by GCODE_EXP_PG_URL (CI: `bash .ci/postgres.sh start`).
+
+    Unset: the test is skipped with the reason. Set but unreachable: the test fails, so a CI server
+    that did not come up is never mistaken for a laptop without one."""
+    import os
+
+    url = os.environ.get("GCODE_EXP_PG_URL")
+    if not url:
+        pytest.skip("no PostgreSQL server: set GCODE_EXP_PG_URL, e.g. $(bash .ci/postgres.sh start)")
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("select 1"))
+    except Exception as e:
+        pytest.fail(f"GCODE_EXP_PG_URL={url} is set but the server does not answer: {e}", pytrace=False)
+    finally:
+        engine.dispose()
+    return url

@@ -1,0 +1,103 @@
+"""Link an Optuna trial and the run folder it wrote, in both directions.
+
+The Hydra Optuna sweeper never tells a job which trial it is, and its job numbers restart at 0 when a
+study is continued or shared by several workers, so neither number names a trial. A job of an Optuna
+sweep therefore looks itself up at start: the RUNNING trial of its study whose parameters are this
+job's overrides. It then stores its folder (and host) as user attributes of that trial, where every
+reader of the storage sees them, and writes `optuna_trial.json` (study, trial number, parameters)
+into the folder (with host and process id), where `summarize` sees it without the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TRIAL_FILE = "optuna_trial.json"
+
+
+def display_url(url: str) -> str:
+    """The storage URL without its password, and with an sqlite path made absolute (it is relative to
+    the folder the sweep was started from, which a later reader need not share)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        u = u.set(database=str(Path(u.database).resolve()))
+    return u.render_as_string(hide_password=True)
+
+
+def same_params(overrides: dict[str, str], params: dict) -> bool:
+    """True when every trial parameter is set to the same value by the job's overrides."""
+    if not params:
+        return False
+    for key, value in params.items():
+        given = overrides.get(key)
+        if given is None:
+            return False
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                if not math.isclose(float(given), float(value), rel_tol=1e-12, abs_tol=0.0):
+                    return False
+            except ValueError:
+                return False
+        elif given != str(value):
+            return False
+    return True
+
+
+def record_optuna_trial(run_dir: Path) -> int | None:
+    """In a job of an Optuna sweep, tag its trial with this folder; return the trial number.
+
+    Outside an Optuna sweep this is a no-op returning None. It never fails the job: a storage that
+    cannot be read only costs the link (logged as a warning).
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:  # not under Hydra
+        return None
+    if hc.mode.name != "MULTIRUN" or "optuna" not in str(hc.sweeper.get("_target_", "")).lower():
+        return None
+    try:
+        return _record(hc, Path(run_dir))
+    except Exception as e:  # the link is a convenience; the trial itself must run
+        log.warning("could not link this job to its Optuna trial: %s: %s", type(e).__name__, e)
+        return None
+
+
+def _record(hc, run_dir: Path) -> int | None:
+    import optuna
+    from optuna.trial import TrialState
+
+    url, study_name = hc.sweeper.storage, hc.sweeper.study_name
+    if not url or not study_name:
+        return None  # an in-memory study lives only in the sweeper's process
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.get_storage(url)
+    study_id = storage.get_study_id_from_name(study_name)
+    overrides = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    matches = [t for t in running if same_params(overrides, t.params)]
+    # identical parameters in two running trials (a small integer space): take one not yet claimed
+    free = [t for t in matches if "folder" not in t.user_attrs] or matches
+    if not free:
+        log.warning("no running trial of study %s has this job's parameters", study_name)
+        return None
+    trial = min(free, key=lambda t: t.number)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    storage.set_trial_user_attr(trial_id, "folder", str(run_dir.resolve()))
+    storage.set_trial_user_attr(trial_id, "host", socket.gethostname())
+    info = {"study": study_name, "trial": trial.number, "storage": display_url(url), "params": trial.params,
+            "host": socket.gethostname(), "pid": os.getpid()}
+    if not (run_dir / "metrics.json").exists():  # else: a finished earlier trial's folder; the job will refuse it
+        (run_dir / TRIAL_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    log.info("Optuna study %s, trial %d", study_name, trial.number)
+    return trial.number

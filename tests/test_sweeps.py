@@ -1,0 +1,130 @@
+"""Optuna sweeps, launchers and wandb through the real entry point (subprocesses, tiny data, 1 epoch)."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import optuna
+import pytest
+
+from gcode_exp import summarize
+from tests.conftest import ROOT, SAMPLE, TINY, run_py
+
+STUDY = "gcode-exp-multihead-all"
+SEARCHED = {"aug.oversample_factor", "model.loss_weights.type", "model.loss_weights.command",
+            "model.loss_weights.param_type", "model.loss_weights.param_value"}
+pytestmark = pytest.mark.slow
+
+
+def trial_file(folder) -> dict:
+    return json.loads((folder / "optuna_trial.json").read_text())
+
+
+def test_sweep_run_twice_continues_one_study_and_records_failures(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    common = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"optuna_storage={storage}"]
+    for call in ("a", "b"):
+        res = run_py(*common, f"hydra.sweep.dir={tmp_path / call}", cache=tmp_path / "cache")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "best_value" in (tmp_path / call / "optimization_results.yaml").read_text()
+    trials = optuna.load_study(study_name=STUDY, storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert all(set(t.params) == SEARCHED for t in trials)
+    assert all(t.params["aug.oversample_factor"] in range(1, 8) for t in trials)
+    assert len({t.params["model.loss_weights.command"] for t in trials}) == 4  # the second call explored anew
+    # every trial names the folder it wrote, and the folder names the trial
+    folders = [t.user_attrs["folder"] for t in trials]
+    assert folders == [str(tmp_path / c / f"{i}_optuna") for c in "ab" for i in (0, 1)]
+    for t, folder in zip(trials, folders):
+        info = trial_file(tmp_path / folder)
+        assert (info["study"], info["trial"], info["params"]) == (STUDY, t.number, t.params)
+        metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
+        assert t.value == pytest.approx(metrics["val/token_macro_recall"])  # the value Optuna got
+
+    # a trial that fails (here: the metric to optimise does not exist) is recorded as failed; the sweep goes on
+    res = run_py(*common, "hydra.sweeper.n_trials=1", "optimized_metric=val/nope",
+                 f"hydra.sweep.dir={tmp_path / 'c'}", cache=tmp_path / "cache")
+    assert res.returncode == 0, res.stderr[-2000:]
+    trials = optuna.load_study(study_name=STUDY, storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4 + ["FAIL"]
+    assert "optimized_metric=val/nope" in (tmp_path / "c" / "0_optuna" / "error.txt").read_text()
+    assert trials[4].user_attrs["folder"] == str(tmp_path / "c" / "0_optuna")
+
+    rows = summarize.study_trials(storage, STUDY, summarize.find_runs([tmp_path]))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 4 + ["FAIL"]
+    assert [r["folder"] for r in rows] == [*folders, str(tmp_path / "c" / "0_optuna")]
+
+
+def test_joblib_runs_two_trials_at_once(tmp_path):
+    res = run_py("-m", "hparams_search=optuna", "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2",
+                 "hydra.launcher.n_jobs=2", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3",
+                 f"optuna_storage=sqlite:///{tmp_path}/s.db", f"hydra.sweep.dir={tmp_path / 's'}", cache=tmp_path / "c")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
+    jobs = [tmp_path / "s" / f"{i}_optuna" for i in (0, 1)]
+    infos = [trial_file(j) for j in jobs]
+    pids = {info["pid"] for info in infos}
+    assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, neither of them the sweeper
+    assert sorted(info["trial"] for info in infos) == [0, 1]
+    # started (trial linked) before the other one finished (metrics written): they ran at the same time
+    (s0, s1), (e0, e1) = ([(j / name).stat().st_mtime for j in jobs] for name in ("optuna_trial.json", "metrics.json"))
+    assert s0 < e1 and s1 < e0
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],
+                         ids=["basic", "joblib"])
+def test_wandb_offline_one_run_per_job(tmp_path, launcher):
+    # the basic launcher runs both jobs in one process (runs merge unless each job finishes its own);
+    # joblib runs them in two at once (hydra#1320). No network: an unreachable server must not matter.
+    res = run_py("-m", "logger=wandb", "seed=0,1", *launcher, f"hydra.sweep.dir={tmp_path / 's'}",
+                 cache=tmp_path / "c", timeout=240, env={"WANDB_MODE": "offline", "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    run_ids = set()
+    for i in (0, 1):
+        job = tmp_path / "s" / f"{i}_multihead-3x-v2"
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs  # finished per job: the second job did not log into the first run
+        run_ids.add(runs[0].name.rsplit("-", 1)[-1])
+        assert list(runs[0].glob("run-*.wandb")) and (job / "history.csv").exists()
+        assert json.loads((job / "metrics.json").read_text())["epochs"] == 1
+    assert len(run_ids) == 2
+
+
+def test_submitit_local_runs_jobs_as_separate_processes(tmp_path):
+    res = run_py("-m", "hydra/launcher=submitit_local", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}",
+                 cache=tmp_path / "c")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert all((tmp_path / "s" / f"{i}_multihead-3x-v2" / "metrics.json").exists() for i in (0, 1))
+    logs = list((tmp_path / "s" / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2  # one submitit job (its own process and log) per Hydra job
+
+
+def test_two_concurrent_workers_share_one_postgresql_study(tmp_path, pg_url):
+    study = f"test-{uuid.uuid4().hex[:8]}"
+    optuna.storages.RDBStorage(pg_url)  # Optuna's tables, once per new database (docs/SWEEPS.md)
+    env = {**os.environ, "GCODE_EXP_OPTUNA_STORAGE": pg_url}  # the cluster way: no storage on the command line
+    workers = []
+    for w in ("w0", "w1"):  # the study does not exist yet: the two workers race to create it
+        cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+               f"hydra.sweeper.study_name={study}", f"hydra.sweep.dir={tmp_path / w}", f"data.dir={SAMPLE}",
+               f"data.cache_dir={tmp_path / 'cache'}", *TINY, "trainer.line_exact=false", "hardware.threads=1"]
+        workers.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=env))
+    outputs = [p.communicate(timeout=300)[0] for p in workers]
+    try:
+        assert [p.returncode for p in workers] == [0, 0], outputs[0][-1500:] + outputs[1][-1500:]
+        trials = optuna.load_study(study_name=study, storage=pg_url).trials
+        assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # the sum of both workers' n_trials, each once
+        assert all(t.state.name == "COMPLETE" for t in trials)
+        folders = [t.user_attrs["folder"] for t in trials]
+        assert len(set(folders)) == 4  # no folder shared
+        assert sorted(os.path.relpath(f, tmp_path) for f in folders) == [
+            os.path.join(w, f"{i}_optuna") for w in ("w0", "w1") for i in (0, 1)]
+        for t in trials:
+            assert trial_file(tmp_path / t.user_attrs["folder"])["trial"] == t.number
+        rows = summarize.study_trials(pg_url, study, [])  # folders straight from the storage
+        assert [r["folder"] for r in rows] == folders
+    finally:
+        optuna.delete_study(study_name=study, storage=pg_url)
