@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import sys
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # the guide's setting for Apple GPUs
@@ -23,27 +22,22 @@ log = logging.getLogger("gcode_exp")
 
 @hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from gcode_exp import tasks
+    from gcode_exp import run_folder, tasks
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
     try:
-        if multirun:  # an Optuna trial records which folder it wrote (gcode_exp/sweeps.py)
-            from gcode_exp.sweeps import record_optuna_trial
-
-            run_dir.mkdir(parents=True, exist_ok=True)
-            record_optuna_trial(run_dir)
-        metrics = tasks.run(cfg, run_dir)
+        metrics = tasks.run(cfg, run_dir, hc)
         log.info("run folder: %s", run_dir)
-        return tasks.objective(cfg, metrics) if cfg.task != "prepare" else None
-    except (GcodeExpError, KeyboardInterrupt) as e:
-        message = str(e) or type(e).__name__
-        detail = message
-    except Exception as e:  # a bug, not bad input: keep the traceback in the run folder
-        message = f"{type(e).__name__}: {e} (traceback in {run_dir / 'error.txt'})"
-        detail = traceback.format_exc()
-    (run_dir / "error.txt").write_text(detail + "\n")
+        return tasks.objective(cfg, metrics)
+    except (Exception, KeyboardInterrupt) as e:
+        if isinstance(e, (GcodeExpError, KeyboardInterrupt)):
+            message = str(e) or type(e).__name__
+        else:  # a bug, not bad input: the traceback goes to error.txt
+            message = f"{type(e).__name__}: {e} (traceback in {run_dir / 'error.txt'})"
+        if run_dir.is_dir() and run_folder.state(run_dir) == "empty":  # failed before the job took the folder
+            run_folder.write_error(run_dir, e)
     print(f"error: {message}", file=sys.stderr)
     if multirun:  # the sweep goes on; Optuna records a NaN objective as a failed trial
         return math.nan

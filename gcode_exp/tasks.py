@@ -11,11 +11,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gcode_exp import GcodeExpError, plots
+from gcode_exp import GcodeExpError, plots, run_folder
 from gcode_exp.config import validate
 from gcode_exp.data.dataset import Features, build_split, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.logger import make_logger
+from gcode_exp.sweeps import record_optuna_trial
 from gcode_exp.training.checkpoint import load_checkpoint
 from gcode_exp.training.loop import evaluate, fit, load_model, pick_device
 from gcode_exp.training.metrics import majority_metrics, per_class
@@ -23,18 +24,18 @@ from gcode_exp.training.metrics import majority_metrics, per_class
 log = logging.getLogger(__name__)
 
 
-def run(cfg, run_dir: Path) -> dict:
-    """Validate the config, then run the job it names."""
+def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
+    """Validate the config, claim the run folder (gcode_exp/run_folder.py), then run the job it names."""
     validate(cfg)
     run_dir = Path(run_dir)
+    run_folder.claim(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "metrics.json").exists() and not (cfg.overwrite or cfg.trainer.resume):
-        raise GcodeExpError(
-            f"{run_dir} already holds finished results (metrics.json); pass overwrite=true to replace them"
-        )
-    if cfg.task == "prepare":
-        return prepare_job(cfg, run_dir)
-    return train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
+    with run_folder.record(run_dir, cfg, hydra_cfg):
+        if hydra_cfg is not None and hydra_cfg.mode.name == "MULTIRUN":
+            record_optuna_trial(run_dir)  # an Optuna trial records which folder it wrote
+        if cfg.task == "prepare":
+            return prepare_job(cfg, run_dir)
+        return train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
 
 
 def write_json(obj, path: Path) -> None:
@@ -142,11 +143,13 @@ def write_outputs(cfg, run_dir: Path, metrics: dict, pred, target, vocab, histor
         log.info("%s: %s", label, " | ".join(f"{k} {metrics.get(prefix + k, float('nan')):.3f}" for k in keys))
 
 
-def objective(cfg, metrics: dict) -> float:
-    """The number a sweeper optimises: `optimized_metric` (default: the early-stopping monitor)."""
+def objective(cfg, metrics: dict) -> float | None:
+    """The number a sweeper optimises: `optimized_metric` (default: the early-stopping monitor) of a
+    training run; None for prepare and eval, which have no validation metrics to optimise."""
+    if cfg.task != "train":
+        return None
     key = cfg.get("optimized_metric") or cfg.trainer.monitor
     value = metrics.get(key)
     if value is None:
         raise GcodeExpError(f"optimized_metric={key}: not a metric of this run (e.g. {', '.join(sorted(metrics)[:6])})")
     return float(value)
-

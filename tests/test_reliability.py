@@ -257,7 +257,9 @@ def test_bad_ckpt_path_fails_before_any_work(tmp_path):
         run_dir = tmp_path / f"eval_{name}"
         with pytest.raises(GcodeExpError, match=re.escape(f"ckpt_path={tmp_path / name}: {message}")):
             tasks.run(make_cfg("task=eval", f"ckpt_path={tmp_path / name}", tmp=tmp_path), run_dir)
-        assert files_under(run_dir) == [] and files_under(tmp_path / "cache") == []
+        # the folder holds only the failure record (config, log, why), nothing cached
+        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "error.txt", "run.log"]
+        assert message in (run_dir / "error.txt").read_text() and files_under(tmp_path / "cache") == []
 
 
 @pytest.fixture(scope="module")

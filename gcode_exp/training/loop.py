@@ -6,6 +6,8 @@ import contextlib
 import csv
 import logging
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -90,10 +92,13 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     sign = 1 if tc.monitor_mode == "max" else -1
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "collapsed": False, "history": []}
     ckpt_dir = run_dir / "checkpoints"
-    if tc.resume and (ckpt_dir / "last.pt").exists():
+    if tc.resume:
         blob = load_checkpoint(ckpt_dir / "last.pt")
+        resumed_settings(blob["config"], cfg)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
+        for group in opt.param_groups:  # the command line's optimiser settings win over the checkpoint's
+            group.update(lr=tc.lr, weight_decay=tc.weight_decay)
         gen.set_state(blob["rng"]["gen"])
         torch.set_rng_state(blob["rng"]["torch"])
         state = blob["state"]
@@ -154,10 +159,35 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
                  row["val/unique_tokens"], train_sec)
         if logger is not None:
             logger.log(row, step=epoch)
+        if os.environ.get("GCODE_EXP_KILL_AFTER_EPOCH") == str(epoch):  # fault injection for the resume test
+            os.kill(os.getpid(), signal.SIGKILL)
         if state["bad_epochs"] >= tc.patience or (collapsed_now and tc.stop_on_collapse):
             log.info("stopping after epoch %d (best epoch %d)", epoch, state["best_epoch"])
             break
     return state
+
+
+def resumed_settings(old: dict, cfg) -> None:
+    """Resuming must continue the same experiment: a changed model, data, vocabulary or feature set is
+    refused with the keys that differ; changed trainer settings are applied and logged."""
+    from gcode_exp import GcodeExpError
+
+    new = OmegaConf.to_container(cfg, resolve=True)
+    fixed = [k for k in diff_keys(old, new) if k.split(".")[0] in ("model", "vocab", "features", "seed")
+             or (k.startswith("data.") and k not in ("data.cache_dir", "data.on_error"))]
+    if fixed:
+        raise GcodeExpError(f"trainer.resume=true: the run was trained with other settings ({', '.join(fixed)}); "
+                            "resume with the same ones, or start a new run")
+    for key in diff_keys(old.get("trainer", {}), new["trainer"], "trainer."):
+        if key != "trainer.resume":
+            log.info("resume: %s changed to %s", key, OmegaConf.select(cfg, key))
+
+
+def diff_keys(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def write_history(history: list[dict], path: Path) -> None:

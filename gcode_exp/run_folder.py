@@ -1,0 +1,103 @@
+"""The run folder: who may write into it, and the record of what ran there.
+
+Hydra is told not to write anything into a job's folder (`hydra.output_subdir: null`, console-only
+job logging); `claim` decides first whether this command may use the folder, and only then are the
+config, the overrides and the log file written. So a refused command leaves a user's finished or
+interrupted run byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from gcode_exp import GcodeExpError
+
+# every file or folder a job of this project writes into its run folder
+RUN_FILES = ("metrics.json", "history.csv", "per_class.csv", "vocab.json", "data_summary.json", "error.txt",
+             "run.log", "optuna_trial.json", "checkpoints", "plots", "predictions", ".hydra", "wandb")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def state(run_dir: Path) -> str:
+    """`empty`, `finished` (metrics.json), `interrupted` (a last.pt, no metrics.json) or `used`."""
+    if (run_dir / "metrics.json").exists():
+        return "finished"
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return "interrupted"
+    return "used" if any((run_dir / name).exists() for name in RUN_FILES) else "empty"
+
+
+def claim(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse, with one line, any command that would change what an earlier command left in `run_dir`.
+
+    Allowed: an empty or new folder; `trainer.resume=true` (train only) on an interrupted run;
+    anything with `overwrite=true`, which first removes the earlier run's files (and only those)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GcodeExpError(f"{run_dir}: the run folder is a file; choose another hydra.run.dir")
+    now = state(run_dir) if run_dir.is_dir() else "empty"
+    resume = cfg.task == "train" and cfg.trainer.resume
+    if cfg.overwrite:
+        if resume:
+            raise GcodeExpError("overwrite=true and trainer.resume=true contradict each other: choose one")
+        for name in RUN_FILES:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        return
+    if resume:
+        if now == "interrupted":
+            return
+        why = {"finished": "it already finished (metrics.json)", "empty": "it holds no checkpoints/last.pt",
+               "used": "it holds no checkpoints/last.pt"}[now]
+        raise GcodeExpError(f"trainer.resume=true: cannot resume {run_dir}: {why}")
+    if now == "finished":
+        raise GcodeExpError(f"{run_dir} already holds finished results (metrics.json); "
+                            "pass overwrite=true to replace them, or choose another hydra.run.dir")
+    if now == "interrupted":
+        raise GcodeExpError(f"{run_dir} holds an interrupted run (checkpoints/last.pt); pass trainer.resume=true "
+                            "to continue it or overwrite=true to start afresh")
+    if now == "used":
+        raise GcodeExpError(f"{run_dir} holds files of an earlier run; pass overwrite=true to replace them, "
+                            "or choose another hydra.run.dir")
+
+
+@contextlib.contextmanager
+def record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None) -> Iterator[None]:
+    """After `claim`: the composed config and overrides in `.hydra/` (as Hydra writes them), run.log
+    while the job runs, and error.txt (why) if it fails."""
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    if hydra_cfg is not None:
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
+        OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    except BaseException as e:
+        write_error(run_dir, e)
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def write_error(run_dir: Path, error: BaseException) -> None:
+    """error.txt: the one-line reason of a user-facing failure, the whole traceback of a bug."""
+    if isinstance(error, (GcodeExpError, KeyboardInterrupt)):
+        detail = str(error) or type(error).__name__
+    else:
+        detail = "".join(traceback.format_exception(error))
+    (run_dir / "error.txt").write_text(detail + "\n")
