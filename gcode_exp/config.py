@@ -1,31 +1,39 @@
-"""One validation step for the composed config: a nonsense value fails before any work starts,
-with a message naming the key."""
+"""The config schema: every key of every conf/ group with its type, range or choices.
+
+`validate` checks the composed config before any data file is read, so a bad value stops the run
+with one line naming the key (`error: trainer.lr=abc: must be a number in (0, 1]`, exit code 2)
+instead of a traceback, a training run against a metric that does not exist, or a silently
+meaningless run. `check_against_data` does the few checks that need the training data.
+
+Why a table read by `validate` and not dataclasses in Hydra's ConfigStore: Hydra rejects a typed
+field before run.py's `main` starts, so the message would be Hydra's (several lines, exit code 1),
+and a dataclass cannot state ranges, rules between keys or the metric names a run produces.
+
+Adding a key: one line in SCHEMA (and its comment in conf/). A key composed into the config but
+missing from SCHEMA is refused as unknown, so a misspelled `+trainer.monitr=...` never passes.
+"""
 
 from __future__ import annotations
 
+import difflib
+import logging
+import math
+import re
 import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gcode_exp import GcodeExpError
 
-CHOICES = {
-    "task": ("train", "eval", "prepare"),
-    "data.target": ("longest", "lines"),
-    "data.on_error": ("raise", "skip"),
-    "model.name": ("baseline", "multihead"),
-    "model.encoder": ("conv", "lstm"),
-    "trainer.monitor_mode": ("max", "min"),
-    "hardware.device": ("auto", "cpu", "cuda", "mps"),
-}
-POSITIVE_INTS = ("data.window", "data.stride", "data.max_len", "data.max_lines", "vocab.digits", "model.d_model",
-                 "model.enc_layers", "model.dec_layers", "model.n_heads", "trainer.max_epochs", "trainer.patience",
-                 "trainer.batch_size")
-FEATURE_GROUPS = {"controller", "motors", "boards"}
+log = logging.getLogger(__name__)
 
 
 class ConfigError(GcodeExpError):
-    pass
+    """A config value that cannot work; the message starts with `key=value:`."""
 
 
 def seed_of(text: str) -> int:
@@ -37,53 +45,343 @@ def seed_of(text: str) -> int:
 OmegaConf.register_resolver("seed_of", seed_of, replace=True)
 
 
-def _get(cfg: DictConfig, key: str):
-    node = cfg
-    for part in key.split("."):
-        if part not in node:
-            raise ConfigError(f"{key}: missing from the config")
-        node = node[part]
-    return node
+# --- metric names -------------------------------------------------------------------------------------
+# keys of gcode_exp.training.metrics.token_metrics (tests/test_config.py keeps the two in step)
+TOKEN_METRICS = ("overall_acc", "command_acc", "type_acc", "param_type_acc", "param_value_acc", "unique_tokens",
+                 "token_coverage", "command_macro_recall", "token_macro_recall")
+LOWER_IS_BETTER = ("loss",)
+
+
+def metric_names(cfg: DictConfig, per_epoch: bool = False) -> list[str]:
+    """Metric names (without the `val/`, `test/` prefix) a run of `cfg` writes for a split.
+
+    Every token metric and the loss; `line_exact` (free-running decoding) only when
+    trainer.line_exact is on and never in the per-epoch validation row that trainer.monitor reads,
+    because decoding every epoch would cost more than the epoch."""
+    extra = ["line_exact"] if cfg.trainer.get("line_exact") and not per_epoch else []
+    return [*TOKEN_METRICS, "loss", *extra]
+
+
+# --- rules --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """What one key accepts: `ok(value)`, described by `what` in the message (`must be <what>`).
+
+    `only_if="model.name=multihead"`: the key is needed only then; elsewhere it is ignored, so
+    setting it is warned about. `optional`: the key may be absent (a group that adds it)."""
+
+    what: str
+    ok: Callable[[Any], bool]
+    only_if: str | None = None
+    optional: bool = False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _range(ge=None, gt=None, le=None, lt=None) -> tuple[str, Callable[[Any], bool]]:
+    lo, lo_open = (gt, True) if gt is not None else (ge, False)
+    hi, hi_open = (lt, True) if lt is not None else (le, False)
+    if lo is not None and hi is not None:
+        text = f"between {lo} and {hi}" if not (lo_open or hi_open) else \
+            f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        text = f"{'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        text = f"{'<' if hi_open else '<='} {hi}"
+    else:
+        text = ""
+
+    def inside(v) -> bool:
+        return ((lo is None or (v > lo if lo_open else v >= lo))
+                and (hi is None or (v < hi if hi_open else v <= hi)))
+
+    return text, inside
+
+
+def _note(what: str, note: str | None) -> str:
+    return f"{what} ({note})" if note else what
+
+
+def Int(ge=None, le=None, note: str | None = None, **kw) -> Rule:
+    text, inside = _range(ge=ge, le=le)
+    return Rule(_note(f"a whole number {text}".strip(), note), lambda v: _is_int(v) and inside(v), **kw)
+
+
+def Float(ge=None, gt=None, le=None, lt=None, note: str | None = None, **kw) -> Rule:
+    """A finite number (nan and inf are refused); a closed range reads `between 0 and 1`."""
+    text, inside = _range(ge=ge, gt=gt, le=le, lt=lt)
+    what = text if text.startswith("between") else f"a number {text}".strip()
+    return Rule(_note(what, note), lambda v: _is_num(v) and inside(v), **kw)
+
+
+def Bool(**kw) -> Rule:
+    return Rule("true or false", lambda v: isinstance(v, bool), **kw)
+
+
+def Text(**kw) -> Rule:
+    """A non-empty name or path (a number such as `name=123` is fine too)."""
+    return Rule("a non-empty text", lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                and str(v) != "", **kw)
+
+
+def OneOf(*choices: str, **kw) -> Rule:
+    return Rule(f"one of {', '.join(choices)}", lambda v: v in choices, **kw)
+
+
+def Nullable(rule: Rule) -> Rule:
+    """`rule`, or null."""
+    return Rule(f"{rule.what} or null", lambda v: v is None or rule.ok(v), rule.only_if, rule.optional)
+
+
+def _split_ok(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(_is_num(f) and f > 0 for f in v) and abs(sum(v) - 1) < 1e-6
+
+
+COMMAND_WORD = re.compile(r"^([GM])(\d+(?:\.\d+)?)$")
+FEATURE_GROUPS = ("controller", "motors", "boards")
+
+SCHEMA: dict[str, Rule] = {
+    # top level (conf/config.yaml)
+    "task": OneOf("train", "eval", "prepare"),
+    "seed": Int(ge=0),
+    "ckpt_path": Nullable(Text()),
+    "overwrite": Bool(),
+    "name": Text(),
+    "optimized_metric": Nullable(Text(optional=True)),  # hparams_search: checked against the run's metrics
+    "optuna_storage": Text(optional=True),
+    # data
+    "data.dir": Text(),
+    "data.pattern": Text(),
+    "data.window": Int(ge=1),
+    "data.stride": Int(ge=1),
+    "data.target": OneOf("longest", "lines"),
+    "data.max_lines": Int(ge=1),
+    "data.max_len": Int(ge=3, note="BOS, a token, EOS"),
+    "data.split": Rule("three fractions > 0 summing to 1 (train, val, test: every split gets files anyway)",
+                       _split_ok),
+    "data.split_seed": Int(ge=0),
+    "data.max_nonfinite": Float(ge=0, le=1),
+    "data.on_error": OneOf("raise", "skip"),
+    "data.cache_dir": Nullable(Rule("a folder or empty (no cache)", lambda v: isinstance(v, str))),
+    # features
+    "features.name": Text(),
+    "features.groups": Rule(f"a non-empty list of distinct groups from {', '.join(FEATURE_GROUPS)}",
+                            lambda v: isinstance(v, list) and 0 < len(v) == len(set(map(str, v)))
+                            and set(v) <= set(FEATURE_GROUPS)),
+    "features.board_flags": Bool(),
+    # vocab
+    "vocab.name": Text(),
+    "vocab.digits": Int(ge=1, le=6, note="10**digits buckets per parameter letter"),
+    # model
+    "model.name": OneOf("baseline", "multihead"),
+    "model.encoder": OneOf("conv", "lstm"),
+    "model.d_model": Int(ge=1),
+    "model.enc_layers": Int(ge=1),
+    "model.dec_layers": Int(ge=1),
+    "model.n_heads": Int(ge=1),
+    "model.dropout": Float(ge=0, lt=1),
+    "model.loss_weights.type": Float(ge=0, only_if="model.name=multihead"),
+    "model.loss_weights.command": Float(ge=0, only_if="model.name=multihead"),
+    "model.loss_weights.param_type": Float(ge=0, only_if="model.name=multihead"),
+    "model.loss_weights.param_value": Float(ge=0, only_if="model.name=multihead"),
+    # aug
+    "aug.name": Text(),
+    "aug.oversample_factor": Int(ge=1),
+    "aug.rare_commands": Rule("auto or a non-empty list of G/M words such as [G0, G2, G3]",
+                              lambda v: v == "auto" or (isinstance(v, list) and len(v) > 0
+                                                        and all(isinstance(c, str) for c in v))),
+    "aug.noise": Float(ge=0, lt=1),
+    "aug.shift": Int(ge=0),
+    "aug.scale": Float(ge=0, lt=1),
+    # trainer
+    "trainer.max_epochs": Int(ge=1),
+    "trainer.patience": Int(ge=1),
+    "trainer.monitor": Text(),  # checked against the run's metrics in validate
+    "trainer.monitor_mode": OneOf("max", "min"),
+    "trainer.batch_size": Int(ge=1),
+    "trainer.lr": Float(gt=0, le=1),
+    "trainer.weight_decay": Float(ge=0),
+    "trainer.grad_clip": Float(ge=0, note="0: off"),
+    "trainer.collapse_min_unique": Int(ge=0),
+    "trainer.stop_on_collapse": Bool(),
+    "trainer.resume": Bool(),
+    "trainer.line_exact": Bool(),
+    "trainer.progress": Bool(),
+    "trainer.plots": Bool(),
+    # hardware
+    "hardware.device": OneOf("auto", "cpu", "cuda", "mps"),
+    "hardware.amp": Bool(),
+    "hardware.threads": Int(ge=0, note="0: torch's default"),
+    # logger
+    "logger.name": OneOf("none", "wandb"),
+    "logger.project": Text(only_if="logger.name=wandb"),
+    "logger.entity": Nullable(Text(only_if="logger.name=wandb")),
+    "logger.group": Nullable(Text(only_if="logger.name=wandb")),
+    "logger.tags": Rule("a list of texts", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+                        only_if="logger.name=wandb"),
+    "logger.mode": OneOf("online", "offline", "disabled", only_if="logger.name=wandb"),
+}
+
+
+# --- validation ---------------------------------------------------------------------------------------
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return f"[{', '.join(_show(v) for v in value)}]"
+    return str(value)
+
+
+def _flatten(node: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> plain value, resolving interpolations one key at a time so that a broken one
+    (`${oc.env:UNSET}`, `???`) is reported against its key."""
+    out: dict[str, Any] = {}
+    for key in node:
+        path = f"{prefix}{key}"
+        if path == "hydra":  # present only in configs composed with return_hydra_config
+            continue
+        if OmegaConf.is_missing(node, key):
+            raise ConfigError(f"{path}=???: needs a value")
+        try:
+            value = node[key]
+            if isinstance(value, ListConfig):
+                value = OmegaConf.to_container(value, resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: cannot be resolved: {str(e).splitlines()[0]}") from None
+        if isinstance(value, DictConfig):  # an empty one adds nothing: its keys are reported missing
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _condition(flat: dict[str, Any], only_if: str) -> tuple[bool, str]:
+    key, _, wanted = only_if.partition("=")
+    return _show(flat.get(key)) in wanted.split("|"), f"{key}={_show(flat.get(key))}"
+
+
+def _fail(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{key}={_show(value)}: {why}")
+
+
+def _warn(key: str, value: Any, why: str) -> None:
+    log.warning("config: %s=%s: %s", key, _show(value), why)
 
 
 def validate(cfg: DictConfig) -> None:
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value}: must be one of {', '.join(allowed)}")
-    for key in POSITIVE_INTS:
-        value = _get(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{key}={value}: must be a whole number >= 1")
-    if cfg.data.max_len < 3:
-        raise ConfigError(f"data.max_len={cfg.data.max_len}: must be >= 3 (BOS, a token, EOS)")
-    split = list(cfg.data.split)
-    if len(split) != 3 or any(not isinstance(f, (int, float)) or f < 0 for f in split) or abs(sum(split) - 1) > 1e-6:
-        raise ConfigError(f"data.split={split}: must be three non-negative fractions summing to 1")
-    if not 0 <= cfg.data.max_nonfinite <= 1:
-        raise ConfigError(f"data.max_nonfinite={cfg.data.max_nonfinite}: must be between 0 and 1")
-    groups = list(cfg.features.groups)
-    if not groups or not set(groups) <= FEATURE_GROUPS:
-        raise ConfigError(f"features.groups={groups}: must be a non-empty subset of {sorted(FEATURE_GROUPS)}")
-    factor = cfg.aug.oversample_factor
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-        raise ConfigError(f"aug.oversample_factor={factor}: must be a whole number >= 1")
-    for key in ("noise", "scale"):
-        if not 0 <= cfg.aug[key] < 1:
-            raise ConfigError(f"aug.{key}={cfg.aug[key]}: must be in [0, 1)")
-    if not isinstance(cfg.aug.shift, int) or not 0 <= cfg.aug.shift < cfg.data.window:
-        raise ConfigError(f"aug.shift={cfg.aug.shift}: must be a whole number in [0, data.window)")
-    if cfg.model.d_model % cfg.model.n_heads:
-        raise ConfigError(f"model.d_model={cfg.model.d_model}: must be divisible by model.n_heads={cfg.model.n_heads}")
-    if not 0 <= cfg.model.dropout < 1:
-        raise ConfigError(f"model.dropout={cfg.model.dropout}: must be in [0, 1)")
-    for key, w in (cfg.model.get("loss_weights") or {}).items():
-        if not isinstance(w, (int, float)) or w < 0:
-            raise ConfigError(f"model.loss_weights.{key}={w}: must be a number >= 0")
-    for key in ("lr", "weight_decay", "grad_clip"):
-        if cfg.trainer[key] < 0:
-            raise ConfigError(f"trainer.{key}={cfg.trainer[key]}: must be >= 0")
-    if not cfg.trainer.monitor.startswith("val/"):
-        raise ConfigError(f"trainer.monitor={cfg.trainer.monitor}: must be a validation metric (val/<metric>)")
-    if cfg.task == "eval" and not cfg.ckpt_path:
+    """Refuse (ConfigError naming the key) or warn about a config before any file is read."""
+    flat = _flatten(cfg)
+    for key, value in flat.items():
+        if key not in SCHEMA:
+            near = difflib.get_close_matches(key, list(SCHEMA), n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            raise _fail(key, value, f"unknown key{hint} (gcode_exp/config.py SCHEMA lists every key)")
+    for key, rule in SCHEMA.items():
+        if rule.only_if:
+            needed, because = _condition(flat, rule.only_if)
+            if not needed:
+                if key in flat:
+                    _warn(key, flat[key], f"ignored with {because}")
+                continue
+        if key not in flat:
+            if rule.optional:
+                continue
+            raise ConfigError(f"{key}: missing from the config")
+        if not rule.ok(flat[key]):
+            raise _fail(key, flat[key], f"must be {rule.what}")
+    _check_rules(cfg, flat)
+
+
+def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
+    """Rules between keys, and settings that would make the run meaningless."""
+    get = flat.get
+    if get("model.d_model") % get("model.n_heads"):
+        raise _fail("model.d_model", get("model.d_model"), f"must be divisible by model.n_heads={get('model.n_heads')}")
+    if get("aug.shift") >= get("data.window"):
+        raise _fail("aug.shift", get("aug.shift"), f"must be < data.window={get('data.window')}")
+    weights = {k: v for k, v in flat.items() if k.startswith("model.loss_weights.")}
+    if weights and get("model.name") == "multihead":
+        if not any(weights.values()):
+            raise ConfigError("model.loss_weights: every weight is 0, so the model learns nothing")
+        for key, w in weights.items():
+            if w == 0:
+                _warn(key, w, "this head is never trained, so what it predicts is random")
+    rare = get("aug.rare_commands")
+    if isinstance(rare, list):
+        for word in rare:
+            m = COMMAND_WORD.match(str(word).upper())
+            if not m:
+                raise _fail("aug.rare_commands", rare, f"{word} is not a G/M command word such as G0, G2, M3")
+            written = f"{m.group(1)}{float(m.group(2)):g}"  # how the vocabulary writes it (G01 -> G1)
+            if word != written:
+                raise _fail("aug.rare_commands", rare, f"{word} is written {written} in the vocabulary")
+        if get("aug.oversample_factor") == 1:
+            _warn("aug.rare_commands", rare, "ignored with aug.oversample_factor=1 (no oversampling)")
+
+    monitor = get("trainer.monitor")
+    late = " (line_exact is scored once, after training)" if str(monitor).endswith("/line_exact") else ""
+    _check_metric("trainer.monitor", monitor, [f"val/{m}" for m in metric_names(cfg, per_epoch=True)],
+                  f"not in the per-epoch validation row early stopping reads{late}")
+    want = "min" if str(monitor).split("/")[-1] in LOWER_IS_BETTER else "max"
+    if get("trainer.monitor_mode") != want:
+        raise _fail("trainer.monitor_mode", get("trainer.monitor_mode"),
+                    f"{monitor} is better when {'lower' if want == 'min' else 'higher'}: use {want}")
+    objective, task = get("optimized_metric"), get("task")
+    if objective is not None and task == "train":
+        _check_metric("optimized_metric", objective, [f"{s}/{m}" for s in ("val", "test") for m in metric_names(cfg)],
+                      "not a metric this run writes")
+    elif objective is not None:  # gcode_exp.tasks.objective: only a training run returns a number to optimise
+        _warn("optimized_metric", objective, f"ignored with task={task} (only task=train returns an objective)")
+
+    if get("task") == "eval" and not get("ckpt_path"):
         raise ConfigError("ckpt_path: task=eval needs ckpt_path=PATH to a checkpoint (checkpoints/best.pt)")
+    if get("task") != "eval" and get("ckpt_path"):
+        _warn("ckpt_path", get("ckpt_path"), f"ignored with task={get('task')} (only task=eval reads it)")
+
+
+def _check_metric(key: str, value: Any, allowed: list[str], why: str) -> None:
+    if value in allowed:
+        return
+    near = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.8)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    raise _fail(key, value, f"{why}{hint} (choices: {', '.join(allowed)})")
+
+
+# --- checks that need the data ---------------------------------------------------------------------------
+MAX_CUT_SHARE = 0.5  # data.max_len cutting more than this share of the targets is refused
+
+
+def check_against_data(cfg: DictConfig, tokens: Sequence[str], cut_share: float, longest: int | None = None) -> None:
+    """The checks that need the training data; call once the vocabulary is built, before training.
+
+    `tokens`: the vocabulary's tokens (fitted on training files). `cut_share`: the share of windows
+    whose target (BOS + tokens + EOS) is longer than data.max_len and so gets cut; `longest`: the
+    longest such target, suggested as the value to use."""
+    commands = [t for t in tokens if COMMAND_WORD.match(t)]
+    rare, factor = cfg.aug.rare_commands, cfg.aug.oversample_factor
+    if factor > 1 and rare != "auto":
+        rare = list(rare)
+        known = [c for c in rare if c in commands]
+        if not known:
+            raise _fail("aug.rare_commands", rare, "names no command of the training vocabulary "
+                        f"({', '.join(commands)}), so nothing is oversampled")
+        if len(known) < len(rare):
+            _warn("aug.rare_commands", rare, f"{', '.join(c for c in rare if c not in known)} never occurs in the "
+                  "training targets")
+    elif factor > 1 and len(commands) < 2:
+        _warn("aug.oversample_factor", factor, f"the training targets hold one command ({', '.join(commands)}), "
+              "so aug.rare_commands=auto finds nothing to oversample")
+    if cut_share > 0:
+        suggest = f"; the longest needs data.max_len={longest}" if longest else ""
+        why = f"cuts {cut_share:.0%} of the targets{suggest}"
+        if cut_share > MAX_CUT_SHARE:
+            raise _fail("data.max_len", cfg.data.max_len, why)
+        _warn("data.max_len", cfg.data.max_len, why)
