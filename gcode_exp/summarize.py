@@ -18,6 +18,8 @@ import json
 import math
 import re
 import statistics
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,21 +61,46 @@ class Group:
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run folder under the paths. A damaged file of a run is skipped with a warning naming it:
+    without its config the run is left out; with a damaged metrics.json it is listed as failed."""
     runs = []
     for root in paths:
         for cfg_file in sorted(root.rglob(".hydra/config.yaml"), key=natural_key):
             folder = cfg_file.parent.parent
-            overrides_file = folder / ".hydra" / "overrides.yaml"
-            metrics_file, error_file = folder / "metrics.json", folder / "error.txt"
+            config = read_part(cfg_file, load_config, dict)
+            if config is None:
+                continue
+            overrides = read_part(folder / ".hydra" / "overrides.yaml", lambda text: yaml.safe_load(text) or [], list)
+            metrics_file = folder / "metrics.json"
+            metrics = read_part(metrics_file, json.loads, dict)
+            error = first_line(folder / "error.txt")
+            if metrics is None and metrics_file.exists() and error is None:
+                error = "metrics.json is damaged"
             runs.append(Run(
                 folder=folder,
-                config=load_config(cfg_file),
-                overrides=yaml.safe_load(overrides_file.read_text()) or [] if overrides_file.exists() else [],
-                metrics=json.loads(metrics_file.read_text()) if metrics_file.exists() else None,
-                error=first_line(error_file),
-                trial=json.loads((folder / TRIAL_FILE).read_text()) if (folder / TRIAL_FILE).exists() else None,
+                config=config,
+                overrides=overrides or [],
+                metrics=metrics,
+                error=error,
+                trial=read_part(folder / TRIAL_FILE, json.loads, dict),
             ))
     return runs
+
+
+def read_part(path: Path, parse: Callable[[str], object], kind: type) -> object | None:
+    """A run folder's file parsed, or None if there is none. A damaged one (cut short by a full disk,
+    edited by hand, not UTF-8) is skipped with a warning naming it: one bad folder never stops a table."""
+    if not path.is_file():
+        return None
+    try:
+        value = parse(path.read_text())
+        if isinstance(value, kind):
+            return value
+        why = f"not a {'mapping' if kind is dict else 'list'}"
+    except Exception as e:
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    print(f"warning: {path}: damaged, skipped ({why})", file=sys.stderr)
+    return None
 
 
 def first_line(path: Path) -> str | None:
@@ -88,11 +115,11 @@ def natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def load_config(path: Path) -> dict:
+def load_config(text: str) -> dict:
     """The job's config with interpolations such as `name: ${model.name}-...` resolved where possible."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
+    cfg = OmegaConf.create(text)
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation that needs Hydra at run time: keep it as written

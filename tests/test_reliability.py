@@ -15,23 +15,23 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
+import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from gcode_exp import GcodeExpError, tasks
+from gcode_exp import GcodeExpError, summarize, tasks
 from gcode_exp.config import ConfigError, validate
-from gcode_exp.data.dataset import prepare, read_runs
-from gcode_exp.data.read import DataError, list_runs
+from gcode_exp.data.dataset import load_cache, prepare, read_runs
+from gcode_exp.data.read import DataError, list_runs, read_run
 from gcode_exp.data.vocab import parse_line
 from gcode_exp.training.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import ROOT, SAMPLE, TINY, make_cfg
+from tests.test_summarize import make_run
 
 GOOD = SAMPLE / "pocket_016_aligned.csv.gz"
 ONE_THREAD = "hardware.threads=1"  # fast and fair on a shared 2-core machine, and deterministic on CPU
@@ -58,6 +58,24 @@ def _csv(df: pd.DataFrame):
 
 def _bytes(data: bytes):
     return lambda path: path.write_bytes(data)
+
+
+def _zip(data: bytes):
+    """An Excel workbook is a ZIP archive; so is a zipped CSV: the same first bytes."""
+    def make(path):
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("sheet.csv", data)
+    return make
+
+
+def _link(target: str):
+    return lambda path: path.symlink_to(target)
+
+
+def _lines(text: bytes, edit) -> bytes:
+    """The recording with `edit(row_index, line)` applied to each data line (row 2 of the file is index 0)."""
+    head, *rows = text.rstrip(b"\n").split(b"\n")
+    return b"\n".join([head, *(edit(i, row) for i, row in enumerate(rows))]) + b"\n"
 
 
 def _edit(frame, column, rows, value):
@@ -96,6 +114,40 @@ def bad_cases(frame: pd.DataFrame) -> dict[str, tuple[str, object, str]]:
                             r"not UTF-8 text \(invalid continuation byte\)$"),
         "shorter than one window": ("short_001_aligned.csv", _csv(frame.iloc[:20]),
                                     r"20 rows, fewer than one window \(data.window=32\)$"),
+        # --- folder mess (issue 6) ---
+        "duplicate column header": ("dupcol_001_aligned.csv", _csv(frame.rename(columns={"y_motor": "x_motor"})),
+                                    r"duplicate column 'x_motor' \(columns \d+ and \d+\)$"),
+        "duplicate once spaces are removed": ("dupspace_001_aligned.csv",
+                                              _csv(frame.rename(columns={"y_motor": " x_motor "})),
+                                              r"duplicate column 'x_motor' \(columns \d+ and \d+\)$"),
+        "semicolon-separated": ("semi_001_aligned.csv", lambda path: frame.to_csv(path, sep=";", index=False),
+                                r"not comma-separated \(the header is one column holding ';'\); "
+                                r"save it with ',' between columns$"),
+        "semicolons and decimal commas (Excel, German locale)": (
+            "decomma_001_aligned.csv", lambda path: frame.to_csv(path, sep=";", decimal=",", index=False),
+            r"not comma-separated \(the header is one column holding ';'\)"),
+        "tab-separated": ("tab_001_aligned.csv", lambda path: frame.to_csv(path, sep="\t", index=False),
+                          r"not comma-separated \(the header is one column holding tabs\)"),
+        "gzip data named .csv": ("gzipped_001_aligned.csv", _bytes(raw),
+                                 r"gzip-compressed data, not CSV text \(rename it to .csv.gz\)$"),
+        "ZIP/Excel file named .csv": ("excel_001_aligned.csv", _zip(text),
+                                      r"a ZIP archive \(an Excel .xlsx\?\), not CSV text \(export it as CSV\)$"),
+        "every row one field longer than the header": (
+            "extra_001_aligned.csv", _bytes(_lines(text, lambda i, row: row + b",7")),
+            r"rows with more fields than the header's 197 names \(their extra values would be lost\)$"),
+        "one row one field longer": ("ragged_001_aligned.csv",
+                                     _bytes(_lines(text, lambda i, row: row + b",7" if i == 41 else row)),
+                                     r"row 43: 198 fields, but the header has 197 names$"),
+        "no labelled row": ("unlabelled_001_aligned.csv", _csv(_edit(frame, "gcode_string", slice(None), None)),
+                            r"gcode_string is empty on every row: no labelled row to learn from or score$"),
+        "labelled rows outside every window": (
+            "tail_001_aligned.csv", _csv(_edit(frame.iloc[:40], "gcode_string", slice(0, 34), None)),
+            r"no window holds a labelled row \(its 5 rows with a gcode_string fall outside the windows of "
+            r"data.window=32, data.stride=16\)$"),
+        "broken symlink": ("broken_001_aligned.csv", _link("moved_away.csv"),
+                           r"broken symlink \(its target moved_away.csv does not exist\)$"),
+        "symlink loop": ("loop_001_aligned.csv", _link("loop_001_aligned.csv"),
+                         r"symlink loop \(the link leads back to itself\)$"),
     }
 
 
@@ -198,15 +250,226 @@ def test_unreadable_gcode_rule():
     assert parse_line("N10 G1 X1.5 #5 Y2. (probe) Q ; note") == ([("G", 1.0), ("X", 1.5), ("Y", 2.0)], 2)
 
 
-def test_damaged_cache_file_is_rebuilt_not_trusted(tmp_path, frame, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "one byte changed"])
+def test_damaged_cache_file_is_rebuilt_not_trusted(tmp_path, frame, caplog, damage):
+    """A flipped byte in the middle of the tensors would load without complaint: the checksum catches it."""
     cfg = make_cfg(f"data.dir={good_folder(tmp_path / 'data', frame)}", tmp=tmp_path)
     first = prepare(cfg).summary
     (cache,) = files_under(tmp_path / "cache")
-    cache.write_bytes(cache.read_bytes()[:1000])
+    data = bytearray(cache.read_bytes())
+    if damage == "truncated":
+        del data[1000:]
+    else:
+        data[len(data) // 2] ^= 0x01
+    cache.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
+        assert load_cache(cache) is None
         again = prepare(cfg).summary
-    assert "ignoring unreadable cache" in caplog.text and again == first
-    torch.load(cache, weights_only=False)  # whole again
+    assert f"ignoring unreadable cache {cache} (checksum mismatch: its bytes were damaged)" in caplog.text
+    assert again == first
+    assert load_cache(cache).summary == first  # whole again
+
+
+# --- folder mess: names that are not recordings, twins, odd tables, G-code number forms (issue 6) ---------
+NOT_RECORDINGS = {  # name the pattern `*.csv*` matches -> the reason data_summary.json gives
+    "pocket_101_aligned.csv.bak": "name ends in '.bak', not .csv or .csv.gz (a backup or temporary copy?), "
+                                  "not a recording",
+    "pocket_101_aligned.csv~": "name ends in '~', not .csv or .csv.gz (a backup or temporary copy?), not a recording",
+    "pocket_101_aligned.csv.zip": "name ends in '.zip', not .csv or .csv.gz (a backup or temporary copy?), "
+                                  "not a recording",
+    ".#pocket_101_aligned.csv": "hidden file (an editor lock or swap file, or a macOS '._' file?), not a recording",
+    ".pocket_101_aligned.csv.swp": "hidden file (an editor lock or swap file, or a macOS '._' file?), "
+                                   "not a recording",
+    "._pocket_101_aligned.csv": "hidden file (an editor lock or swap file, or a macOS '._' file?), not a recording",
+    ".~lock.pocket_101_aligned.csv#": "hidden file (an editor lock or swap file, or a macOS '._' file?), "
+                                      "not a recording",
+    "old_runs.csv": "a folder, not a recording",
+}
+
+
+def mess(folder: Path) -> None:
+    """What editors, backups and Finder leave beside recordings; none of it is a recording."""
+    good = folder / "pocket_101_aligned.csv"
+    for name in NOT_RECORDINGS:
+        path = folder / name
+        if name == "old_runs.csv":
+            path.mkdir()
+        elif name.startswith(".#"):  # Emacs' lock: a symlink to user@host.pid, which does not exist
+            path.symlink_to("root@host.4242:1700000000")
+        elif name.startswith("._"):  # macOS AppleDouble: binary resource fork
+            path.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+        else:
+            shutil.copy(good, path)
+
+
+def test_names_that_are_not_recordings_are_ignored_warned_and_listed(tmp_path, frame, caplog):
+    folder = good_folder(tmp_path / "data", frame)
+    mess(folder)
+    with caplog.at_level(logging.WARNING):
+        summary = prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path)).summary
+    assert {i["file"]: i["reason"] for i in summary["ignored_files"]} == NOT_RECORDINGS
+    for name, reason in NOT_RECORDINGS.items():
+        assert caplog.text.count(f"ignoring {folder / name}: {reason}") == 1, name
+    assert sorted(f for split in ("train", "val", "test") for f in summary[split]["files"]) == [
+        "pocket_101", "pocket_102", "pocket_103"]
+    again = prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path)).summary  # a cache hit lists them too
+    assert again["ignored_files"] == summary["ignored_files"]
+
+
+def test_folder_of_only_non_recordings_names_them(tmp_path, frame):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    frame.to_csv(folder / "pocket_101_aligned.csv.bak", index=False)
+    message = (f"{folder}: no recordings among the files matching data.pattern='*.csv*' "
+               "(not read: pocket_101_aligned.csv.bak; recordings end in .csv or .csv.gz)")
+    with pytest.raises(DataError, match=re.escape(message)):
+        prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path))
+
+
+def test_same_recording_twice_is_an_error_naming_both(tmp_path, frame, caplog):
+    folder = good_folder(tmp_path / "data", frame, n=4)
+    csv_path = folder / "pocket_101_aligned.csv"
+    gz_path = folder / "pocket_101_aligned.csv.gz"
+    gz_path.write_bytes(gzip.compress(csv_path.read_bytes()))
+    message = f"{csv_path}, {gz_path}: the same recording twice (each reads as run 'pocket_101'); keep one"
+    with pytest.raises(DataError, match=re.escape(message)):
+        prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path))
+    with caplog.at_level(logging.WARNING):  # skip mode: both are left out, neither is picked silently
+        summary = prepare(make_cfg(f"data.dir={folder}", "data.on_error=skip", tmp=tmp_path)).summary
+    assert summary["skipped_files"] == [{"file": csv_path.name, "error": message},
+                                        {"file": gz_path.name, "error": message}]
+    assert sorted(f for split in ("train", "val", "test") for f in summary[split]["files"]) == [
+        "pocket_102", "pocket_103", "pocket_104"]
+
+
+@pytest.mark.parametrize("variant", ["CRLF line ends", "UTF-8 BOM", "every field quoted",
+                                     "trailing comma on every line", "trailing comma on data lines only",
+                                     "pandas index column"])
+def test_table_variants_read_exactly_like_the_plain_file(tmp_path, frame, variant):
+    plain = tmp_path / "plain_001_aligned.csv"
+    frame.to_csv(plain, index=False)
+    text = plain.read_bytes()
+    path = tmp_path / "variant_001_aligned.csv"
+    if variant == "CRLF line ends":
+        path.write_bytes(text.replace(b"\n", b"\r\n"))
+    elif variant == "UTF-8 BOM":
+        path.write_bytes(b"\xef\xbb\xbf" + text)
+    elif variant == "every field quoted":
+        frame.to_csv(path, index=False, quoting=csv.QUOTE_ALL)
+    elif variant == "trailing comma on every line":
+        path.write_bytes(text.replace(b"\n", b",\n"))
+    elif variant == "trailing comma on data lines only":
+        path.write_bytes(_lines(text, lambda i, row: row + b","))
+    else:
+        frame.to_csv(path, index=True)
+    want, got = read_run(plain), read_run(path)
+    assert (got.columns, got.lines, got.warnings) == (want.columns, want.lines, [])
+    assert got.values.shape == want.values.shape
+    assert ((got.values == want.values) | (got.values != got.values) & (want.values != want.values)).all()
+
+
+def test_spaces_around_column_names_are_removed_with_a_warning(tmp_path, frame, caplog):
+    folder = good_folder(tmp_path / "data", frame)
+    path = folder / "pocket_103_aligned.csv"
+    frame.rename(columns={"x_motor": " x_motor", "gcode_string": "gcode_string "}).to_csv(path, index=False)
+    run, plain = read_run(path), read_run(folder / "pocket_101_aligned.csv")
+    assert run.columns == plain.columns and run.lines == plain.lines
+    warning = f"{path}: spaces around column names removed: ' x_motor', 'gcode_string '"
+    assert run.warnings == [warning]
+    with caplog.at_level(logging.WARNING):
+        summary = prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path)).summary
+    assert summary["file_warnings"] == [{"file": path.name, "warning": warning}]
+    assert caplog.text.count(warning) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # a cache hit warns again: the user sees it every time
+        assert prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path)).summary == summary
+    assert "data cache hit" in caplog.text and caplog.text.count(warning) == 1
+
+
+@pytest.mark.parametrize("line,words,dropped", [
+    ("G1 X1e3", [("G", 1), ("X", 1000)], 0),                      # exponent straight after the number
+    ("G1 X1.5E-3 Y-2e+1", [("G", 1), ("X", 0.0015), ("Y", -20)], 0),
+    ("G1 X.5", [("G", 1), ("X", 0.5)], 0),                        # no leading zero
+    ("G1 X-.5 Y+.25", [("G", 1), ("X", -0.5), ("Y", 0.25)], 0),   # signed, no leading zero
+    ("G53 Z0.", [("G", 53), ("Z", 0)], 0),                        # trailing dot
+    ("g1 x1.5 y-2", [("G", 1), ("X", 1.5), ("Y", -2)], 0),        # lower case
+    ("G1X10Y-2.5F40.", [("G", 1), ("X", 10), ("Y", -2.5), ("F", 40)], 0),  # no spaces
+    ("G1 X 1.5", [("G", 1), ("X", 1.5)], 0),                      # space after the letter
+    ("G1 X1 E3", [("G", 1), ("X", 1), ("E", 3)], 0),              # with a space, E is a word
+    ("G1 X1 (move to X5", [("G", 1), ("X", 1)], 1),               # unclosed comment: never read X5
+    ("G1 X1 (a) Y2 (b", [("G", 1), ("X", 1), ("Y", 2)], 1),
+    ("G1 X1e999", [("G", 1)], 1),                                 # beyond float range: dropped, counted
+    ("G1 X1.2.3", [("G", 1), ("X", 1.2)], 1),                     # two decimal points
+    ("G1 X1,5", [("G", 1), ("X", 1)], 1),                         # decimal comma
+])
+def test_gcode_number_forms(line, words, dropped):
+    assert parse_line(line) == ([(k, float(v)) for k, v in words], dropped)
+
+
+def test_gcode_number_forms_in_a_recording(tmp_path, frame, caplog):
+    """Exponents read as numbers (X up to 1000 in the vocabulary); the unclosed comment is flagged:
+    a warning naming the file and its first row, listed in data_summary.json, counted."""
+    folder = good_folder(tmp_path / "data", frame)
+    path = folder / "pocket_103_aligned.csv"
+    df = _edit(frame, "gcode_string", slice(0, 9), "G1 X1e3 Y.5 Z-.5")
+    df = _edit(df, "gcode_string", slice(10, 19), "G1 X1 (move to X5")
+    df.to_csv(path, index=False)
+    with caplog.at_level(logging.WARNING):
+        data = prepare(make_cfg(f"data.dir={folder}", "data.split_seed=1", tmp=tmp_path))
+    warning = (f"{path}: 10 chunks of G-code text that are not words (a letter and a number) were dropped "
+               "from the targets (first at row 12: 'G1 X1 (move to X5')")
+    assert data.summary["unparsed_chunks_dropped"] == 10
+    assert data.summary["file_warnings"] == [{"file": path.name, "warning": warning}]
+    assert caplog.text.count(warning) == 1
+    if "pocket_103" in data.splits["train"].files:
+        assert data.vocab.ranges["X"][1] == 1000.0
+
+
+def test_cache_never_reports_another_folder(tmp_path, frame):
+    """Two folders with the same bytes: each run's summary names the folder it read, and its files."""
+    first = good_folder(tmp_path / "a", frame)
+    bad_cases(frame)["empty file"][1](first / "empty_001_aligned.csv")
+    second = tmp_path / "b"
+    shutil.copytree(first, second)
+    for folder in (first, second, first):
+        s = prepare(make_cfg(f"data.dir={folder}", "data.on_error=skip", tmp=tmp_path)).summary
+        assert s["data_dir"] == str(folder)
+        assert s["skipped_files"] == [{"file": "empty_001_aligned.csv", "error": f"{folder / 'empty_001_aligned.csv'}: "
+                                                                                 "empty file"}]
+
+
+def test_cache_folder_that_cannot_be_written_turns_the_cache_off(tmp_path, frame, caplog):
+    folder = good_folder(tmp_path / "data", frame)
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    cfg = make_cfg(f"data.dir={folder}", tmp=tmp_path)
+    with caplog.at_level(logging.WARNING):
+        summary = prepare(cfg).summary
+    assert f"data.cache_dir={blocker}: cannot write the cache (not a folder): cache turned off for this run" \
+        in caplog.text
+    assert summary["train"]["files"] and files_under(tmp_path) == sorted([*files_under(folder), blocker])
+    assert blocker.read_text() == "a file where the cache folder should be"
+
+
+def test_summarize_skips_damaged_run_files_with_a_warning_naming_each(tmp_path, capsys):
+    metrics = {"test/command_acc": 0.5, "majority/command_acc": 0.9, "epochs": 3, "collapsed": False}
+    make_run(tmp_path / "0_good", metrics=metrics)
+    cut = make_run(tmp_path / "1_cut", metrics=metrics)
+    (cut / "metrics.json").write_text(json.dumps(metrics)[:20])  # a full disk cut it short
+    noconfig = make_run(tmp_path / "2_noconfig", metrics=metrics)
+    (noconfig / ".hydra" / "config.yaml").write_text("name: [unclosed\n")
+    trial = make_run(tmp_path / "3_trial", metrics=metrics, trial={"study": "s", "trial": 0})
+    (trial / "optuna_trial.json").write_bytes(b"\xff\xfe")
+    rows = summarize.main([str(tmp_path)])
+    out, err = capsys.readouterr()
+    warnings = err.splitlines()
+    assert len(warnings) == 3 and "Traceback" not in out + err
+    assert warnings[0].startswith(f"warning: {cut / 'metrics.json'}: damaged, skipped (JSONDecodeError: ")
+    assert warnings[1].startswith(f"warning: {noconfig / '.hydra' / 'config.yaml'}: damaged, skipped (")
+    assert warnings[2].startswith(f"warning: {trial / 'optuna_trial.json'}: damaged, skipped (UnicodeDecodeError: ")
+    assert [r["seeds"] for r in rows] == [2, "-"]  # 0_good and 3_trial (its trial file unread) group together
+    assert f"{cut}: failed: metrics.json is damaged" in out
+    assert "3 run folders (2 finished)" in out
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -308,10 +571,20 @@ def test_finished_run_folder_is_never_overwritten_unasked(tmp_path, trained):
 
 
 # --- through the real entry point ---------------------------------------------------------------------
-def cli(tmp: Path, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "run.py"), f"data.cache_dir={cache or tmp / 'cache'}",
+def cli(tmp: Path, *args: str, cache: Path | None = None, wrap: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [*wrap, sys.executable, str(ROOT / "run.py"), f"data.cache_dir={cache or tmp / 'cache'}",
            f"hydra.run.dir={tmp / 'run'}", *FAST, *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def file_modes_apply() -> tuple[str, ...]:
+    """Root reads and writes every file whatever its mode: under root, a permission case runs without the
+    two capabilities that allow that, so the modes bind it as they bind any user."""
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file modes cannot be made to apply")
+    return ("setpriv", "--bounding-set=-dac_override,-dac_read_search")
 
 
 def one_error_line(res: subprocess.CompletedProcess) -> str:
@@ -324,11 +597,18 @@ def one_error_line(res: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["truncated .gz", "non-numeric sensor cell", "NaN/inf run in sensors",
-                                  "shorter than one window", "no folder"])
+                                  "shorter than one window", "no folder", "duplicate column header",
+                                  "semicolon-separated", "gzip data named .csv", "no labelled row", "broken symlink",
+                                  "same recording twice"])
 def test_cli_bad_data_one_line_exit_2_nothing_cached(tmp_path, frame, case):
     folder = good_folder(tmp_path / "data", frame, n=1)
     if case == "no folder":
         folder, path, message = tmp_path / "nope", tmp_path / "nope", "data.dir is not a folder"
+    elif case == "same recording twice":
+        twin = folder / "pocket_101_aligned.csv.gz"
+        twin.write_bytes(gzip.compress((folder / "pocket_101_aligned.csv").read_bytes()))
+        path, message = f"{folder / 'pocket_101_aligned.csv'}, {twin}", re.escape(
+            "the same recording twice (each reads as run 'pocket_101'); keep one")
     else:
         name, make, message = bad_cases(frame)[case]
         path = folder / name
@@ -359,6 +639,80 @@ def test_cli_skip_mode_warns_and_lists_skipped_files(tmp_path, frame):
 
 
 @pytest.mark.slow
+def test_cli_folder_mess_in_skip_mode_warns_once_each_and_lists_all(tmp_path, frame):
+    """One real-looking messy folder: five good recordings (one with padded column names), the same run
+    twice, editor and backup files, and four broken files. Exit 0; data_summary.json lists every one."""
+    folder = good_folder(tmp_path / "data", frame, n=5)
+    mess(folder)
+    twin = folder / "pocket_101_aligned.csv.gz"
+    twin.write_bytes(gzip.compress((folder / "pocket_101_aligned.csv").read_bytes()))
+    padded = folder / "pocket_105_aligned.csv"
+    frame.rename(columns={"x_motor": " x_motor"}).to_csv(padded, index=False)
+    cases = bad_cases(frame)
+    broken = ["duplicate column header", "semicolon-separated", "symlink loop", "no labelled row"]
+    for case in broken:
+        name, make, _ = cases[case]
+        make(folder / name)
+    res = cli(tmp_path, "task=prepare", f"data.dir={folder}", "data.on_error=skip")
+    output = res.stdout + res.stderr
+    assert res.returncode == 0 and "Traceback" not in output, output[-3000:]
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    twins = f"{folder / 'pocket_101_aligned.csv'}, {twin}: the same recording twice"
+    skipped = {s["file"]: s["error"] for s in summary["skipped_files"]}
+    assert sorted(skipped) == sorted(["pocket_101_aligned.csv", twin.name, *(cases[c][0] for c in broken)])
+    for case in broken:
+        name, _, message = cases[case]
+        assert says(skipped[name], folder / name, message), skipped[name]
+        assert output.count(f"WARNING] - skipping {folder / name}: ") == 1, name
+    assert skipped[twin.name].startswith(twins) and output.count(f"WARNING] - skipping {twins}") == 2
+    assert {i["file"]: i["reason"] for i in summary["ignored_files"]} == NOT_RECORDINGS
+    for name, reason in NOT_RECORDINGS.items():
+        assert output.count(f"WARNING] - ignoring {folder / name}: {reason}") == 1, name
+    warning = f"{padded}: spaces around column names removed: ' x_motor'"
+    assert summary["file_warnings"] == [{"file": padded.name, "warning": warning}]
+    assert output.count(f"WARNING] - {warning}") == 1
+    used = sorted(f for split in ("train", "val", "test") for f in summary[split]["files"])
+    assert used == ["pocket_102", "pocket_103", "pocket_104", "pocket_105"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocker", ["a file", "a read-only folder"])
+def test_cli_cache_folder_that_cannot_be_written(tmp_path, frame, blocker):
+    folder = good_folder(tmp_path / "data", frame)
+    cache = tmp_path / "cache"
+    if blocker == "a file":
+        cache.write_text("not a folder")
+    else:
+        cache.mkdir()
+        cache.chmod(0o555)
+    res = cli(tmp_path, "task=prepare", f"data.dir={folder}", cache=cache, wrap=file_modes_apply())
+    output = res.stdout + res.stderr
+    assert res.returncode == 0 and "Traceback" not in output, output[-3000:]
+    why = "not a folder" if blocker == "a file" else "Permission denied"
+    assert output.count(f"data.cache_dir={cache}: cannot write the cache ({why}): cache turned off for this run") == 1
+    assert json.loads((tmp_path / "run" / "data_summary.json").read_text())["train"]["files"]
+    assert cache.is_file() or files_under(cache) == []
+
+
+@pytest.mark.slow
+def test_cli_unreadable_recording_one_line(tmp_path, frame):
+    folder = good_folder(tmp_path / "data", frame)
+    locked = folder / "pocket_102_aligned.csv"
+    locked.chmod(0)
+    line = one_error_line(cli(tmp_path, "task=prepare", f"data.dir={folder}", wrap=file_modes_apply()))
+    assert line == f"{locked}: not readable (permission denied)"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="Hydra creates hydra.run.dir before run.py's main: needs run.py or a "
+                                       "Hydra callback in conf/ (not this module's files)")
+def test_cli_run_folder_path_that_is_a_file(tmp_path):
+    (tmp_path / "run").write_text("a file where the run folder should be")
+    line = one_error_line(cli(tmp_path, "task=prepare"))
+    assert line.startswith(f"{tmp_path / 'run'}: ")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["data.window=-4"], "data.window=-4: must be a whole number >= 1"),
     (["data.stride=0"], "data.stride=0: must be a whole number >= 1"),
@@ -376,40 +730,3 @@ def test_cli_unknown_group_option_is_hydras_clear_error(tmp_path):
     res = cli(tmp_path, "model=transformer")
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "Could not find 'model/transformer'" in res.stderr and "multihead" in res.stderr  # lists the options
-
-
-# --- interrupted runs ---------------------------------------------------------------------------------
-def history(run: Path) -> list[dict]:
-    with open(run / "history.csv") as f:
-        return [{k: v for k, v in row.items() if k != "sec"} for row in csv.DictReader(f)]
-
-
-@pytest.mark.slow
-def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
-    train = ["data.window=32", "data.stride=8", "trainer.max_epochs=5", "trainer.patience=100"]
-    cache = tmp_path / "cache"
-    ref = cli(tmp_path / "ref", *train, cache=cache)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-
-    run = tmp_path / "cut" / "run"
-    cmd = [sys.executable, str(ROOT / "run.py"), f"data.cache_dir={cache}", f"hydra.run.dir={run}", *FAST, *train]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if (run / "history.csv").exists() and len(history(run)) >= 2:  # last.pt of epoch 2 is on disk
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    epoch = load_checkpoint(run / "checkpoints" / "last.pt")["epoch"]
-    assert 2 <= epoch < 5 and not (run / "metrics.json").exists()
-
-    resumed = cli(tmp_path / "cut", *train, "trainer.resume=true", cache=cache)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming after epoch {epoch} from" in resumed.stdout
-    want = json.loads((tmp_path / "ref" / "run" / "metrics.json").read_text())
-    got = json.loads((run / "metrics.json").read_text())
-    want.pop("sec_per_epoch"), got.pop("sec_per_epoch")
-    assert got == want
-    assert history(run) == history(tmp_path / "ref" / "run")

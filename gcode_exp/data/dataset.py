@@ -9,23 +9,27 @@ a window's target, and a window with no labelled row at all is dropped.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import random
 import tempfile
+import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gcode_exp.data.read import DataError, Run, channel_group, list_runs, read_run
+from gcode_exp.data.read import DataError, Run, channel_group, find_recordings, read_run, run_name
 from gcode_exp.data.vocab import BOS, EOS, PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when what is cached changes
+CACHE_VERSION = 3  # bump when what is cached changes
+CACHE_MAGIC = b"gcode-exp cache\n"  # then the CRC-32 of the rest (4 bytes, big-endian), then a torch.save payload
 SPLITS = ("train", "val", "test")
 
 
@@ -190,20 +194,42 @@ def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg) -> Spl
 
 # --- reading many files -----------------------------------------------------------------------------
 def read_runs(paths: list[Path], data_cfg) -> tuple[list[Run], list[dict]]:
-    """Read files; with data.on_error=skip, unusable ones are skipped (warned and returned as records)."""
+    """Read files; with data.on_error=skip, unusable ones are skipped (warned and returned as records).
+    What a file's reading fixed by a rule is warned about here, once per file (Run.warnings)."""
     runs, skipped = [], []
+    by_name: dict[str, list[Path]] = {}
+    for path in paths:  # `x_aligned.csv` beside `x_aligned.csv.gz`: which one is the run?
+        by_name.setdefault(run_name(path)[0], []).append(path)
     for path in paths:
         try:
+            name = run_name(path)[0]
+            if len(by_name[name]) > 1:
+                raise DataError(f"{', '.join(map(str, by_name[name]))}: the same recording twice (each reads as "
+                                f"run '{name}'); keep one")
             run = read_run(path, data_cfg.max_nonfinite)
-            if len(run.lines) < data_cfg.window:
-                raise DataError(f"{path}: {len(run.lines)} rows, fewer than one window (data.window={data_cfg.window})")
+            check_windows(run, path, data_cfg)
             runs.append(run)
         except DataError as e:
             if data_cfg.on_error != "skip":
                 raise
             log.warning("skipping %s", e)
             skipped.append({"file": path.name, "error": str(e)})
+            continue
+        for note in run.warnings:
+            log.warning("%s", note)
     return runs, skipped
+
+
+def check_windows(run: Run, path: Path, data_cfg) -> None:
+    """A file must give at least one window with a labelled row (the windows build_split makes)."""
+    n, w, stride = len(run.lines), data_cfg.window, data_cfg.stride
+    if n < w:
+        raise DataError(f"{path}: {n} rows, fewer than one window (data.window={w})")
+    labelled = np.concatenate([[0], np.cumsum([bool(t) for t in run.lines])])
+    starts = np.arange(0, n - w + 1, stride)
+    if not (labelled[starts + w] > labelled[starts]).any():
+        raise DataError(f"{path}: no window holds a labelled row (its {labelled[-1]} rows with a gcode_string "
+                        f"fall outside the windows of data.window={w}, data.stride={stride})")
 
 
 # --- the prepared dataset and its cache ---------------------------------------------------------------
@@ -216,46 +242,100 @@ class Prepared:
 
 
 def _digest(paths: list[Path], cfg) -> str:
+    """The cache key: the folder read, as spelled and resolved (a cache hit's summary and messages name
+    exactly the folder this run read), the data config and every file's name and bytes. A file that
+    cannot be read keys by its error, which read_run reports."""
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     keys = {k: cfg.data[k] for k in cfg.data if k not in ("dir", "cache_dir")}
     h.update(json.dumps([keys, dict(cfg.vocab), dict(cfg.features)], sort_keys=True, default=str).encode())
+    h.update(f"{Path(cfg.data.dir)}\0{Path(cfg.data.dir).resolve()}".encode())
     for p in paths:
         h.update(p.name.encode())
-        h.update(hashlib.sha256(p.read_bytes()).digest())
+        try:
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        except OSError as e:
+            h.update(repr(e).encode())
     return h.hexdigest()[:24]
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temp file in the same folder and rename: readers never see half a file."""
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(temp path)` in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def prepare(cfg) -> Prepared:
-    """Read, split, fit and window the data of `cfg.data.dir`, or load it from the cache."""
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_cache(prepared: Prepared, cfg, path: Path) -> None:
+    """The prepared data behind a checksum. A cache that cannot be written (a read-only folder, a
+    file in the way) is a warning: this run goes on without it."""
     from omegaconf import OmegaConf
 
-    paths = list_runs(cfg.data.dir, cfg.data.pattern)
-    cache = Path(cfg.data.cache_dir) / f"{_digest(paths, cfg)}.pt"
-    if cfg.data.cache_dir and cache.exists():
-        try:
-            blob = torch.load(cache, weights_only=False)
-            log.info("data cache hit: %s", cache)
-            return Prepared(
-                splits={k: Split(**v) for k, v in blob["splits"].items()},
-                vocab=Vocab.from_dict(blob["vocab"]),
-                features=Features(**blob["features"]),
-                summary=blob["summary"],
-            )
-        except Exception as e:  # a damaged cache file is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s (%s)", cache, e)
+    blob = {
+        "splits": {k: vars(v) for k, v in prepared.splits.items()},
+        "vocab": prepared.vocab.to_dict(),
+        "features": vars(prepared.features),
+        "summary": prepared.summary,
+        "config": OmegaConf.to_container(cfg.data),
+    }
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    payload = buffer.getvalue()
+    data = CACHE_MAGIC + zlib.crc32(payload).to_bytes(4, "big") + payload
+    try:
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    except OSError as e:
+        folder = Path(cfg.data.cache_dir)
+        why = "not a folder" if folder.exists() and not folder.is_dir() else e.strerror or str(e)
+        log.warning("data.cache_dir=%s: cannot write the cache (%s): cache turned off for this run", folder, why)
+
+
+def load_cache(path: Path) -> Prepared | None:
+    """The cached data, or None if there is none; a damaged file (checksum, format) is warned about,
+    never trusted, and rebuilt by the caller."""
+    try:
+        if not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            head, payload = f.read(len(CACHE_MAGIC) + 4), f.read()  # bytes, not slices: no copy of the payload
+        if not head.startswith(CACHE_MAGIC):
+            raise ValueError("not a gcode-exp cache file")
+        if zlib.crc32(payload).to_bytes(4, "big") != head[len(CACHE_MAGIC) :]:
+            raise ValueError("checksum mismatch: its bytes were damaged")
+        blob = torch.load(io.BytesIO(payload), weights_only=False)
+        return Prepared(
+            splits={k: Split(**v) for k, v in blob["splits"].items()},
+            vocab=Vocab.from_dict(blob["vocab"]),
+            features=Features(**blob["features"]),
+            summary=blob["summary"],
+        )
+    except Exception as e:
+        log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, e)
+        return None
+
+
+def prepare(cfg) -> Prepared:
+    """Read, split, fit and window the data of `cfg.data.dir`, or load it from the cache."""
+    paths, ignored = find_recordings(cfg.data.dir, cfg.data.pattern)
+    cache = Path(cfg.data.cache_dir) / f"{_digest(paths, cfg)}.pt" if cfg.data.cache_dir else None
+    cached = load_cache(cache) if cache else None
+    if cached is not None:
+        log.info("data cache hit: %s", cache)
+        for s in cached.summary["skipped_files"]:  # the warnings of the run that built it, again
+            log.warning("skipping %s", s["error"])
+        for w in cached.summary["file_warnings"]:
+            log.warning("%s", w["warning"])
+        cached.summary["ignored_files"] = ignored  # not part of the key: what the folder holds now
+        return cached
     runs, skipped = read_runs(paths, cfg.data)
     fractions = tuple(cfg.data.split)
     parts = split_files(runs, fractions, cfg.data.split_seed)
@@ -263,21 +343,18 @@ def prepare(cfg) -> Prepared:
     feats = fit_features(parts["train"], list(cfg.features.groups), cfg.features.board_flags)
     splits = {name: build_split(parts[name], feats, vocab, cfg.data) for name in SPLITS}
     oddities = {k: sum(getattr(r, k) for r in runs) for k in ("nonfinite_cells", "silent_rows", "unparsed_chunks")}
-    summary = summarize(splits, vocab, feats, skipped, oddities, cfg)
-    if cfg.data.cache_dir:
-        blob = {
-            "splits": {k: vars(v) for k, v in splits.items()},
-            "vocab": vocab.to_dict(),
-            "features": vars(feats),
-            "summary": summary,
-            "config": OmegaConf.to_container(cfg.data),
-        }
-        atomic_torch_save(blob, cache)
-    return Prepared(splits=splits, vocab=vocab, features=feats, summary=summary)
+    listing = {"skipped_files": skipped, "ignored_files": ignored,
+               "file_warnings": [{"file": Path(r.path).name, "warning": w} for r in runs for w in r.warnings]}
+    summary = summarize(splits, vocab, feats, listing, oddities, cfg)
+    prepared = Prepared(splits=splits, vocab=vocab, features=feats, summary=summary)
+    if cache:
+        save_cache(prepared, cfg, cache)
+    return prepared
 
 
-def summarize(splits: dict[str, Split], vocab: Vocab, feats: Features, skipped: list, oddities: dict, cfg) -> dict:
-    """The facts a reader checks first: which files went where, how many windows, vocabulary, channels."""
+def summarize(splits: dict[str, Split], vocab: Vocab, feats: Features, listing: dict, oddities: dict, cfg) -> dict:
+    """The facts a reader checks first: which files went where, how many windows, vocabulary, channels.
+    `listing`: skipped_files (unusable), ignored_files (not recordings), file_warnings (read by a rule)."""
     out = {
         "data_dir": str(cfg.data.dir),
         "vocab_size": len(vocab),
@@ -287,7 +364,7 @@ def summarize(splits: dict[str, Split], vocab: Vocab, feats: Features, skipped: 
         "n_board_flags": len(feats.boards),
         "feature_groups": list(cfg.features.groups),
         "channels": feats.channels,
-        "skipped_files": skipped,
+        **listing,
         "nonfinite_cells_filled": oddities["nonfinite_cells"],  # read as the channel's training mean
         "silent_rows_dropped": oddities["silent_rows"],  # rows where every sensor column was empty
         "unparsed_chunks_dropped": oddities["unparsed_chunks"],  # G-code text the tokenizer could not read

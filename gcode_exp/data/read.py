@@ -7,10 +7,14 @@ report), `t_console` (wall clock) and `momo` (the controller's motion mode, i.e.
 
 from __future__ import annotations
 
+import errno
 import gzip
+import logging
+import os
 import re
+import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,14 @@ ALWAYS_EMPTY = ("vel", "plane")
 CONTROLLER = ("posx", "posy", "posz", "mpox", "mpoy", "mpoz", "feed", "stat", "unit", "dist", "coor")
 MOTORS = ("spindle", "x_motor", "y_motor", "z_motor")
 RUN_NAME = re.compile(r"^(?P<op>[a-z]+\d*)_(?P<idx>\d+)")
+RECORDING_SUFFIXES = (".csv", ".csv.gz")  # any case; everything else the pattern matches is not read
+SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'"}  # what a one-column header holding them was saved with
+FIELDS = re.compile(r"Expected (?P<want>\d+) fields in line (?P<row>\d+), saw (?P<saw>\d+)")  # pandas' words
+GZIP = b"\x1f\x8b"
+MAGIC = {GZIP: ("gzip-compressed data", "rename it to .csv.gz"),  # first bytes that are not CSV text
+         b"PK\x03\x04": ("a ZIP archive (an Excel .xlsx?)", "export it as CSV")}
+
+log = logging.getLogger(__name__)
 
 
 class DataError(GcodeExpError):
@@ -43,6 +55,7 @@ class Run:
     silent_rows: int  # rows dropped because no sensor column held a finite value
     unparsed_chunks: int  # G-code text the tokenizer could not read (e.g. `#5`), dropped from targets
     path: str = ""  # the file it was read from, for messages
+    warnings: list[str] = field(default_factory=list)  # what was read by a rule, one line each, naming the file
 
 
 def channel_group(column: str) -> str | None:
@@ -66,18 +79,7 @@ def run_name(path: Path) -> tuple[str, str]:
 def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
     """Parse one run; raise DataError with a one-line reason for anything unusable."""
     path = Path(path)
-    try:
-        frame = pd.read_csv(path, low_memory=False, dtype={"gcode_string": str}, encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file") from None
-    except (pd.errors.ParserError, ValueError, OSError) as e:
-        raise DataError(f"{path}: cannot parse CSV ({str(e).splitlines()[0]})") from None
+    frame, notes = read_table(path)
     if "gcode_string" not in frame.columns:
         raise DataError(f"{path}: missing column 'gcode_string' (the target)")
     if len(frame) == 0:
@@ -110,19 +112,136 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
         )
     values[bad] = np.nan
     lines = frame["gcode_string"].fillna("").astype(str).str.strip()[alive].tolist()
+    if not any(lines):
+        raise DataError(f"{path}: gcode_string is empty on every row: no labelled row to learn from or score")
     dropped = {line: parse_line(line)[1] for line in set(lines)}
+    unparsed = sum(dropped[line] for line in lines)
+    if unparsed:
+        first = next(i for i, line in enumerate(lines) if dropped[line])
+        row = int(np.flatnonzero(alive)[first]) + 2
+        notes.append(f"{path}: {unparsed} chunks of G-code text that are not words (a letter and a number) were "
+                     f"dropped from the targets (first at row {row}: {lines[first][:60]!r})")
     name, op = run_name(path)
     return Run(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite,
-               silent_rows=int((~alive).sum()), unparsed_chunks=sum(dropped[line] for line in lines),
-               path=str(path))
+               silent_rows=int((~alive).sum()), unparsed_chunks=unparsed, path=str(path), warnings=notes)
+
+
+def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The file as a table with checked column names, and warnings about what a rule fixed.
+
+    The header is read on its own first because pandas renames a duplicate (`x_motor` twice reads as
+    `x_motor` and `x_motor.1`, which looks like an IMU board column): a silent wrong reading."""
+    check_opens(path)
+    try:
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False, encoding="utf-8")
+        names, notes = column_names(path, header.iloc[0].tolist())
+        target = {raw: str for raw, name in zip(header.iloc[0], names) if name == "gcode_string"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)  # pandas would drop the extra values
+            frame = pd.read_csv(path, low_memory=False, dtype=target, encoding="utf-8", index_col=False)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file") from None
+    except pd.errors.ParserWarning:
+        raise DataError(f"{path}: rows with more fields than the header's {len(names)} names "
+                        "(their extra values would be lost)") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:
+        if m := FIELDS.search(str(e)):
+            why = f"row {m['row']}: {m['saw']} fields, but the header has {m['want']} names"
+            raise DataError(f"{path}: {why}") from None
+        raise DataError(f"{path}: cannot parse CSV ({str(e).splitlines()[0]})") from None
+    if len(frame.columns) != len(names):
+        raise DataError(f"{path}: cannot parse CSV (the header has {len(names)} names, the table "
+                        f"{len(frame.columns)} columns)")
+    frame.columns = names
+    return frame, notes
+
+
+def check_opens(path: Path) -> None:
+    """Why a file cannot be read as text, in words: a broken or looping symlink, no permission, or the
+    bytes of a compressed file or a spreadsheet under a `.csv` name (pandas would misread them)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise DataError(f"{path}: broken symlink (its target {os.readlink(path)} does not exist)") from None
+        raise DataError(f"{path}: no such file") from None
+    except PermissionError:
+        raise DataError(f"{path}: not readable (permission denied)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path}: symlink loop (the link leads back to itself)") from None
+        raise DataError(f"{path}: cannot open ({e.strerror})") from None
+    for magic, (what, fix) in MAGIC.items():
+        if head.startswith(magic) and not (magic == GZIP and path.name.lower().endswith(".gz")):
+            raise DataError(f"{path}: {what}, not CSV text ({fix})")
+
+
+def column_names(path: Path, header: list[str]) -> tuple[list[str], list[str]]:
+    """Header names with surrounding spaces removed (a warning says so); an error for a duplicate name
+    or for a header that shows the file was saved with another separator than ','."""
+    if len(header) == 1:
+        sep = next((s for s in SEPARATORS if s in header[0]), None)
+        if sep is not None:
+            raise DataError(f"{path}: not comma-separated (the header is one column holding {SEPARATORS[sep]}); "
+                            "save it with ',' between columns")
+    names = [h.strip() or f"Unnamed: {i}" for i, h in enumerate(header)]
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise DataError(f"{path}: duplicate column {name!r} (columns {first[name] + 1} and {i + 1})")
+        first[name] = i
+    padded = [h for h in header if h.strip() and h != h.strip()]
+    if not padded:
+        return names, []
+    shown = ", ".join(repr(h) for h in padded[:3]) + (f" and {len(padded) - 3} more" if len(padded) > 3 else "")
+    return names, [f"{path}: spaces around column names removed: {shown}"]
 
 
 def list_runs(data_dir: str | Path, pattern: str) -> list[Path]:
     """The recordings in a folder, sorted by name; an error if there are none."""
+    return find_recordings(data_dir, pattern)[0]
+
+
+def find_recordings(data_dir: str | Path, pattern: str) -> tuple[list[Path], list[dict]]:
+    """The recordings in a folder, and the other names the pattern matched (each warned about once).
+
+    A recording is a `.csv` or `.csv.gz` file whose name does not start with a dot: backups (`.bak`,
+    `~`), editor locks and swap files (`.#x.csv`, `.x.csv.swp`), macOS `._` files and folders are not
+    read. A broken or looping symlink with a recording's name is a recording that `read_run` refuses."""
     folder = Path(data_dir)
     if not folder.is_dir():
         raise DataError(f"{folder}: data.dir is not a folder")
-    files = sorted(p for p in folder.glob(pattern) if p.is_file())
-    if not files:
+    matched = sorted(folder.glob(pattern))
+    if not matched:
         raise DataError(f"{folder}: no files match data.pattern={pattern!r}")
-    return files
+    files, ignored = [], []
+    for path in matched:
+        why = not_a_recording(path)
+        if why is None:
+            files.append(path)
+        else:
+            log.warning("ignoring %s: %s", path, why)
+            ignored.append({"file": path.name, "reason": why})
+    if not files:
+        names = ", ".join(i["file"] for i in ignored[:5]) + (" ..." if len(ignored) > 5 else "")
+        raise DataError(f"{folder}: no recordings among the files matching data.pattern={pattern!r} "
+                        f"(not read: {names}; recordings end in .csv or .csv.gz)")
+    return files, ignored
+
+
+def not_a_recording(path: Path) -> str | None:
+    """Why a file the pattern matched is not read, or None for a recording."""
+    name = path.name
+    if name.startswith("."):
+        return "hidden file (an editor lock or swap file, or a macOS '._' file?), not a recording"
+    if path.is_dir():
+        return "a folder, not a recording"
+    if not name.lower().endswith(RECORDING_SUFFIXES):
+        end = name[len(name.rstrip("~")):] or Path(name).suffix or name
+        return f"name ends in {end!r}, not .csv or .csv.gz (a backup or temporary copy?), not a recording"
+    return None

@@ -27,18 +27,28 @@ SPECIAL, COMMAND, PARAMETER, NUMERIC = range(4)
 COMMAND_LETTERS = "GM"
 IGNORED_LETTERS = "NO"
 COMMENT = re.compile(r"\([^)]*\)|;.*$")
-WORD = re.compile(r"([A-Z])\s*([-+]?(?:\d+\.?\d*|\.\d+))")
+# a number: `1`, `1.`, `1.5`, `.5`, signed, with an exponent written straight after it (`1e3`, `1.5E-3`);
+# `X1 E3` (with a space) stays two words
+WORD = re.compile(r"([A-Z])\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:E[-+]?\d+)?)")
 
 
 def parse_line(text: str) -> tuple[list[tuple[str, float]], int]:
-    """Words of one G-code line as (letter, value), and how many unparseable chunks were dropped."""
+    """Words of one G-code line as (letter, value), and how many unparseable chunks were dropped.
+
+    Text after an unclosed `(` is a comment that never ended: dropped and counted, so that words
+    inside it (`(move to X5`) are never read as commands. A number beyond float range counts too."""
     text = COMMENT.sub(" ", text.upper())
-    words, dropped, pos = [], 0, 0
+    dropped = 0
+    if "(" in text:
+        text, dropped = text[: text.index("(")], 1
+    words, pos = [], 0
     for m in WORD.finditer(text):
         dropped += bool(text[pos : m.start()].strip())
         pos = m.end()
         letter, value = m.group(1), float(m.group(2))
-        if letter not in IGNORED_LETTERS and math.isfinite(value):
+        if not math.isfinite(value):
+            dropped += 1
+        elif letter not in IGNORED_LETTERS:
             words.append((letter, value))
     dropped += bool(text[pos:].strip())
     return words, dropped
