@@ -54,7 +54,11 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
                 path.unlink()
         return
     if resume:
-        if now == "interrupted":
+        if now == "interrupted":  # refuse another model/data/seed now, not after .hydra/ and run.log are written
+            from gcode_exp.training.checkpoint import load_checkpoint
+            from gcode_exp.training.loop import check_resumable
+
+            check_resumable(load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"], cfg)
             return
         why = {"finished": "it already finished (metrics.json)", "empty": "it holds no checkpoints/last.pt",
                "used": "it holds no checkpoints/last.pt"}[now]
@@ -74,6 +78,7 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
 def record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None) -> Iterator[None]:
     """After `claim`: the composed config and overrides in `.hydra/` (as Hydra writes them), run.log
     while the job runs, and error.txt (why) if it fails."""
+    (run_dir / "error.txt").unlink(missing_ok=True)  # left by a failed attempt to resume this run: stale now
     out = run_dir / ".hydra"
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml")

@@ -58,19 +58,23 @@ def test_sweep_run_twice_continues_one_study_and_records_failures(tmp_path):
 
 
 def test_joblib_runs_two_trials_at_once(tmp_path):
+    # each trial waits at a file barrier (tests/hydra_barrier.py) until both trials' processes reached it:
+    # both passing proves they ran at the same time, in two processes, however busy the machine is
+    barrier = tmp_path / "barrier"
     res = run_py("-m", "hparams_search=optuna", "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2",
-                 "hydra.launcher.n_jobs=2", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3",
-                 f"optuna_storage=sqlite:///{tmp_path}/s.db", f"hydra.sweep.dir={tmp_path / 's'}", cache=tmp_path / "c")
+                 "hydra.launcher.n_jobs=2", "hydra.sweeper.n_trials=2",
+                 "+hydra.callbacks.barrier._target_=tests.hydra_barrier.Barrier",
+                 f"+hydra.callbacks.barrier.dir={barrier}", "+hydra.callbacks.barrier.parties=2",
+                 f"optuna_storage=sqlite:///{tmp_path}/s.db", f"hydra.sweep.dir={tmp_path / 's'}", cache=tmp_path / "c",
+                 env={"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
-    jobs = [tmp_path / "s" / f"{i}_optuna" for i in (0, 1)]
-    infos = [trial_file(j) for j in jobs]
+    infos = [trial_file(tmp_path / "s" / f"{i}_optuna") for i in (0, 1)]
+    assert sorted(info["trial"] for info in infos) == [0, 1]
     pids = {info["pid"] for info in infos}
     assert len(pids) == 2 and os.getpid() not in pids  # two worker processes, neither of them the sweeper
-    assert sorted(info["trial"] for info in infos) == [0, 1]
-    # started (trial linked) before the other one finished (metrics written): they ran at the same time
-    (s0, s1), (e0, e1) = ([(j / name).stat().st_mtime for j in jobs] for name in ("optuna_trial.json", "metrics.json"))
-    assert s0 < e1 and s1 < e0
+    # the trials' own processes both passed the barrier
+    assert {int(p.name): p.read_text().strip() for p in barrier.iterdir()} == {pid: "passed" for pid in pids}
 
 
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]],

@@ -167,9 +167,9 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     return state
 
 
-def resumed_settings(old: dict, cfg) -> None:
-    """Resuming must continue the same experiment: a changed model, data, vocabulary or feature set is
-    refused with the keys that differ; changed trainer settings are applied and logged."""
+def check_resumable(old: dict, cfg) -> None:
+    """Resuming must continue the same experiment: a changed model, data, vocabulary, feature set or seed
+    is refused with the keys that differ. Also called by run_folder.claim, before the folder is touched."""
     from gcode_exp import GcodeExpError
 
     new = OmegaConf.to_container(cfg, resolve=True)
@@ -178,6 +178,12 @@ def resumed_settings(old: dict, cfg) -> None:
     if fixed:
         raise GcodeExpError(f"trainer.resume=true: the run was trained with other settings ({', '.join(fixed)}); "
                             "resume with the same ones, or start a new run")
+
+
+def resumed_settings(old: dict, cfg) -> None:
+    """`check_resumable`, then log the changed trainer settings (they are applied)."""
+    check_resumable(old, cfg)
+    new = OmegaConf.to_container(cfg, resolve=True)
     for key in diff_keys(old.get("trainer", {}), new["trainer"], "trainer."):
         if key != "trainer.resume":
             log.info("resume: %s changed to %s", key, OmegaConf.select(cfg, key))

@@ -1,0 +1,203 @@
+"""Run folders through the real entry point (`python run.py` subprocesses, tiny settings): a command
+never changes what an earlier command left in its folder unless told to (`overwrite=true`,
+`trainer.resume=true`), a refusal is one line with exit code 2, and a run killed with SIGKILL
+resumes to the metrics of an uninterrupted run.
+
+Interruptions come from the run itself: GCODE_EXP_KILL_AFTER_EPOCH=k makes the training process
+SIGKILL itself right after epoch k's checkpoint and history are written (gcode_exp/training/loop.py),
+so no test depends on how fast the machine is."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_py
+
+pytestmark = pytest.mark.slow
+KILL_AFTER = "GCODE_EXP_KILL_AFTER_EPOCH"
+
+
+def run_in(run_dir: Path, *args: str, cache: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_py(f"hydra.run.dir={run_dir}", *args, cache=cache, env=env)
+
+
+def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
+def one_error_line(res: subprocess.CompletedProcess) -> str:
+    """The only stderr line, `error: ...`; exit code 2; no traceback anywhere."""
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
+    assert "Traceback" not in res.stdout + res.stderr
+    return lines[0].removeprefix("error: ")
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (hidden ones, .hydra/ included) by relative path: its SHA-256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def history(run: Path) -> list[dict]:
+    """history.csv without the per-epoch seconds."""
+    with open(run / "history.csv") as f:
+        return [{k: v for k, v in row.items() if k != "sec"} for row in csv.DictReader(f)]
+
+
+def last_epoch(run: Path) -> int:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache) -> Path:
+    """A finished 2-epoch run with plots (never modified: tests work on copies)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    ok(run_in(run, "trainer.max_epochs=2", "trainer.plots=true", cache=cache))
+    return run
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory, cache) -> Path:
+    """A 2-epoch run killed right after epoch 1 (never modified: tests work on copies)."""
+    run = tmp_path_factory.mktemp("interrupted") / "run"
+    res = run_in(run, "trainer.max_epochs=2", cache=cache, env={KILL_AFTER: "1"})
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert last_epoch(run) == 1 and not (run / "metrics.json").exists()
+    return run
+
+
+def copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, cache):
+    train = ["data.stride=8", "trainer.max_epochs=5", "trainer.patience=100"]
+    ref, run = tmp_path / "ref", tmp_path / "cut"
+    ok(run_in(ref, *train, cache=cache))
+
+    killed = run_in(run, *train, cache=cache, env={KILL_AFTER: "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert last_epoch(run) == 2 and len(history(run)) == 2 and not (run / "metrics.json").exists()
+
+    resumed = ok(run_in(run, *train, "trainer.resume=true", cache=cache))
+    assert f"resuming after epoch 2 from {run / 'checkpoints' / 'last.pt'}" in resumed.stdout
+    want = json.loads((ref / "metrics.json").read_text())
+    got = json.loads((run / "metrics.json").read_text())
+    want.pop("sec_per_epoch"), got.pop("sec_per_epoch")
+    assert got == want
+    assert history(run) == history(ref)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["seed=1", "model.d_model=64"],
+     "{run} already holds finished results (metrics.json); pass overwrite=true to replace them"),
+    (["task=prepare"], "{run} already holds finished results (metrics.json)"),
+    (["task=eval", "ckpt_path={run}/checkpoints/best.pt", "trainer.resume=true"],
+     "{run} already holds finished results (metrics.json)"),
+    (["trainer.resume=true"], "trainer.resume=true: cannot resume {run}: it already finished (metrics.json)"),
+], ids=["other-settings", "prepare", "eval-with-resume", "resume"])
+def test_finished_folder_is_left_byte_for_byte(tmp_path, cache, finished_run, args, message):
+    run = copy(finished_run, tmp_path)
+    before = hashes(run)
+    assert {".hydra/config.yaml", "run.log", "metrics.json", "checkpoints/last.pt"} <= set(before)
+    line = one_error_line(run_in(run, *(a.format(run=run) for a in args), cache=cache))
+    assert line.startswith(message.format(run=run)), line
+    assert hashes(run) == before
+
+
+def test_plain_rerun_into_an_interrupted_folder_asks_for_resume(tmp_path, cache, interrupted_run):
+    run = copy(interrupted_run, tmp_path)
+    before = hashes(run)
+    line = one_error_line(run_in(run, "trainer.max_epochs=2", cache=cache))
+    assert line == (f"{run} holds an interrupted run (checkpoints/last.pt); pass trainer.resume=true "
+                    "to continue it or overwrite=true to start afresh")
+    assert hashes(run) == before
+
+
+def test_overwrite_replaces_a_finished_run_and_leaves_nothing_of_it(tmp_path, cache, finished_run):
+    run = copy(finished_run, tmp_path)
+    old = set(hashes(run))
+    assert any(name.startswith("plots/") for name in old)
+    ok(run_in(run, "overwrite=true", cache=cache))  # 1 epoch, no plots
+    new = hashes(run)
+    assert set(new) == {name for name in old if not name.startswith("plots/")}  # the same files, minus plots/
+    assert not (run / "plots").exists()
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1 and len(history(run)) == 1
+    assert last_epoch(run) == 1
+    log = (run / "run.log").read_text()
+    assert " epoch   1 |" in log and " epoch   2 |" not in log  # the old run's log is gone, not appended to
+    assert "overwrite=true" in (run / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_resume_with_another_model_is_refused_naming_the_key(tmp_path, cache, interrupted_run):
+    run = copy(interrupted_run, tmp_path)
+    before = hashes(run)
+    line = one_error_line(run_in(run, "trainer.max_epochs=2", "trainer.resume=true", "model.d_model=64",
+                                 cache=cache))
+    assert line == ("trainer.resume=true: the run was trained with other settings (model.d_model); "
+                    "resume with the same ones, or start a new run")
+    assert hashes(run) == before  # still the interrupted run, resumable as it was
+
+
+def test_resume_applies_a_changed_learning_rate(tmp_path, cache, interrupted_run):
+    run = copy(interrupted_run, tmp_path)
+    old = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert {g["lr"] for g in old} == {0.001}
+    res = ok(run_in(run, "trainer.max_epochs=2", "trainer.resume=true", "trainer.lr=0.0005", cache=cache))
+    assert "resuming after epoch 1 from" in res.stdout
+    assert "resume: trainer.lr changed to 0.0005" in (run / "run.log").read_text()
+    blob = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert blob["epoch"] == 2 and {g["lr"] for g in blob["optimizer"]["param_groups"]} == {0.0005}
+    assert blob["config"]["trainer"]["lr"] == 0.0005
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_a_failed_resume_attempt_leaves_the_run_resumable(tmp_path, cache, interrupted_run):
+    """An attempt that fails after taking the folder (here: a device this machine lacks) says why in
+    error.txt; the next resume continues the run and leaves no stale error.txt beside metrics.json."""
+    run = copy(interrupted_run, tmp_path)
+    absent = "cuda" if torch.backends.mps.is_available() else "mps"
+    resume = ["trainer.max_epochs=2", "trainer.resume=true"]
+    line = one_error_line(run_in(run, *resume, f"hardware.device={absent}", cache=cache))
+    assert line.startswith(f"hardware.device={absent}: no such device")
+    assert (run / "error.txt").read_text().strip() == line and last_epoch(run) == 1
+    ok(run_in(run, *resume, cache=cache))
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2 and not (run / "error.txt").exists()
+
+
+def test_multirun_into_a_finished_sweep_folder_is_refused_job_by_job(tmp_path, cache):
+    sweep = ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}"]
+    ok(run_py(*sweep, cache=cache))
+    jobs = [tmp_path / "s" / f"{i}_multihead-3x-v2" for i in (0, 1)]
+    assert all((job / "metrics.json").exists() for job in jobs)
+    before = hashes(tmp_path / "s")
+
+    res = run_py(*sweep, cache=cache)  # the same command again
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {job} already holds finished results (metrics.json); pass overwrite=true to "
+                      "replace them, or choose another hydra.run.dir" for job in jobs]
+    assert "Traceback" not in res.stdout + res.stderr
+    assert hashes(tmp_path / "s") == before  # no error.txt, run.log line or .hydra/ change in the old jobs
+
+
+def test_resume_without_a_checkpoint_is_one_line(tmp_path, cache):
+    run = tmp_path / "run"
+    line = one_error_line(run_in(run, "trainer.resume=true", cache=cache))
+    assert line == f"trainer.resume=true: cannot resume {run}: it holds no checkpoints/last.pt"
+    assert [p.name for p in run.iterdir()] == ["error.txt"]  # why it failed; no config, log or checkpoint
