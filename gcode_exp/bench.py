@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
 from gcode_exp.data.dataset import prepare
 from gcode_exp.models import build_model
+from gcode_exp.training.loop import train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -35,31 +36,37 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
-def train_steps(model, opt, pairs) -> None:
-    for x, y in pairs:
-        loss, _ = model.loss(model(x, y[:, :-1]), y[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+def train_steps(model, opt, batches_, cfg) -> None:
+    for batch in batches_:
+        train_step(model, opt, batch, torch.device("cpu"), cfg)
+
+
+def build(cfg, data):
+    """The model and optimiser `fit` builds for this config, and the row labels it trains with."""
+    torch.manual_seed(0)
+    train = data.splits["train"]
+    lines = torch.unique(train.targets, dim=0)
+    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len, lines)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, opt, model.row_labels(train.row_targets)
 
 
 def bench_model(cfg, data, steps: int) -> dict:
-    """Windows/s of the bare step on tensors gathered once vs the full per-epoch pipeline."""
-    torch.manual_seed(0)
+    """Windows/s of the real training step (gcode_exp.training.loop.train_step) on tensors gathered once
+    vs the full per-epoch pipeline (gathering, oversampling, augmentation, the same step)."""
     gen = torch.Generator().manual_seed(0)
     train, bs = data.splits["train"], cfg.trainer.batch_size
-    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, opt, rows = build(cfg, data)
     aug = Augment.from_config(cfg.aug, data.features)
     rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
     order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)[: steps * bs]
-    prebuilt = list(batches(train, cfg.data.window, bs, order, trim=True))
-    n = sum(len(x) for x, _ in prebuilt)
+    prebuilt = list(batches(train, cfg.data.window, bs, order, trim=True, row_labels=rows))
+    n = sum(len(b[0]) for b in prebuilt)
     model.train()
-    train_steps(model, opt, prebuilt[:3])  # warm-up
-    bare = timed(lambda: train_steps(model, opt, prebuilt), 3)
-    pipeline = lambda: batches(train, cfg.data.window, bs, order, aug, gen, trim=True)  # noqa: E731
-    full = timed(lambda: train_steps(model, opt, pipeline()), 3)
+    train_steps(model, opt, prebuilt[:3], cfg)  # warm-up
+    bare = timed(lambda: train_steps(model, opt, prebuilt, cfg), 3)
+    pipeline = lambda: batches(train, cfg.data.window, bs, order, aug, gen, trim=True, row_labels=rows)  # noqa: E731
+    full = timed(lambda: train_steps(model, opt, pipeline(), cfg), 3)
     model.eval()
     out = {"params": sum(p.numel() for p in model.parameters()), "bare_windows_per_s": n / bare,
            "pipeline_windows_per_s": n / full, "pipeline_vs_bare": bare / full}
@@ -73,15 +80,13 @@ def bench_model(cfg, data, steps: int) -> dict:
 
 def bench_scaling(cfg, data) -> dict:
     """Seconds for one training epoch over the train split repeated 1x, 2x, 4x."""
-    torch.manual_seed(0)
     train = data.splits["train"]
-    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, opt, rows = build(cfg, data)
     out = {}
     for k in (1, 2, 4):
         order = torch.arange(len(train)).repeat(k)
-        out[f"{k}x"] = timed(lambda o=order: train_steps(model, opt, batches(train, cfg.data.window, 32, o, trim=True)),
-                             2)
+        out[f"{k}x"] = timed(lambda o=order: train_steps(
+            model, opt, batches(train, cfg.data.window, 32, o, trim=True, row_labels=rows), cfg), 2)
     return out
 
 
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         "models": {},
     }
     for name, extra in (("baseline", ["model=baseline", "aug=3x"]), ("multihead", ["model=multihead", "aug=3x"]),
-                        ("multihead_lstm", ["model=multihead", "aug=3x", "model.encoder=lstm"])):
+                        ("default", [])):
         with initialize_config_dir(config_dir=str(CONF)):
             mcfg = compose("config", overrides=[f"data.dir={args.data_dir}", *args.overrides, *extra])
         result["models"][name] = bench_model(mcfg, data, args.steps)

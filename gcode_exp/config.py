@@ -186,6 +186,7 @@ SCHEMA: dict[str, Rule] = {
     "model.dec_layers": Int(ge=1),
     "model.n_heads": Int(ge=1),
     "model.dropout": Float(ge=0, lt=1),
+    "model.row_weight": Float(ge=0),
     "model.loss_weights.type": Float(ge=0, only_if="model.name=multihead"),
     "model.loss_weights.command": Float(ge=0, only_if="model.name=multihead"),
     "model.loss_weights.param_type": Float(ge=0, only_if="model.name=multihead"),

@@ -112,8 +112,8 @@ def test_shift_stays_inside_the_file(tiny_cfg):
     others = torch.tensor([data.vocab.index[c] for c in data.vocab.commands if c != "G1"])
     assert rare.any() and torch.isin(train.targets[rare], others).any(dim=1).all()
     assert not torch.isin(train.targets[~rare], others).any()
-    x, y = next(batches(train, 32, 8))
-    assert x.shape == (8, 32, data.features.n_inputs) and y.shape == (8, 16)
+    x, y, rows = next(batches(train, 32, 8))
+    assert x.shape == (8, 32, data.features.n_inputs) and y.shape == (8, 16) and rows is None
 
 
 def _prepare_in_child(overrides: list[str]) -> int:

@@ -8,7 +8,7 @@ from gcode_exp.models import build_model
 V = Vocab.build(["G1 X1 Y2", "G0 Z0.5", "G2 X2 Y1 R0.5", "M30", "X0 Y0"], digits=2)
 CFG = OmegaConf.create({
     "name": "multihead", "encoder": "conv", "d_model": 32, "enc_layers": 2, "dec_layers": 1, "n_heads": 2,
-    "dropout": 0.0, "loss_weights": {"type": 1.0, "command": 3.0, "param_type": 1.0, "param_value": 1.0},
+    "dropout": 0.0, "row_weight": 0.0, "loss_weights": {"type": 1.0, "command": 3.0, "param_type": 1.0, "param_value": 1.0},
 })
 
 
@@ -63,3 +63,26 @@ def test_multihead_loss_weights_scale_the_command_head():
     total, parts = model.loss(out, tokens[:, 1:])
     expected = parts["type"] + 3.0 * parts["command"] + parts["param_type"] + parts["param_value"]
     assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["conv", "lstm"])
+def test_row_head_labels_every_row_and_adds_its_loss(encoder):
+    def padded(text):
+        return V.encode(text) + [0] * (8 - len(V.encode(text)))
+
+    lines = torch.tensor([padded("G1 X1 Y2"), padded("G0 Z0.5")])
+    torch.manual_seed(0)
+    cfg = OmegaConf.merge(CFG, {"encoder": encoder, "row_weight": 2.0})
+    model = build_model(cfg, V, n_inputs=7, window=16, max_len=8, lines=lines)
+    # rows: line 1, line 0, a line that is no window's target, an unlabelled row (all PAD)
+    row_targets = torch.stack([lines[1], lines[0], torch.tensor(padded("M30")), torch.zeros(8)]).short()
+    assert model.row_labels(row_targets).tolist() == [1, 0, 2, -1]
+    x, tokens = torch.randn(3, 16, 7), lines[[0, 1, 0]]
+    out = model(x, tokens[:, :-1])
+    assert out["rows"].shape == (3, 16, 3)  # one class per line, plus "another line"
+    rows = torch.randint(-1, 3, (3, 16))
+    total, parts = model.loss(out, tokens[:, 1:], rows)
+    tokens_only, _ = model.loss(out, tokens[:, 1:])
+    assert total.item() == pytest.approx(tokens_only.item() + 2.0 * parts["rows"], rel=1e-5)
+    without = build_model(OmegaConf.merge(CFG, {"encoder": encoder}), V, n_inputs=7, window=16, max_len=8, lines=lines)
+    assert "rows" not in without(x, tokens[:, :-1]) and without.row_labels(row_targets) is None

@@ -79,9 +79,12 @@ def batches(
     aug: Augment | None = None,
     gen: torch.Generator | None = None,
     trim: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs [B, window, n_inputs], targets [B, max_len]) in `order` (default: split order).
-    `trim` cuts target columns that are PAD in the whole batch (less decoder work in training)."""
+    row_labels: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(inputs [B, window, n_inputs], targets [B, max_len], row labels [B, window] or None) in `order`
+    (default: split order). `row_labels` holds one label per row of the split, gathered with the same
+    (shifted) window starts as the inputs. `trim` cuts target columns that are PAD in the whole batch
+    (less decoder work in training)."""
     order = torch.arange(len(split)) if order is None else order
     steps = torch.arange(window)
     for i in range(0, len(order), batch_size):
@@ -89,10 +92,11 @@ def batches(
         starts = split.starts[idx]
         if aug is not None:
             starts = aug.shift_starts(starts, split.lo[idx], split.hi[idx], gen)
-        x = split.rows[starts[:, None] + steps]
+        rows = starts[:, None] + steps
+        x = split.rows[rows]
         if aug is not None:
             x = aug.perturb(x, gen)
         y = split.targets[idx]
         if trim:
             y = y[:, : int((y != PAD).sum(1).max())]
-        yield x, y
+        yield x, y, None if row_labels is None else row_labels[rows]

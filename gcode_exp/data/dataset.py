@@ -28,7 +28,7 @@ from gcode_exp.data.read import DataError, Run, channel_group, find_recordings, 
 from gcode_exp.data.vocab import BOS, EOS, PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # bump when what is cached changes
+CACHE_VERSION = 4  # bump when what is cached changes
 CACHE_MAGIC = b"gcode-exp cache\n"  # then the CRC-32 of the rest (4 bytes, big-endian), then a torch.save payload
 SPLITS = ("train", "val", "test")
 
@@ -45,6 +45,7 @@ class Split:
     targets: torch.Tensor  # int64 [windows, max_len] BOS ... EOS PAD ...
     files: list[str]
     file_windows: list[int]
+    row_targets: torch.Tensor  # int16 [total_rows, max_len] each row's own line, all PAD where unlabelled
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -160,7 +161,7 @@ def encode_target(texts: list[str], vocab: Vocab, max_len: int) -> list[int]:
 
 def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg) -> Split:
     """Window every run and stack the results; one code path for train, val, test and eval."""
-    rows, starts, lo, hi, targets, files, counts = [], [], [], [], [], [], []
+    rows, starts, lo, hi, targets, files, counts, row_targets = [], [], [], [], [], [], [], []
     offset = 0
     w, stride = data_cfg.window, data_cfg.stride
     for run in runs:
@@ -178,6 +179,7 @@ def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg) -> Spl
             targets.append(encode_target(texts, vocab, data_cfg.max_len))
             made += 1
         rows.append(run_inputs(run, feats))
+        row_targets.append(encode_rows(run.lines, vocab, data_cfg.max_len))
         files.append(run.name)
         counts.append(made)
         offset += n
@@ -189,7 +191,21 @@ def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg) -> Spl
         targets=torch.tensor(targets, dtype=torch.long).reshape(-1, data_cfg.max_len),
         files=files,
         file_windows=counts,
+        row_targets=torch.from_numpy(np.concatenate(row_targets)),
     )
+
+
+def encode_rows(lines: list[str], vocab: Vocab, max_len: int) -> np.ndarray:
+    """int16 [rows, max_len]: each row's own line as a target (all PAD where the row has none), so
+    models can learn which line every row executes, not only the window's."""
+    out = np.full((len(lines), max_len), PAD, dtype=np.int16)
+    seen: dict[str, list[int]] = {}
+    for i, text in enumerate(lines):
+        if text:
+            if text not in seen:
+                seen[text] = encode_target([text], vocab, max_len)
+            out[i] = seen[text]
+    return out
 
 
 # --- reading many files -----------------------------------------------------------------------------

@@ -11,14 +11,14 @@ from gcode_exp.models.encoder import TokenModel
 
 
 class BaselineModel(TokenModel):
-    def __init__(self, n_inputs: int, vocab_size: int, window: int, max_len: int, cfg):
-        super().__init__(n_inputs, vocab_size, window, max_len, cfg)
+    def __init__(self, n_inputs: int, vocab_size: int, window: int, max_len: int, cfg, lines=None):
+        super().__init__(n_inputs, vocab_size, window, max_len, cfg, lines)
         self.head = nn.Linear(cfg.d_model, vocab_size)
 
     def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token": self.head(h)}
 
-    def loss(self, out, target):
+    def token_loss(self, out, target):
         loss = F.cross_entropy(out["token"].flatten(0, 1).float(), target.flatten(), ignore_index=PAD)
         return loss, {"token": loss.item()}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -65,25 +66,64 @@ class TokenDecoder(nn.Module):
 
 
 class TokenModel(nn.Module):
-    """Encoder + decoder; subclasses add heads, a loss and the mapping from head outputs to token ids."""
+    """Encoder + decoder; subclasses add heads, a token loss and the mapping from head outputs to token ids.
 
-    def __init__(self, n_inputs: int, vocab_size: int, window: int, max_len: int, cfg):
+    With `row_weight > 0` a row head is trained beside the decoder to name, for every input row, which
+    training line it executes (one class per distinct target line of the training windows, plus one
+    for any other line). A window's target is the line with the most rows, so this dense supervision
+    teaches the encoder where each line starts and ends; the decoder still gives the answer, and can
+    answer lines never seen in training. On the real data it lifted line exact most of all the ideas
+    tried (docs/RESULTS.md).
+    """
+
+    def __init__(self, n_inputs: int, vocab_size: int, window: int, max_len: int, cfg, lines: torch.Tensor | None):
         super().__init__()
+        self.window = window
         self.encoder = SensorEncoder(n_inputs, window, cfg.d_model, cfg.enc_layers, cfg.encoder, cfg.dropout)
         self.decoder = TokenDecoder(vocab_size, max_len, cfg.d_model, cfg.dec_layers, cfg.n_heads, cfg.dropout)
+        use_rows = cfg.row_weight > 0 and lines is not None and len(lines) > 1
+        self.row_weight = float(cfg.row_weight)
+        self.register_buffer("lines", lines.long() if use_rows else torch.zeros(0, max_len, dtype=torch.long))
+        self.row_head = nn.Linear(cfg.d_model, len(lines) + 1) if use_rows else None
 
     def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.heads(self.decoder(tokens, self.encoder(x)))
-
-    def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def token_loss(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def predict(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token ids [B, L] from head outputs."""
         raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        memory = self.encoder(x)
+        out = self.heads(self.decoder(tokens, memory))
+        if self.row_head is not None:  # memory steps back to rows (the conv encoder halves time per layer)
+            per_row = memory.repeat_interleave(-(-self.window // memory.shape[1]), dim=1)[:, : self.window]
+            out["rows"] = self.row_head(per_row)
+        return out
+
+    def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, rows: torch.Tensor | None = None):
+        """Token loss (the subclass's), plus `row_weight` x the row head's loss where row labels are given."""
+        total, parts = self.token_loss(out, target)
+        if rows is not None and "rows" in out and (rows >= 0).any():
+            row_loss = F.cross_entropy(out["rows"].flatten(0, 1).float(), rows.flatten(), ignore_index=-1)
+            total = total + self.row_weight * row_loss
+            parts["rows"] = row_loss.item()
+        return total, parts
+
+    def row_labels(self, row_targets: torch.Tensor) -> torch.Tensor | None:
+        """Per row of a split: its class for the row head (-1 where the row has no line), or None."""
+        if self.row_head is None:
+            return None
+        n = len(self.lines)
+        both = torch.cat([self.lines.cpu(), row_targets.long()])
+        _, inverse = torch.unique(both, dim=0, return_inverse=True)
+        lookup = torch.full((int(inverse.max()) + 1,), n)  # any other line: the last class
+        lookup[inverse[:n]] = torch.arange(n)
+        labels = lookup[inverse[n:]]
+        return torch.where((row_targets == 0).all(1), -1, labels)  # all PAD: an unlabelled row
 
     @torch.no_grad()
     def generate(self, x: torch.Tensor, length: int, bos: int) -> torch.Tensor:

@@ -15,8 +15,8 @@ from gcode_exp.models.encoder import TokenModel
 
 
 class MultiHeadModel(TokenModel):
-    def __init__(self, n_inputs: int, vocab: Vocab, window: int, max_len: int, cfg):
-        super().__init__(n_inputs, len(vocab), window, max_len, cfg)
+    def __init__(self, n_inputs: int, vocab: Vocab, window: int, max_len: int, cfg, lines=None):
+        super().__init__(n_inputs, len(vocab), window, max_len, cfg, lines)
         s = vocab.structure()
         n_cmd, n_letter, n_bucket = len(vocab.commands), len(vocab.letters), vocab.n_buckets
         d = cfg.d_model
@@ -51,7 +51,7 @@ class MultiHeadModel(TokenModel):
             "param_value": self.value_head(h),
         }
 
-    def loss(self, out, target):
+    def token_loss(self, out, target):
         valid = target != PAD
         labels = {
             "type": torch.where(valid, self.tok_type[target], -1),

@@ -55,7 +55,7 @@ def evaluate(model: TokenModel, split: Split, vocab: Vocab, cfg, device, with_li
     """Metrics of one split: teacher-forced predictions, and free-running decoding for line_exact."""
     model.eval()
     preds, gens, losses = [], [], []
-    for x, y in batches(split, cfg.data.window, 256):
+    for x, y, _ in batches(split, cfg.data.window, 256):
         x, y = x.to(device), y.to(device)
         with autocast(device, cfg.hardware.amp):
             out = model(x, y[:, :-1])
@@ -87,7 +87,10 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train, val, tc = data.splits["train"], data.splits["val"], cfg.trainer
-    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len).to(device)
+    lines = torch.unique(train.targets, dim=0)  # the distinct training target lines, for the row head
+    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len, lines)
+    model = model.to(device)
+    rows = model.row_labels(train.row_targets)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sign = 1 if tc.monitor_mode == "max" else -1
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "collapsed": False, "history": []}
@@ -110,6 +113,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         "features": vars(data.features),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "majority_line": majority_line(train.targets),
+        "lines": lines,
     }
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %d params on %s; %d train windows (%d rare, x%d)", cfg.name, n_params, device, len(train),
@@ -119,17 +123,10 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         model.train()
         order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)
         total, seen, n_steps = 0.0, 0, math.ceil(len(order) / tc.batch_size)
-        epoch_batches = batches(train, cfg.data.window, tc.batch_size, order, aug, gen, trim=True)
-        for step, (x, y) in enumerate(epoch_batches, 1):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, cfg.hardware.amp):
-                loss, _ = model.loss(model(x, y[:, :-1]), y[:, 1:])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            total, seen = total + loss.item() * len(x), seen + len(x)
+        epoch_batches = batches(train, cfg.data.window, tc.batch_size, order, aug, gen, trim=True, row_labels=rows)
+        for step, batch in enumerate(epoch_batches, 1):
+            loss = train_step(model, opt, batch, device, cfg)
+            total, seen = total + loss * len(batch[0]), seen + len(batch[0])
             if tc.progress:
                 progress(epoch, step, n_steps, total / seen)
         train_sec = time.perf_counter() - t0
@@ -196,6 +193,19 @@ def diff_keys(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def train_step(model: TokenModel, opt: torch.optim.Optimizer, batch, device: torch.device, cfg) -> float:
+    """One optimiser step on (inputs, targets, row labels); the loop and the benchmark both time this."""
+    x, y, rows = (t.to(device, non_blocking=True) if t is not None else None for t in batch)
+    with autocast(device, cfg.hardware.amp):
+        loss, _ = model.loss(model(x, y[:, :-1]), y[:, 1:], rows)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.trainer.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+    opt.step()
+    return loss.item()
+
+
 def write_history(history: list[dict], path: Path) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
     tmp = path.with_suffix(".tmp")
@@ -211,6 +221,6 @@ def load_model(blob: dict, device) -> tuple[TokenModel, Vocab]:
     cfg = OmegaConf.create(blob["config"])
     vocab = Vocab.from_dict(blob["vocab"])
     n_inputs = len(blob["features"]["channels"]) + len(blob["features"]["boards"])
-    model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len)
+    model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len, blob.get("lines"))
     model.load_state_dict(blob["model"])
     return model.to(device).eval(), vocab
