@@ -6,9 +6,13 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")  # the guide's setting for Apple GPUs
+# Hydra 1.4 warns about every config-named _target_ without an execution whitelist, ours too (the
+# callbacks of conf/); a whitelist in hydra.main would instead refuse every callback a user adds.
+warnings.filterwarnings("ignore", r"hydra\.utils\.instantiate\(\) resolved _target_='gcode_exp\.", UserWarning)
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -23,6 +27,7 @@ log = logging.getLogger("gcode_exp")
 @hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from gcode_exp import run_folder, tasks
+    from gcode_exp.sweeps import record_optuna_trial
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -38,6 +43,8 @@ def main(cfg: DictConfig) -> float | None:
             message = f"{type(e).__name__}: {e} (traceback in {run_dir / 'error.txt'})"
         if run_dir.is_dir() and run_folder.state(run_dir) == "empty":  # failed before the job took the folder
             run_folder.write_error(run_dir, e)
+            if multirun:  # a refused Optuna trial still names its folder
+                record_optuna_trial(run_dir)
     print(f"error: {message}", file=sys.stderr)
     if multirun:  # the sweep goes on; Optuna records a NaN objective as a failed trial
         return math.nan

@@ -207,6 +207,8 @@ SCHEMA: dict[str, Rule] = {
     "trainer.monitor_mode": OneOf("max", "min"),
     "trainer.batch_size": Int(ge=1),
     "trainer.lr": Float(gt=0, le=1),
+    "trainer.scheduler": OneOf("constant", "cosine"),
+    "trainer.warmup_epochs": Int(ge=0),
     "trainer.weight_decay": Float(ge=0),
     "trainer.grad_clip": Float(ge=0, note="0: off"),
     "trainer.collapse_min_unique": Int(ge=0),

@@ -4,6 +4,10 @@ Hydra is told not to write anything into a job's folder (`hydra.output_subdir: n
 job logging); `claim` decides first whether this command may use the folder, and only then are the
 config, the overrides and the log file written. So a refused command leaves a user's finished or
 interrupted run byte for byte as it was.
+
+`Guard` (a Hydra callback, conf/config.yaml) covers what Hydra itself does before `main` runs: it
+creates hydra.run.dir and writes a sweep's multirun.yaml, and it ends a sweep whose every job failed
+with exit code 0 (run.py returns NaN per failed job so that a sweep goes on).
 """
 
 from __future__ import annotations
@@ -11,14 +15,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gcode_exp import GcodeExpError
 
+# files Hydra writes into a sweep folder (the basic sweeper, the Optuna sweeper)
+SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
 # every file or folder a job of this project writes into its run folder
 RUN_FILES = ("metrics.json", "history.csv", "per_class.csv", "vocab.json", "data_summary.json", "error.txt",
              "run.log", "optuna_trial.json", "checkpoints", "plots", "predictions", ".hydra", "wandb")
@@ -106,3 +114,73 @@ def write_error(run_dir: Path, error: BaseException) -> None:
     else:
         detail = "".join(traceback.format_exception(error))
     (run_dir / "error.txt").write_text(detail + "\n")
+
+
+class Guard(Callback):
+    """Refuse, with one line and exit code 2, what would fail or overwrite before `claim` gets a say:
+    a run folder that is a file (Hydra's mkdir would raise a traceback), a sweep folder that is a file
+    or holds an earlier sweep (Hydra would overwrite its multirun.yaml). And exit 2 when every job of a
+    sweep failed, so that a script or scheduler sees the failure.
+
+    Callbacks' exceptions are only warned about by Hydra, hence `sys.exit` (SystemExit passes)."""
+
+    def __init__(self) -> None:
+        self.before: dict[str, int] | None = None  # `_job_files` when the sweep started
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        if why := _not_a_folder(run_dir):
+            _refuse(f"{run_dir}: the run {why}; choose another hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if why := _not_a_folder(sweep_dir):
+            _refuse(f"{sweep_dir}: the sweep {why}; choose another hydra.sweep.dir")
+        earlier = _earlier_sweep(sweep_dir)
+        if earlier and not (config.get("overwrite") or OmegaConf.select(config, "trainer.resume")):
+            _refuse(f"{sweep_dir} already holds an earlier sweep ({earlier}); pass overwrite=true to replace "
+                    "it, trainer.resume=true to continue its interrupted jobs, or choose another hydra.sweep.dir")
+        self.before = _job_files(sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.before is None:  # refused at the start
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        now = _job_files(sweep_dir)
+        # a job that ran (re)wrote its run.log or error.txt; one that failed left a new error.txt
+        ran = {Path(f).parent for f in self.before.keys() | now.keys() if self.before.get(f) != now.get(f)}
+        failed = {Path(f).parent for f, t in now.items() if f.endswith("error.txt") and self.before.get(f) != t}
+        if ran and ran == failed:
+            _refuse(f"all {len(failed)} jobs of the sweep failed: see error.txt in each job folder of {sweep_dir}")
+
+
+def _not_a_folder(folder: Path) -> str | None:
+    """Why `folder` cannot be made a folder (it, or a parent, is a file), or None."""
+    for p in (folder, *folder.parents):
+        if p.is_dir():
+            return None
+        if p.exists() or p.is_symlink():
+            return "folder is a file" if p == folder else f"folder's parent {p} is a file"
+    return None
+
+
+def _earlier_sweep(sweep_dir: Path) -> str | None:
+    """What shows that `sweep_dir` holds an earlier sweep (a file of Hydra's, a job folder in use), or None."""
+    if not sweep_dir.is_dir():
+        return None
+    return next((name for name in SWEEP_FILES if (sweep_dir / name).exists()), None) or next(
+        (p.name for p in sorted(sweep_dir.iterdir()) if p.is_dir() and state(p) != "empty"), None)
+
+
+def _job_files(sweep_dir: Path) -> dict[str, int]:
+    """Every run.log and error.txt under the sweep folder (at any depth: hydra.sweep.subdir may nest),
+    by modification time. A job that passed `claim` opened run.log; one that failed wrote error.txt."""
+    if not sweep_dir.is_dir():
+        return {}
+    return {str(p): p.stat().st_mtime_ns for p in sweep_dir.rglob("*")
+            if p.name in ("run.log", "error.txt") and p.is_file()}
+
+
+def _refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

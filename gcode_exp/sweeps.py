@@ -6,6 +6,9 @@ sweep therefore looks itself up at start: the RUNNING trial of its study whose p
 job's overrides. It then stores its folder (and host) as user attributes of that trial, where every
 reader of the storage sees them, and writes `optuna_trial.json` (study, trial number, parameters)
 into the folder (with host and process id), where `summarize` sees it without the storage.
+
+`CreateStorage` creates the storage's tables before the sweeper opens it: workers started at the same
+moment on a brand-new database would otherwise all create them, and all but one die.
 """
 
 from __future__ import annotations
@@ -14,12 +17,19 @@ import json
 import logging
 import math
 import os
+import random
 import socket
+import time
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 TRIAL_FILE = "optuna_trial.json"
+# what a database says when another process creates the same tables at the same moment
+RACE_SIGNS = ("already exists", "locked", "deadlock")
 
 
 def display_url(url: str) -> str:
@@ -31,6 +41,37 @@ def display_url(url: str) -> str:
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
         u = u.set(database=str(Path(u.database).resolve()))
     return u.render_as_string(hide_password=True)
+
+
+def create_storage(url: str, attempts: int = 8) -> None:
+    """Create Optuna's tables in `url` unless they exist, retrying while other workers create them.
+
+    Optuna's RDBStorage runs CREATE TYPE/TABLE and inserts its version row; two processes doing it at
+    once on a new PostgreSQL database collide (UniqueViolation on pg_type, DuplicateTable). The
+    loser only has to try again, a little later: then it finds the tables."""
+    import optuna
+    from sqlalchemy import exc
+
+    for attempt in range(attempts):
+        try:
+            optuna.storages.RDBStorage(url).engine.dispose()
+            return
+        except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError) as e:
+            race = isinstance(e, exc.IntegrityError) or any(s in str(e) for s in RACE_SIGNS)
+            if not race or attempt == attempts - 1:
+                raise
+            log.info("Optuna storage being created by another worker (%s); retrying", type(e.orig).__name__)
+            time.sleep(random.uniform(0.5, 1.0) * 0.1 * 2**attempt)
+
+
+class CreateStorage(Callback):
+    """Hydra callback (conf/hparams_search/optuna.yaml): `create_storage` before the sweeper opens
+    hydra.sweeper.storage, so no one-off setup step is needed on a new database."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        url = OmegaConf.select(config, "hydra.sweeper.storage")
+        if url and "optuna" in str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).lower():
+            create_storage(str(url))
 
 
 def same_params(overrides: dict[str, str], params: dict) -> bool:

@@ -196,16 +196,6 @@ def slurm_composed(ran: Ran) -> None:
         assert (launcher["partition"], launcher["gpus_per_node"], c["hardware"]["device"]) == ("gpu", 1, "cuda")
 
 
-def optuna_tables_created(ran: Ran) -> None:
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(ran.env["GCODE_EXP_OPTUNA_STORAGE"])
-    try:
-        assert "studies" in sqlalchemy.inspect(engine).get_table_names()
-    finally:
-        engine.dispose()
-
-
 # --- the table ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Doc:
@@ -260,7 +250,6 @@ OPT1 = ("python run.py -m hparams_search=optuna hydra.sweeper.n_trials=2 trainer
 OPT2 = "python run.py ... the same ... hydra.sweep.dir=/tmp/doc/opt2"
 CMP = ("python run.py -m experiment=baseline,augmented,multihead,multihead_aug trainer.max_epochs=3 "
        "hardware.threads=1 hydra.sweep.dir=/tmp/doc/cmp")
-PG_TABLES = "python -c \"import optuna, os; optuna.storages.RDBStorage(os.environ['GCODE_EXP_OPTUNA_STORAGE'])\""
 PG_WORKERS = ("python run.py -m hparams_search=optuna hydra.sweeper.n_trials=3 trainer.max_epochs=2 hardware.threads=1 "
               "hydra.sweep.dir=/tmp/doc/pg/worker$w &")
 REAL_COMPARISON = ("python run.py -m data.dir=../shared/data/cnc_sensor_gcode model=baseline,multihead "
@@ -324,15 +313,14 @@ COMMANDS: dict[str, Doc] = {
         Doc(kind=COMPOSE, check=slurm_composed),
     "python run.py -m hydra/launcher=submitit_local seed=0,1 trainer.max_epochs=2 hardware.threads=1 "
     "hydra.sweep.dir=/tmp/doc/sub": Doc(jobs=2, check=submitit_job_folders),
-    PG_TABLES: Doc(kind=PG, check=optuna_tables_created),
     "python run.py -m hparams_search=optuna hydra.sweeper.n_trials=10 hydra.sweep.dir=sweeps/$(hostname)-$$":
-        Doc(kind=PG, needs=(PG_TABLES,), extra=FEW_TRIALS, jobs=2),
-    PG_WORKERS: Doc(kind=PG, needs=(PG_TABLES,), extra=FEW_TRIALS, env=({"w": "1"}, {"w": "2"}), jobs=4),
+        Doc(kind=PG, extra=FEW_TRIALS, jobs=2),
+    PG_WORKERS: Doc(kind=PG, extra=FEW_TRIALS, env=({"w": "1"}, {"w": "2"}), jobs=4),
     "python -m gcode_exp.summarize /tmp/doc/pg --storage $GCODE_EXP_OPTUNA_STORAGE --study gcode-exp-multihead-all":
         Doc(kind=PG, needs=(PG_WORKERS,), files=("trials.csv",), check=study_listed("gcode-exp-multihead-all")),
     "python run.py -m hparams_search=optuna hydra.sweeper.n_trials=5 hardware.threads=4 "
     "hydra.sweep.dir=sweeps/${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} data.dir=/shared/recordings":
-        Doc(kind=PG, needs=(PG_TABLES,), extra=FEW_TRIALS, jobs=2,
+        Doc(kind=PG, extra=FEW_TRIALS, jobs=2,
             env=({"SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "0"},)),
     # docs/RELIABILITY.md
     "python run.py task=prepare data.dir=DIR data.cache_dir=TMP/cache hydra.run.dir=TMP/run":

@@ -8,7 +8,8 @@ from gcode_exp.models import build_model
 V = Vocab.build(["G1 X1 Y2", "G0 Z0.5", "G2 X2 Y1 R0.5", "M30", "X0 Y0"], digits=2)
 CFG = OmegaConf.create({
     "name": "multihead", "encoder": "conv", "d_model": 32, "enc_layers": 2, "dec_layers": 1, "n_heads": 2,
-    "dropout": 0.0, "row_weight": 0.0, "loss_weights": {"type": 1.0, "command": 3.0, "param_type": 1.0, "param_value": 1.0},
+    "dropout": 0.0, "row_weight": 0.0,
+    "loss_weights": {"type": 1.0, "command": 3.0, "param_type": 1.0, "param_value": 1.0},
 })
 
 

@@ -704,8 +704,6 @@ def test_cli_unreadable_recording_one_line(tmp_path, frame):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="Hydra creates hydra.run.dir before run.py's main: needs run.py or a "
-                                       "Hydra callback in conf/ (not this module's files)")
 def test_cli_run_folder_path_that_is_a_file(tmp_path):
     (tmp_path / "run").write_text("a file where the run folder should be")
     line = one_error_line(cli(tmp_path, "task=prepare"))

@@ -181,19 +181,50 @@ def test_a_failed_resume_attempt_leaves_the_run_resumable(tmp_path, cache, inter
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 2 and not (run / "error.txt").exists()
 
 
-def test_multirun_into_a_finished_sweep_folder_is_refused_job_by_job(tmp_path, cache):
-    sweep = ["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}"]
-    ok(run_py(*sweep, cache=cache))
-    jobs = [tmp_path / "s" / f"{i}_multihead-3x-v2" for i in (0, 1)]
-    assert all((job / "metrics.json").exists() for job in jobs)
-    before = hashes(tmp_path / "s")
+def test_multirun_into_an_earlier_sweep_folder_is_refused_at_once(tmp_path, cache):
+    """Hydra would rewrite the earlier sweep's multirun.yaml before any job's `claim` refuses its folder."""
+    sweep = tmp_path / "s"
+    ok(run_py("-m", "task=prepare", "seed=0,1", f"hydra.sweep.dir={sweep}", cache=cache))
+    before = hashes(sweep)
+    assert {"multirun.yaml", "0_multihead-3x-v2/data_summary.json", "1_multihead-3x-v2/run.log"} <= set(before)
 
-    res = run_py(*sweep, cache=cache)  # the same command again
+    line = one_error_line(run_py("-m", "task=prepare", "seed=2,3", f"hydra.sweep.dir={sweep}", cache=cache))
+    assert line == (f"{sweep} already holds an earlier sweep (multirun.yaml); pass overwrite=true to replace it, "
+                    "trainer.resume=true to continue its interrupted jobs, or choose another hydra.sweep.dir")
+    assert hashes(sweep) == before  # multirun.yaml included
+
+    ok(run_py("-m", "task=prepare", "seed=2,3", "overwrite=true", f"hydra.sweep.dir={sweep}", cache=cache))
+    assert "seed=2,3" in (sweep / "multirun.yaml").read_text()
+    assert "seed: 3" in (sweep / "1_multihead-3x-v2" / ".hydra" / "config.yaml").read_text()
+
+
+def test_multirun_into_a_sweep_folder_that_is_a_file_is_one_line(tmp_path, cache):
+    (tmp_path / "s").write_text("a file where the sweep folder should be")
+    line = one_error_line(run_py("-m", "task=prepare", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}", cache=cache))
+    assert line == f"{tmp_path / 's'}: the sweep folder is a file; choose another hydra.sweep.dir"
+
+
+@pytest.mark.parametrize("sweep", [["task=prepare", "data.window=0,-4"],
+                                   ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "optimized_metric=val/nope",
+                                    "optuna_storage=sqlite:///{tmp}/o.db"]], ids=["basic", "optuna"])
+def test_a_sweep_whose_every_job_failed_exits_2(tmp_path, cache, sweep):
+    """run.py returns NaN for a failed job so that a sweep goes on; if none succeeded, the command fails.
+    (Optuna's sweeper alone ends such a sweep with a traceback, "Record does not exist", exit code 1.)"""
+    s = tmp_path / "s"
+    res = run_py("-m", *(a.format(tmp=tmp_path) for a in sweep), f"hydra.sweep.dir={s}", cache=cache)
     errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: {job} already holds finished results (metrics.json); pass overwrite=true to "
-                      "replace them, or choose another hydra.run.dir" for job in jobs]
-    assert "Traceback" not in res.stdout + res.stderr
-    assert hashes(tmp_path / "s") == before  # no error.txt, run.log line or .hydra/ change in the old jobs
+    assert res.returncode == 2 and "Traceback" not in res.stdout + res.stderr, res.stderr[-2000:]
+    jobs = sorted(p.parent for p in s.glob("*/error.txt"))
+    assert len(jobs) == 2 and len(errors) == 3  # each job's reason, then the summary
+    assert errors[-1] == f"error: all 2 jobs of the sweep failed: see error.txt in each job folder of {s}"
+
+
+def test_a_sweep_where_one_job_succeeded_exits_0(tmp_path, cache):
+    s = tmp_path / "s"
+    res = ok(run_py("-m", "task=prepare", "data.window=0,32", f"hydra.sweep.dir={s}", cache=cache))
+    assert [line for line in res.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: data.window=0: must be a whole number >= 1"]
+    assert (s / "0_multihead-3x-v2" / "error.txt").exists() and (s / "1_multihead-3x-v2" / "data_summary.json").exists()
 
 
 def test_resume_without_a_checkpoint_is_one_line(tmp_path, cache):

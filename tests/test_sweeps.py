@@ -43,10 +43,12 @@ def test_sweep_run_twice_continues_one_study_and_records_failures(tmp_path):
         metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
         assert t.value == pytest.approx(metrics["val/token_macro_recall"])  # the value Optuna got
 
-    # a trial that fails (here: the metric to optimise does not exist) is recorded as failed; the sweep goes on
+    # a trial that fails (here: the metric to optimise does not exist) is recorded as failed; the sweep goes on,
+    # and ends with exit code 2 because every one of its jobs (here, the only one) failed
     res = run_py(*common, "hydra.sweeper.n_trials=1", "optimized_metric=val/nope",
                  f"hydra.sweep.dir={tmp_path / 'c'}", cache=tmp_path / "cache")
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith("error: all 1 jobs of the sweep failed"), \
+        res.stderr[-2000:]
     trials = optuna.load_study(study_name=STUDY, storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4 + ["FAIL"]
     assert "optimized_metric=val/nope" in (tmp_path / "c" / "0_optuna" / "error.txt").read_text()
@@ -105,30 +107,68 @@ def test_submitit_local_runs_jobs_as_separate_processes(tmp_path):
     assert len(logs) == 2  # one submitit job (its own process and log) per Hydra job
 
 
-def test_two_concurrent_workers_share_one_postgresql_study(tmp_path, pg_url):
-    study = f"test-{uuid.uuid4().hex[:8]}"
-    optuna.storages.RDBStorage(pg_url)  # Optuna's tables, once per new database (docs/SWEEPS.md)
-    env = {**os.environ, "GCODE_EXP_OPTUNA_STORAGE": pg_url}  # the cluster way: no storage on the command line
+def start_workers(tmp_path, names, url: str, study: str, n_trials: int) -> list[tuple[int, str]]:
+    """Optuna sweep workers on `url`, all started at once, each in its own sweep folder: (exit code, output)."""
+    env = {**os.environ, "GCODE_EXP_OPTUNA_STORAGE": url}  # the cluster way: no storage on the command line
     workers = []
-    for w in ("w0", "w1"):  # the study does not exist yet: the two workers race to create it
-        cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-               f"hydra.sweeper.study_name={study}", f"hydra.sweep.dir={tmp_path / w}", f"data.dir={SAMPLE}",
+    for w in names:
+        cmd = [sys.executable, str(ROOT / "run.py"), "-m", "hparams_search=optuna",
+               f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.study_name={study}",
+               f"hydra.sweep.dir={tmp_path / w}", f"data.dir={SAMPLE}",
                f"data.cache_dir={tmp_path / 'cache'}", *TINY, "trainer.line_exact=false", "hardware.threads=1"]
         workers.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=env))
     outputs = [p.communicate(timeout=300)[0] for p in workers]
-    try:
-        assert [p.returncode for p in workers] == [0, 0], outputs[0][-1500:] + outputs[1][-1500:]
-        trials = optuna.load_study(study_name=study, storage=pg_url).trials
-        assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # the sum of both workers' n_trials, each once
-        assert all(t.state.name == "COMPLETE" for t in trials)
-        folders = [t.user_attrs["folder"] for t in trials]
-        assert len(set(folders)) == 4  # no folder shared
-        assert sorted(os.path.relpath(f, tmp_path) for f in folders) == [
-            os.path.join(w, f"{i}_optuna") for w in ("w0", "w1") for i in (0, 1)]
-        for t in trials:
-            assert trial_file(tmp_path / t.user_attrs["folder"])["trial"] == t.number
-        rows = summarize.study_trials(pg_url, study, [])  # folders straight from the storage
-        assert [r["folder"] for r in rows] == folders
+    return [(p.returncode, out) for p, out in zip(workers, outputs)]
+
+
+def check_study(tmp_path, url: str, study: str, folders_of: dict[str, int]) -> None:
+    """Every trial of `study` once, COMPLETE, in its own folder: `folders_of[w]` jobs of worker `w`."""
+    trials = optuna.load_study(study_name=study, storage=url).trials
+    assert sorted(t.number for t in trials) == list(range(sum(folders_of.values())))  # each trial once
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    folders = [t.user_attrs["folder"] for t in trials]
+    assert sorted(os.path.relpath(f, tmp_path) for f in folders) == sorted(
+        os.path.join(w, f"{i}_optuna") for w, n in folders_of.items() for i in range(n))  # no folder shared
+    for t in trials:
+        assert trial_file(tmp_path / t.user_attrs["folder"])["trial"] == t.number
+    rows = summarize.study_trials(url, study, [])  # folders straight from the storage
+    assert [r["folder"] for r in rows] == folders
+
+
+def test_two_concurrent_workers_share_one_postgresql_study(tmp_path, pg_url):
+    study = f"test-{uuid.uuid4().hex[:8]}"
+    try:  # the study does not exist yet: the two workers race to create it
+        results = start_workers(tmp_path, ("w0", "w1"), pg_url, study, n_trials=2)
+        assert [rc for rc, _ in results] == [0, 0], "".join(out[-1500:] for _, out in results)
+        check_study(tmp_path, pg_url, study, {"w0": 2, "w1": 2})
     finally:
         optuna.delete_study(study_name=study, storage=pg_url)
+
+
+@pytest.fixture
+def new_pg_database(pg_url):
+    """The URL of a brand-new, empty database on the server of GCODE_EXP_PG_URL (dropped afterwards)."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    name = f"gcode_exp_test_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_workers_started_together_on_a_new_postgresql_database_all_run(tmp_path, new_pg_database):
+    """No setup step: four workers at the same moment all create Optuna's tables in the empty database;
+    PostgreSQL lets one do it and refuses the others (UniqueViolation), which try again (CreateStorage)."""
+    names = ("w0", "w1", "w2", "w3")
+    results = start_workers(tmp_path, names, new_pg_database, "gcode-exp-race", n_trials=1)
+    outputs = "".join(out[-1500:] for _, out in results)
+    assert [rc for rc, _ in results] == [0] * 4 and "Traceback" not in outputs, outputs
+    check_study(tmp_path, new_pg_database, "gcode-exp-race", dict.fromkeys(names, 1))

@@ -92,6 +92,9 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     model = model.to(device)
     rows = model.row_labels(train.row_targets)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
+    steps_per_epoch = math.ceil((len(train) + int(rare.sum()) * (cfg.aug.oversample_factor - 1)) / tc.batch_size)
+    sched = lr_schedule(opt, tc, steps_per_epoch)
     sign = 1 if tc.monitor_mode == "max" else -1
     state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "collapsed": False, "history": []}
     ckpt_dir = run_dir / "checkpoints"
@@ -100,13 +103,14 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         resumed_settings(blob["config"], cfg)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
-        for group in opt.param_groups:  # the command line's optimiser settings win over the checkpoint's
-            group.update(lr=tc.lr, weight_decay=tc.weight_decay)
+        sched.load_state_dict(blob["scheduler"])
+        sched.base_lrs = [tc.lr] * len(opt.param_groups)  # the command line's optimiser settings win
+        for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
+            group.update(lr=tc.lr * factor(sched.last_epoch), weight_decay=tc.weight_decay)
         gen.set_state(blob["rng"]["gen"])
         torch.set_rng_state(blob["rng"]["torch"])
         state = blob["state"]
         log.info("resuming after epoch %d from %s", state["epoch"], ckpt_dir / "last.pt")
-    rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
     aug = Augment.from_config(cfg.aug, data.features)
     common = {
         "vocab": data.vocab.to_dict(),
@@ -125,7 +129,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         total, seen, n_steps = 0.0, 0, math.ceil(len(order) / tc.batch_size)
         epoch_batches = batches(train, cfg.data.window, tc.batch_size, order, aug, gen, trim=True, row_labels=rows)
         for step, batch in enumerate(epoch_batches, 1):
-            loss = train_step(model, opt, batch, device, cfg)
+            loss = train_step(model, opt, batch, device, cfg, sched)
             total, seen = total + loss * len(batch[0]), seen + len(batch[0])
             if tc.progress:
                 progress(epoch, step, n_steps, total / seen)
@@ -149,6 +153,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         state["collapsed"] = state["collapsed"] or collapsed_now
         state["epoch"] = epoch
         save_checkpoint(ckpt_dir / "last.pt", model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+                        scheduler=sched.state_dict(),
                         state=state, rng={"gen": gen.get_state(), "torch": torch.get_rng_state()}, **common)
         write_history(state["history"], run_dir / "history.csv")
         log.info("epoch %3d | train loss %.4f | val loss %.4f | %s %.4f | cmd %.3f | uniq %d | %.1fs",
@@ -193,7 +198,22 @@ def diff_keys(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def train_step(model: TokenModel, opt: torch.optim.Optimizer, batch, device: torch.device, cfg) -> float:
+def lr_schedule(opt: torch.optim.Optimizer, tc, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`constant`, or `cosine`: linear warm-up over `warmup_epochs`, then cosine decay to 0 at max_epochs."""
+    warmup, total = tc.warmup_epochs * steps_per_epoch, tc.max_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if tc.scheduler == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_step(model: TokenModel, opt: torch.optim.Optimizer, batch, device: torch.device, cfg,
+               sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
     """One optimiser step on (inputs, targets, row labels); the loop and the benchmark both time this."""
     x, y, rows = (t.to(device, non_blocking=True) if t is not None else None for t in batch)
     with autocast(device, cfg.hardware.amp):
@@ -203,6 +223,8 @@ def train_step(model: TokenModel, opt: torch.optim.Optimizer, batch, device: tor
     if cfg.trainer.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
     opt.step()
+    if sched is not None:
+        sched.step()
     return loss.item()
 
 
