@@ -12,8 +12,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from gcode_exp import GcodeExpError, plots, run_folder
-from gcode_exp.config import validate
-from gcode_exp.data.dataset import Features, build_split, prepare, read_runs
+from gcode_exp.config import check_against_data, validate
+from gcode_exp.data.dataset import Features, Prepared, build_split, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.logger import make_logger
 from gcode_exp.sweeps import record_optuna_trial
@@ -44,8 +44,16 @@ def write_json(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare_job(cfg, run_dir: Path) -> dict:
+def prepare_checked(cfg) -> Prepared:
+    """The prepared data, and the config checks only the training data can answer (gcode_exp/config.py)."""
     data = prepare(cfg)
+    train = data.summary["train"]
+    check_against_data(cfg, data.vocab.tokens, train["targets_cut_share"], train["longest_target"])
+    return data
+
+
+def prepare_job(cfg, run_dir: Path) -> dict:
+    data = prepare_checked(cfg)
     write_json(data.summary, run_dir / "data_summary.json")
     s = data.summary
     print(f"vocab {cfg.vocab.name}: {s['vocab_size']} tokens {s['token_counts_by_type']}; "
@@ -59,7 +67,7 @@ def prepare_job(cfg, run_dir: Path) -> dict:
 
 
 def train_job(cfg, run_dir: Path) -> dict:
-    data = prepare(cfg)
+    data = prepare_checked(cfg)
     write_json(data.summary, run_dir / "data_summary.json")
     data.vocab.save(run_dir / "vocab.json")
     logger = make_logger(cfg, run_dir)

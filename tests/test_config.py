@@ -181,3 +181,16 @@ def test_run_py_refuses_bad_config_in_one_line(override, key, tmp_path):
     assert not cache.exists()  # no data file was read
     written = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
     assert written <= HYDRA_FILES | {"error.txt"}, written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,message", [
+    ("aug.rare_commands=[G99]", "aug.rare_commands=[G99]: names no command of the training vocabulary"),
+    ("data.max_len=4", "data.max_len=4: cuts 78% of the targets; the longest needs data.max_len=9"),
+])
+def test_run_py_checks_settings_against_the_training_data(override, message, tmp_path):
+    """Settings only the data can judge are refused once the sample is read, before any training."""
+    result = run_py(override, f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not (tmp_path / "run" / "checkpoints").exists()

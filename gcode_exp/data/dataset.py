@@ -28,7 +28,7 @@ from gcode_exp.data.read import DataError, Run, channel_group, find_recordings, 
 from gcode_exp.data.vocab import BOS, EOS, PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 4  # bump when what is cached changes
+CACHE_VERSION = 5  # bump when what is cached changes
 CACHE_MAGIC = b"gcode-exp cache\n"  # then the CRC-32 of the rest (4 bytes, big-endian), then a torch.save payload
 SPLITS = ("train", "val", "test")
 
@@ -46,6 +46,7 @@ class Split:
     files: list[str]
     file_windows: list[int]
     row_targets: torch.Tensor  # int16 [total_rows, max_len] each row's own line, all PAD where unlabelled
+    target_lengths: torch.Tensor  # int64 [windows] BOS + tokens + EOS before cutting to max_len
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -161,7 +162,7 @@ def encode_target(texts: list[str], vocab: Vocab, max_len: int) -> list[int]:
 
 def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg) -> Split:
     """Window every run and stack the results; one code path for train, val, test and eval."""
-    rows, starts, lo, hi, targets, files, counts, row_targets = [], [], [], [], [], [], [], []
+    rows, starts, lo, hi, targets, files, counts, row_targets, lengths = [], [], [], [], [], [], [], [], []
     offset = 0
     w, stride = data_cfg.window, data_cfg.stride
     for run in runs:
@@ -177,6 +178,7 @@ def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg) -> Spl
             lo.append(offset)
             hi.append(offset + n - w)
             targets.append(encode_target(texts, vocab, data_cfg.max_len))
+            lengths.append(2 + sum(len(vocab.encode(t)) - 2 for t in texts))
             made += 1
         rows.append(run_inputs(run, feats))
         row_targets.append(encode_rows(run.lines, vocab, data_cfg.max_len))
@@ -192,6 +194,7 @@ def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg) -> Spl
         files=files,
         file_windows=counts,
         row_targets=torch.from_numpy(np.concatenate(row_targets)),
+        target_lengths=torch.tensor(lengths, dtype=torch.long),
     )
 
 
@@ -393,5 +396,7 @@ def summarize(splits: dict[str, Split], vocab: Vocab, feats: Features, listing: 
             "windows": len(split),
             "oov_rate": unk / max(int((t != PAD).sum()), 1),
             "distinct_target_lines": len({tuple(r.tolist()) for r in split.targets}),
+            "targets_cut_share": float((split.target_lengths > cfg.data.max_len).float().mean()) if len(split) else 0.0,
+            "longest_target": int(split.target_lengths.max()) if len(split) else 0,
         }
     return out
