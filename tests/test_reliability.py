@@ -1,7 +1,7 @@
 """Issue 5, reliability: every kind of damaged recording and bad config stops with one line naming the
 file (row) or key, exit code 2, no traceback and nothing half-written; `data.on_error=skip` goes on
-without the bad files; recoverable oddities are handled by a rule and counted; a run killed with
-SIGKILL resumes to the same metrics; finished results are never overwritten unasked.
+without the bad files; recoverable oddities are handled by a rule and counted; finished results are
+never overwritten unasked (run folders, kill -9 and resume: tests/test_run_folder.py).
 
 Damaged files are made from a real recording (data/sample/pocket_016_aligned.csv.gz). The subprocess
 tests drive `run.py` itself; the rest use the Python API so the module stays fast."""
