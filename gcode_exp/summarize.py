@@ -1,10 +1,13 @@
 """The measured comparison table, from run folders alone (no dashboard, no code of the runs needed).
 
-    python -m gcode_exp.summarize PATH [PATH ...] [--storage URL --study NAME]
+    python -m gcode_exp.summarize PATH [PATH ...] [--compare A B] [--storage URL --study NAME]
 
 Finds every run folder (a folder with `.hydra/config.yaml`) under the paths, groups runs that differ
-only in `seed` into mean ± sd, adds the majority reference, lists unfinished and failed runs, and
-writes summary.csv, summary.md and summary.png into the first path. Jobs of an Optuna sweep are listed
+only in `seed` and `data.fold` (cross-validation folds) into mean ± sd with a t-based 95 % interval of
+the mean over the n = folds x seeds runs, adds the majority reference, lists unfinished and failed runs,
+and writes summary.csv, summary.md and summary.png into the first path. `--compare A B` (approach
+names, repeatable) pairs A's and B's runs on the same data, fold and seed and gives the mean paired
+difference A - B with its 95 % interval (compare.csv). Jobs of an Optuna sweep are listed
 as trials (parameters, value, folder) from their own `optuna_trial.json`, with the best result of each
 sweep; with --storage it lists every trial of the study straight from the storage (any machine's),
 with its state and the folder it wrote.
@@ -19,6 +22,7 @@ import math
 import re
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +48,11 @@ class Run:
     @property
     def status(self) -> str:
         return "finished" if self.metrics else ("failed" if self.error else "unfinished")
+
+    @property
+    def fold(self):
+        """The cross-validation fold (data.fold); None for runs made before folds existed."""
+        return (self.config.get("data") or {}).get("fold")
 
 
 @dataclass
@@ -128,7 +137,7 @@ def load_config(text: str) -> dict:
 
 def describe(cfg: dict, trial: dict | None = None) -> dict:
     """The columns that say what a run was (an Optuna trial is told apart by its number)."""
-    model, aug, feats = cfg.get("model", {}), cfg.get("aug", {}), cfg.get("features", {})
+    model, aug, feats, data = cfg.get("model", {}), cfg.get("aug", {}), cfg.get("features", {}), cfg.get("data", {})
     approach = str(cfg.get("name", "?"))
     if trial is not None:
         approach += f" #{trial['trial']}"
@@ -138,16 +147,19 @@ def describe(cfg: dict, trial: dict | None = None) -> dict:
         "vocab": cfg.get("vocab", {}).get("name", "?"),
         "aug": f"{aug.get('oversample_factor', 1)}x" if aug.get("name") != "none" else "none",
         "multihead": model.get("name") == "multihead",
+        "split": str(data.get("split_by", "file")) + (f" {data['folds']}-fold" if data.get("folds") else ""),
     }
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Finished runs whose configs are equal but for the seed form one group."""
+    """Finished runs whose configs are equal but for the seed and the fold (data.fold) form one group."""
     groups: dict[str, Group] = {}
     for r in runs:
         if r.status != "finished":
             continue
         same = {k: v for k, v in r.config.items() if k not in ("seed", "hydra")}
+        if isinstance(same.get("data"), dict):
+            same["data"] = {k: v for k, v in same["data"].items() if k != "fold"}
         if r.trial is not None:  # two trials never form a group, even with equal parameters
             same["optuna_trial"] = [r.trial.get("study"), r.trial.get("trial")]
         key = json.dumps(same, sort_keys=True, default=str)
@@ -164,10 +176,37 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with `df` degrees of freedom (two-sided 95 % interval):
+    a table to 10, then the Cornish-Fisher series (error < 2e-4 beyond)."""
+    if df in T975:
+        return T975[df]
+    z = 1.959964
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def interval(values: list[float]) -> tuple[float, float] | None:
+    """The t-based 95 % interval of the mean; None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    mean, half = statistics.fmean(values), t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def fmt_interval(values: list[float], digits: int = 3) -> str:
+    ci = interval(values)
+    return "-" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
 def table(groups: list[Group]) -> list[dict]:
     rows = []
     for g in groups:
-        row = {**g.label, "seeds": len(g.runs)}
+        per_fold = Counter(r.fold for r in g.runs)  # seeds: runs per fold (the most of any fold)
+        row = {**g.label, "seeds": max(per_fold.values()), "folds": len(per_fold), "n": len(g.runs)}
         for m in METRICS:
             row[m] = fmt(g.values(f"test/{m}"), 1 if m == "unique_tokens" else 3)
         row["sec_per_epoch"] = fmt(g.values("sec_per_epoch"), 1)
@@ -176,15 +215,88 @@ def table(groups: list[Group]) -> list[dict]:
         rows.append(row)
     finished = [r for g in groups for r in g.runs]
     if finished:  # the always-the-most-frequent-line reference, on the same test windows
-        ref = Group({"approach": "majority reference", "features": "-", "vocab": "-", "aug": "-", "multihead": "-"},
+        ref = Group({"approach": "majority reference", "features": "-", "vocab": "-", "aug": "-", "multihead": "-",
+                     "split": "-"},
                     finished)
-        row = {**ref.label, "seeds": "-"}
-        for m in METRICS:
-            values = ref.values(f"majority/{m}")
-            values = values[:1] if len(set(values)) == 1 else values  # the same test windows: one number
-            row[m] = fmt(values, 1 if m == "unique_tokens" else 3)
+        row = {**ref.label, "seeds": "-", "folds": "-", "n": "-"}
+        for m in METRICS:  # one number per test set (data config, fold included): seeds and models share it
+            per_test: dict[str, float] = {}
+            for r in finished:
+                if _is_value(v := r.metrics.get(f"majority/{m}")):
+                    key = json.dumps([_data_of(r), r.config.get("vocab")], sort_keys=True, default=str)
+                    per_test.setdefault(key, float(v))
+            row[m] = fmt(list(per_test.values()), 1 if m == "unique_tokens" else 3)
         rows.append({**row, "sec_per_epoch": "-", "epochs": "-", "collapsed": "-"})
     return rows
+
+
+def interval_table(groups: list[Group]) -> list[dict]:
+    """One row per approach: the t-based 95 % interval of the mean of each test metric over its n runs
+    (folds x seeds); `-` where n < 2."""
+    rows = []
+    for g in groups:
+        row = {"approach": g.label["approach"], "features": g.label["features"], "split": g.label["split"],
+               "n": len(g.runs)}
+        for m in METRICS:
+            row[m] = fmt_interval(g.values(f"test/{m}"), 1 if m == "unique_tokens" else 3)
+        rows.append(row)
+    return rows
+
+
+def pair_key(r: Run) -> str:
+    """Runs with equal keys saw the same data: data config (fold included), features and seed."""
+    return json.dumps([_data_of(r), r.config.get("features"), r.config.get("seed")], sort_keys=True, default=str)
+
+
+def _data_of(r: Run) -> dict:
+    """The data config that decides the test set (where the cache lives does not)."""
+    return {k: v for k, v in (r.config.get("data") or {}).items() if k != "cache_dir"}
+
+
+def compare(runs: list[Run], a: str, b: str) -> list[dict]:
+    """Paired comparison of approaches `a` and `b`: per metric, the mean of the differences A - B over
+    the (data, fold, seed) both ran on, its sd, and the t-based 95 % interval of that mean. An interval
+    that excludes 0 is the measured statement 'A beats B' (or loses to it) on this protocol."""
+    finished = [r for r in runs if r.status == "finished" and r.trial is None]
+    names = sorted({str(r.config.get("name", "?")) for r in finished})
+    for name in (a, b):
+        if name not in names:
+            raise SystemExit(f"error: --compare {a} {b}: no finished run is named {name} "
+                             f"(approaches: {', '.join(names) or 'none'})")
+    sides: dict[str, dict[str, Run]] = {a: {}, b: {}}
+    for r in finished:
+        name = str(r.config.get("name", "?"))
+        if name in sides:
+            key = pair_key(r)
+            if key in sides[name]:
+                raise SystemExit(f"error: --compare {a} {b}: {sides[name][key].folder} and {r.folder} are both "
+                                 f"{name} on the same data, fold and seed (other settings differ?): compare one "
+                                 "sweep at a time")
+            sides[name][key] = r
+    keys = [k for k in sides[a] if k in sides[b]]
+    if not keys:
+        raise SystemExit(f"error: --compare {a} {b}: no fold and seed on which both ran (pairs need the same data, "
+                         "features, fold and seed)")
+    rows = []
+    for m in METRICS:
+        diffs = []
+        for k in keys:
+            va, vb = sides[a][k].metrics.get(f"test/{m}"), sides[b][k].metrics.get(f"test/{m}")
+            if _is_value(va) and _is_value(vb):
+                diffs.append(float(va) - float(vb))
+        if not diffs:  # a metric these runs did not score (line_exact with trainer.line_exact=false)
+            continue
+        ci = interval(diffs)
+        verdict = "-" if ci is None else f"{a} higher" if ci[0] > 0 else f"{b} higher" if ci[1] < 0 else "not resolved"
+        rows.append({"metric": m, "pairs": len(diffs),
+                     "mean diff": f"{statistics.fmean(diffs):+.3f}",
+                     "sd": f"{statistics.stdev(diffs):.3f}" if len(diffs) > 1 else "-",
+                     "95% interval": fmt_interval(diffs), "verdict": verdict})
+    return rows
+
+
+def _is_value(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -203,7 +315,8 @@ def chart(groups: list[Group], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = ("command_acc", "command_macro_recall", "token_macro_recall", "overall_acc")
-    labels = [f"{g.label['approach']}\n{g.label['features']}" for g in groups]
+    labels = [f"{g.label['approach']}\n{g.label['features']}" + ("" if g.label["split"] == "file" else
+                                                                 f"\n{g.label['split']}") for g in groups]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
     width = 0.8 / len(keys)
     for k, key in enumerate(keys):
@@ -211,7 +324,7 @@ def chart(groups: list[Group], path: Path) -> None:
         sds = [statistics.stdev(v) if len(v := g.values(f"test/{key}")) > 1 else 0 for g in groups]
         ax.bar([i + k * width for i in range(len(groups))], means, width, yerr=sds, label=key, capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], labels, fontsize=7)
-    ax.set(ylim=(0, 1), ylabel="test", title="approaches on unseen runs (mean ± sd over seeds)")
+    ax.set(ylim=(0, 1), ylabel="test", title="approaches on unseen runs (mean ± sd over folds x seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -309,6 +422,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("paths", nargs="+", type=Path, help="sweep folders or single run folders")
     ap.add_argument("--storage", help="Optuna storage URL (sqlite:///..., postgresql://...)")
     ap.add_argument("--study", help="Optuna study name (default: the one the run folders name)")
+    ap.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
+                    help="paired difference A - B over the folds and seeds both ran (approach names; repeatable)")
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.paths if not p.is_dir()]
     if missing:
@@ -317,6 +432,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     groups = group_runs(runs)
     rows = table(groups)
     text = markdown(rows)
+    if any(len(g.runs) > 1 for g in groups):
+        text += ("\n95 % interval of the mean over the n runs (folds x seeds; t with n - 1 degrees of freedom):\n\n"
+                 + markdown(interval_table(groups)))
+    compared: list[dict] = []
+    for a, b in args.compare:
+        pairs = compare(runs, a, b)
+        text += (f"\nPaired comparison {a} - {b} (the same data, fold and seed; 95 % interval of the mean "
+                 f"difference; 'not resolved': the interval holds 0):\n\n" + markdown(pairs))
+        compared += [{"a": a, "b": b, **row} for row in pairs]
     others = [r for r in runs if r.status != "finished"]
     if others:
         text += "\nNot finished:\n\n" + "".join(f"- {r.folder}: {r.status}{': ' + r.error if r.error else ''}\n"
@@ -341,6 +465,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if trials:
         write_csv(trials, out / "trials.csv")
         written.append("trials.csv")
+    if compared:
+        write_csv(compared, out / "compare.csv")
+        written.append("compare.csv")
     if groups:
         chart(groups, out / "summary.png")
         written.append("summary.png")

@@ -14,11 +14,12 @@ import json
 import logging
 import os
 import random
+import re
 import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 5  # bump when what is cached changes
 CACHE_MAGIC = b"gcode-exp cache\n"  # then the CRC-32 of the rest (4 bytes, big-endian), then a torch.save payload
 SPLITS = ("train", "val", "test")
+SPLIT_DEFAULTS = {"split_by": "file", "folds": 0, "fold": 0}  # today's one split: left out of the cache key
+WINDOW_WARNING = ("data.split_by=window: windows of one recording are shuffled across train, val and test and "
+                  "overlap their neighbours, so these numbers measure memorised recordings, not generalisation "
+                  "to a new run (kept only to measure that inflation)")
 
 
 @dataclass
@@ -97,6 +102,142 @@ def split_files(runs: list[Run], fractions: tuple[float, float, float], seed: in
     return out
 
 
+def family(op: str) -> str:
+    """The program family of an operation type: its prefix without `damage` and digits (face150025,
+    damageface -> face), so leaving a family out leaves out every variant of that program."""
+    return re.sub(r"\d+$", "", op.removeprefix("damage")) or op
+
+
+def _fold_error(key: str, value, why: str) -> Exception:
+    from gcode_exp.config import ConfigError
+
+    return ConfigError(f"{key}={value}: {why}")
+
+
+def carve_val(runs: list[Run], share: float, rng: random.Random) -> tuple[list[Run], list[Run]]:
+    """(train, val) from one fold's training part, stratified like split_files: each operation with at
+    least 3 files gives round(n * share) files (at least 1) to val; smaller ones are pooled."""
+    by_op: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        by_op.setdefault(run.op, []).append(run)
+    groups = [g for g in by_op.values() if len(g) >= 3]
+    pool = [r for g in by_op.values() if len(g) < 3 for r in g]
+    if pool:
+        groups.append(pool)
+    train, val = [], []
+    for group in groups:
+        group = group[:]
+        rng.shuffle(group)
+        n_val = max(1, round(len(group) * share)) if len(group) >= 2 else 0
+        val += group[:n_val]
+        train += group[n_val:]
+    if not train or not val:
+        raise DataError(f"the training part of the fold has {len(runs)} usable files, too few for train and val")
+    return train, val
+
+
+def fold_of_files(runs: list[Run], folds: int, seed: int) -> dict[str, int]:
+    """Run name -> fold, k-fold stratified by operation: each operation's files, shuffled (seeded), are
+    dealt to the folds in turn, continuing where the previous operation stopped, so fold sizes differ
+    by at most one file and an operation with n <= k files has them in n different folds."""
+    if folds > len(runs):
+        raise _fold_error("data.folds", folds, f"more folds than the {len(runs)} usable files")
+    rng = random.Random(seed)
+    by_op: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        by_op.setdefault(run.op, []).append(run)
+    out, k = {}, 0
+    for op in sorted(by_op):
+        group = by_op[op][:]
+        rng.shuffle(group)
+        for run in group:
+            out[run.name] = k % folds
+            k += 1
+    return out
+
+
+def split_runs(runs: list[Run], data_cfg) -> tuple[dict[str, list[Run]], dict]:
+    """The files of train/val/test under data.split_by=file|operation, data.folds and data.fold, and
+    what was held out (`split` of data_summary.json). split_by=window is split_windows."""
+    by, folds, fold, seed = data_cfg.split_by, data_cfg.folds or 0, data_cfg.fold, data_cfg.split_seed
+    fractions = tuple(data_cfg.split)
+    info: dict = {"split_by": by, "folds": folds, "fold": fold}
+    if by == "file" and not folds:
+        if fold:
+            raise _fold_error("data.fold", fold, "needs data.folds >= 2 (data.folds=0 is one split by data.split)")
+        return split_files(runs, fractions, seed), info
+    if by == "file":
+        if fold >= folds:
+            raise _fold_error("data.fold", fold, f"must be < data.folds={folds}")
+        assigned = fold_of_files(runs, folds, seed)
+        test = [r for r in runs if assigned[r.name] == fold]
+    else:  # operation: leave one program family out
+        families = sorted({family(r.op) for r in runs})
+        info["families"] = families
+        if len(families) < 2:
+            raise DataError(f"data.split_by=operation needs two program families or more; the files hold "
+                            f"{', '.join(families) or 'none'}")
+        if folds and folds != len(families):
+            raise _fold_error("data.folds", folds, f"split_by=operation has one fold per program family "
+                              f"({', '.join(families)}): use {len(families)} or 0")
+        if fold >= len(families):
+            raise _fold_error("data.fold", fold, f"must be < {len(families)} with data.split_by=operation "
+                              f"({', '.join(f'{i}: {f}' for i, f in enumerate(families))})")
+        info["test_family"] = families[fold]
+        test = [r for r in runs if family(r.op) == families[fold]]
+    held = {r.name for r in test}
+    rest = [r for r in runs if r.name not in held]
+    train, val = carve_val(rest, fractions[1] / (fractions[0] + fractions[1]), random.Random(seed))
+    return {"train": train, "val": val, "test": test}, info
+
+
+def window_starts(run: Run, data_cfg) -> list[int]:
+    """The starts of the windows build_split makes from this run (those holding a labelled row)."""
+    n, w = len(run.lines), data_cfg.window
+    labelled = np.concatenate([[0], np.cumsum([bool(t) for t in run.lines])])
+    return [s for s in range(0, n - w + 1, data_cfg.stride) if labelled[s + w] > labelled[s]]
+
+
+def split_windows(runs: list[Run], data_cfg) -> tuple[dict[str, dict[str, set[int]]], dict]:
+    """The leaky protocol: every window of every file, shuffled (data.split_seed) into train/val/test
+    by data.split, or with data.folds=k dealt into k folds (data.fold's is test, val carved at random
+    from the rest). Split -> run name -> window starts."""
+    log.warning("%s", WINDOW_WARNING)
+    folds, fold, fractions = data_cfg.folds or 0, data_cfg.fold, tuple(data_cfg.split)
+    windows = [(r.name, s) for r in sorted(runs, key=lambda r: r.name) for s in window_starts(r, data_cfg)]
+    random.Random(data_cfg.split_seed).shuffle(windows)
+    n = len(windows)
+    if folds:
+        if fold >= folds:
+            raise _fold_error("data.fold", fold, f"must be < data.folds={folds}")
+        test = windows[fold::folds]
+        rest = [w for i, w in enumerate(windows) if i % folds != fold]
+        n_val = max(1, round(len(rest) * fractions[1] / (fractions[0] + fractions[1])))
+        parts = {"test": test, "val": rest[:n_val], "train": rest[n_val:]}
+    elif fold:
+        raise _fold_error("data.fold", fold, "needs data.folds >= 2 (data.folds=0 is one split by data.split)")
+    else:
+        n_test, n_val = max(1, round(n * fractions[2])), max(1, round(n * fractions[1]))
+        parts = {"test": windows[:n_test], "val": windows[n_test : n_test + n_val], "train": windows[n_test + n_val :]}
+    out: dict[str, dict[str, set[int]]] = {}
+    for name in SPLITS:
+        if not parts[name]:
+            raise DataError(f"split '{name}' got no windows: {n} windows are too few")
+        out[name] = {}
+        for run_name_, s in parts[name]:
+            out[name].setdefault(run_name_, set()).add(s)
+    return out, {"split_by": "window", "folds": folds, "fold": fold}
+
+
+def covered_rows(run: Run, starts: set[int], window: int) -> Run:
+    """The run cut to the rows its `starts` windows cover: what normalisation and vocabulary are fitted
+    on under split_by=window (rows only val/test windows cover stay out of the fit)."""
+    mask = np.zeros(len(run.lines), dtype=bool)
+    for s in starts:
+        mask[s : s + window] = True
+    return replace(run, values=run.values[mask], lines=[t for t, m in zip(run.lines, mask) if m])
+
+
 # --- features and windows -----------------------------------------------------------------------
 def fit_features(train: list[Run], groups: list[str], board_flags: bool) -> Features:
     """Channel list (union over training files) and per-channel mean/std from training rows."""
@@ -160,8 +301,10 @@ def encode_target(texts: list[str], vocab: Vocab, max_len: int) -> list[int]:
     return ids + [PAD] * (max_len - len(ids))
 
 
-def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg) -> Split:
-    """Window every run and stack the results; one code path for train, val, test and eval."""
+def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg,
+                keep: dict[str, set[int]] | None = None) -> Split:
+    """Window every run and stack the results; one code path for train, val, test and eval.
+    `keep` (split_by=window): run name -> the window starts of this split; others are left out."""
     rows, starts, lo, hi, targets, files, counts, row_targets, lengths = [], [], [], [], [], [], [], [], []
     offset = 0
     w, stride = data_cfg.window, data_cfg.stride
@@ -171,6 +314,8 @@ def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg) -> Spl
             raise DataError(f"{run.name}: {n} rows, fewer than one window (data.window={w})")
         made = 0
         for s in range(0, n - w + 1, stride):
+            if keep is not None and s not in keep[run.name]:
+                continue
             texts = window_target(run.lines[s : s + w], data_cfg.target, data_cfg.max_lines)
             if texts is None:
                 continue
@@ -265,7 +410,8 @@ def _digest(paths: list[Path], cfg) -> str:
     exactly the folder this run read), the data config and every file's name and bytes. A file that
     cannot be read keys by its error, which read_run reports."""
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
-    keys = {k: cfg.data[k] for k in cfg.data if k not in ("dir", "cache_dir")}
+    keys = {k: cfg.data[k] for k in cfg.data if k not in ("dir", "cache_dir")
+            and not (k in SPLIT_DEFAULTS and (cfg.data[k] or 0) == SPLIT_DEFAULTS[k])}  # older caches stay valid
     h.update(json.dumps([keys, dict(cfg.vocab), dict(cfg.features)], sort_keys=True, default=str).encode())
     h.update(f"{Path(cfg.data.dir)}\0{Path(cfg.data.dir).resolve()}".encode())
     for p in paths:
@@ -354,17 +500,25 @@ def prepare(cfg) -> Prepared:
         for w in cached.summary["file_warnings"]:
             log.warning("%s", w["warning"])
         cached.summary["ignored_files"] = ignored  # not part of the key: what the folder holds now
+        if cfg.data.split_by == "window":
+            log.warning("%s", WINDOW_WARNING)
         return cached
     runs, skipped = read_runs(paths, cfg.data)
-    fractions = tuple(cfg.data.split)
-    parts = split_files(runs, fractions, cfg.data.split_seed)
-    vocab = Vocab.build((t for r in parts["train"] for t in r.lines if t), cfg.vocab.digits)
-    feats = fit_features(parts["train"], list(cfg.features.groups), cfg.features.board_flags)
-    splits = {name: build_split(parts[name], feats, vocab, cfg.data) for name in SPLITS}
+    if cfg.data.split_by == "window":  # every file in every split; each split keeps its own windows
+        keep, split_info = split_windows(runs, cfg.data)
+        parts = {name: [r for r in runs if r.name in keep[name]] for name in SPLITS}
+        fit_on = [covered_rows(r, keep["train"][r.name], cfg.data.window) for r in parts["train"]]
+    else:
+        parts, split_info = split_runs(runs, cfg.data)
+        keep, fit_on = None, parts["train"]
+    vocab = Vocab.build((t for r in fit_on for t in r.lines if t), cfg.vocab.digits)
+    feats = fit_features(fit_on, list(cfg.features.groups), cfg.features.board_flags)
+    splits = {name: build_split(parts[name], feats, vocab, cfg.data, keep[name] if keep else None) for name in SPLITS}
     oddities = {k: sum(getattr(r, k) for r in runs) for k in ("nonfinite_cells", "silent_rows", "unparsed_chunks")}
     listing = {"skipped_files": skipped, "ignored_files": ignored,
                "file_warnings": [{"file": Path(r.path).name, "warning": w} for r in runs for w in r.warnings]}
     summary = summarize(splits, vocab, feats, listing, oddities, cfg)
+    summary["split"] = split_info
     prepared = Prepared(splits=splits, vocab=vocab, features=feats, summary=summary)
     if cache:
         save_cache(prepared, cfg, cache)
