@@ -148,7 +148,7 @@ FEATURE_GROUPS = ("controller", "motors", "boards")
 
 SCHEMA: dict[str, Rule] = {
     # top level (conf/config.yaml)
-    "task": OneOf("train", "eval", "prepare"),
+    "task": OneOf("train", "eval", "prepare", "predict"),
     "seed": Int(ge=0),
     "ckpt_path": Nullable(Text()),
     "overwrite": Bool(),
@@ -166,8 +166,12 @@ SCHEMA: dict[str, Rule] = {
     "data.split": Rule("three fractions > 0 summing to 1 (train, val, test: every split gets files anyway)",
                        _split_ok),
     "data.split_seed": Int(ge=0),
+    "data.split_by": OneOf("file", "operation", "window"),
+    "data.folds": Nullable(Rule("0 (one split) or a whole number >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2))),
+    "data.fold": Int(ge=0, note="< data.folds; checked with the data"),
     "data.max_nonfinite": Float(ge=0, le=1),
     "data.on_error": OneOf("raise", "skip"),
+    "data.path": Nullable(Text()),  # task=predict predict.follow=true: the recording being written
     "data.cache_dir": Nullable(Rule("a folder or empty (no cache)", lambda v: isinstance(v, str))),
     # features
     "features.name": Text(),
@@ -217,6 +221,12 @@ SCHEMA: dict[str, Rule] = {
     "trainer.line_exact": Bool(),
     "trainer.progress": Bool(),
     "trainer.plots": Bool(),
+    # predict (task=predict, gcode_exp/predict.py)
+    "predict.follow": Bool(),
+    "predict.idle_s": Float(gt=0),
+    "predict.poll_s": Float(gt=0),
+    "predict.min_p": Float(ge=0, le=1),
+    "predict.batch_size": Int(ge=1),
     # hardware
     "hardware.device": OneOf("auto", "cpu", "cuda", "mps"),
     "hardware.amp": Bool(),
@@ -344,10 +354,15 @@ def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
     elif objective is not None:  # gcode_exp.tasks.objective: only a training run returns a number to optimise
         _warn("optimized_metric", objective, f"ignored with task={task} (only task=train returns an objective)")
 
-    if get("task") == "eval" and not get("ckpt_path"):
-        raise ConfigError("ckpt_path: task=eval needs ckpt_path=PATH to a checkpoint (checkpoints/best.pt)")
-    if get("task") != "eval" and get("ckpt_path"):
-        _warn("ckpt_path", get("ckpt_path"), f"ignored with task={get('task')} (only task=eval reads it)")
+    if get("task") in ("eval", "predict") and not get("ckpt_path"):
+        raise ConfigError(f"ckpt_path: task={get('task')} needs ckpt_path=PATH to a checkpoint (checkpoints/best.pt)")
+    if get("task") not in ("eval", "predict") and get("ckpt_path"):
+        _warn("ckpt_path", get("ckpt_path"), f"ignored with task={get('task')} (only task=eval and predict read it)")
+    live = get("task") == "predict" and get("predict.follow")
+    if live and not get("data.path"):
+        raise ConfigError("data.path: predict.follow=true needs data.path=FILE.csv (the recording being written)")
+    if get("data.path") and not live:
+        _warn("data.path", get("data.path"), "ignored without task=predict predict.follow=true (data.dir is read)")
 
 
 def _check_metric(key: str, value: Any, allowed: list[str], why: str) -> None:

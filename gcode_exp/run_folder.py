@@ -29,7 +29,7 @@ from gcode_exp import GcodeExpError
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
 # every file or folder a job of this project writes into its run folder
 RUN_FILES = ("metrics.json", "history.csv", "per_class.csv", "vocab.json", "data_summary.json", "error.txt",
-             "run.log", "optuna_trial.json", "checkpoints", "plots", "predictions", ".hydra", "wandb")
+             "run.log", "optuna_trial.json", "checkpoints", "plots", "predictions", "program.csv", ".hydra", "wandb")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 

@@ -1,5 +1,5 @@
-"""The three jobs behind `run.py task=...`: prepare, train, eval. Each writes into the run folder and
-returns its metrics; `run` returns the number a sweeper optimises."""
+"""The jobs behind `run.py task=...`: prepare, train, eval (and predict, in gcode_exp/predict.py). Each
+writes into the run folder and returns its metrics; `run` returns the number a sweeper optimises."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
             record_optuna_trial(run_dir)  # an Optuna trial records which folder it wrote
         if cfg.task == "prepare":
             return prepare_job(cfg, run_dir)
+        if cfg.task == "predict":
+            from gcode_exp.predict import predict_job
+
+            return predict_job(cfg, run_dir)
         return train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
 
 

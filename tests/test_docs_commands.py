@@ -32,6 +32,7 @@ device'. CI (the test-suite command) is not run inside the tests: .ci/run must h
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import re
@@ -162,6 +163,12 @@ def study_listed(study: str, first_folders: tuple[str, ...] = ()) -> Callable[[R
     return check
 
 
+def held_out_families(ran: Ran) -> None:
+    """RESULTS.md, 'Cross-validation': one job per program family, each testing on that family only."""
+    splits = [json.loads((j / "data_summary.json").read_text())["split"] for j in ran.jobs]
+    assert [s["test_family"] for s in splits] == ["adaptive", "face", "pocket"], splits
+
+
 def submitit_job_folders(ran: Ran) -> None:
     logs = list((ran.folder / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2, f"expected one .submitit/<job id>/ (with its log) per job: {logs}"
@@ -241,6 +248,15 @@ def sweep_with_a_cut_metrics_file(s: DocSession) -> dict[str, str]:
     return {"FOLDER": str(folder)}
 
 
+def plain_csv(s: DocSession) -> dict[str, str]:
+    """README's FILE.csv for live mode: one sample recording, uncompressed (the file a logger appends to)."""
+    path = s.ws / "live" / "FILE.csv"
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(gzip.decompress((SAMPLE / "face_003_aligned.csv.gz").read_bytes()))
+    return {"FILE.csv": str(path)}
+
+
 QUICK_START = ("python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python run.py model=multihead "
                "aug=3x")
 EXPERIMENTS = "python run.py -m experiment=baseline,augmented,multihead,multihead_aug"
@@ -259,6 +275,14 @@ REAL_OPTUNA = ("mkdir -p multirun/real-optuna && python run.py -m hparams_search
                "data.dir=../shared/data/cnc_sensor_gcode features=side_channel hydra.sweeper.n_trials=8 "
                "trainer.max_epochs=25 trainer.patience=6 optuna_storage=sqlite:///multirun/real-optuna/study.db "
                "hydra.sweep.dir=multirun/real-optuna/call1")
+REAL_CV = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
+           "trainer.max_epochs=40 hydra.sweep.dir=multirun/real-cv")
+REAL_FAMILY = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
+               "data.split_by=operation data.folds=3 'data.fold=range(3)' trainer.max_epochs=40 "
+               "hydra.sweep.dir=multirun/real-family")
+REAL_WINDOW = ("python run.py -m experiment=multihead_aug data.dir=../shared/data/cnc_sensor_gcode "
+               "features=side_channel data.split_by=window data.folds=5 'data.fold=range(5)' trainer.max_epochs=40 "
+               "hydra.sweep.dir=multirun/real-window")
 SUMMARY = ("summary.csv", "summary.md", "summary.png")
 FOUR = ("baseline", "augmented", "multihead", "multihead_aug")
 
@@ -277,6 +301,10 @@ COMMANDS: dict[str, Doc] = {
         Doc(needs=(QUICK_START,), files=("metrics.json",), check=eval_scores_the_checkpoint),
     "python run.py trainer.resume=true hydra.run.dir=RUN":
         Doc(needs=(QUICK_START,), setup=interrupted_copy, extra=("trainer.max_epochs=2",), check=resumed_after_epoch_1),
+    "python run.py task=predict ckpt_path=RUN/checkpoints/best.pt data.dir=DIR":
+        Doc(needs=(QUICK_START,), files=("metrics.json", "program.csv", "predictions")),
+    "python run.py task=predict predict.follow=true ckpt_path=RUN/checkpoints/best.pt data.path=FILE.csv":
+        Doc(needs=(QUICK_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
     "python run.py hardware=cuda": Doc(kind=CUDA, files=("metrics.json",), says=("on cuda",)),
     EXPERIMENTS: Doc(jobs=4, check=named_by_experiment),
     "python -m gcode_exp.summarize multirun/<date>/<time>":
@@ -339,6 +367,14 @@ COMMANDS: dict[str, Doc] = {
     "python -m gcode_exp.summarize multirun/real-optuna/call1 --storage sqlite:///multirun/real-optuna/study.db "
     "--study gcode-exp-multihead-side_channel":
         Doc(needs=(REAL_OPTUNA,), files=("trials.csv",), check=study_listed("gcode-exp-multihead-side_channel")),
+    REAL_CV: Doc(extra=("data.fold=0,1",), jobs=8),  # 2 of the 5 folds here
+    "python -m gcode_exp.summarize multirun/real-cv --compare multihead_aug multihead --compare augmented baseline":
+        Doc(needs=(REAL_CV,), files=(*SUMMARY, "compare.csv"), check=summary_rows(*FOUR),
+            says=("8 run folders (8 finished)", "Paired comparison multihead_aug - multihead")),
+    REAL_FAMILY: Doc(extra=("experiment@_global_=multihead_aug",), jobs=3, check=held_out_families),  # 1 approach
+    REAL_WINDOW: Doc(extra=("data.fold=0,1",), jobs=2, says=("data.split_by=window: windows of one recording",)),
+    "python -m gcode_exp.summarize multirun/real-cv multirun/real-window":
+        Doc(needs=(REAL_CV, REAL_WINDOW), files=SUMMARY, says=("10 run folders (10 finished)", "window 5-fold")),
     "python -m gcode_exp.bench --data-dir ../shared/data/cnc_sensor_gcode --out docs/bench.json":
         Doc(extra=BENCH_TINY, says=("prepare: cold",), check=bench_json("docs/bench.json")),
 }

@@ -118,6 +118,8 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "majority_line": majority_line(train.targets),
         "lines": lines,
+        # what task=predict names programs from: the training windows' targets per file
+        "train_windows": {"files": train.files, "file_windows": train.file_windows, "targets": train.targets},
     }
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %d params on %s; %d train windows (%d rare, x%d)", cfg.name, n_params, device, len(train),

@@ -1,0 +1,484 @@
+"""task=predict: turn recordings into the G-code they executed, and name the program; offline or live.
+
+A trained model names the line of a *window*; a recording needs a line per *row*. Every row is
+covered by up to window/stride overlapping windows, and the row takes the line those windows vote
+for (`vote`). A window votes with its confidence (the product of the decoder's per-step probabilities
+of the greedy tokens: the model's probability of the whole line), weighted by where the row sits in it:
+the window's target is the line with the most rows, and a line holding most rows of a window covers
+its centre, so a window knows the line of its central rows best and of its edge rows least (weights
+rise linearly from the edges to the centre, never to 0). A row's probability is its line's weighted
+vote over the weights of all windows covering it, so a row all windows agree on at p=0.9 gets 0.9, and
+disagreement lowers it. Averaging whole token distributions instead is not possible: windows decode
+different token sequences, so only the decoded lines can be compared.
+
+Program naming is multinomial naive Bayes over the windows' predicted lines against each training
+operation's target lines (from `train_windows` in the checkpoint, or rebuilt from the training data).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from gcode_exp.data.dataset import Features, prepare, run_inputs
+from gcode_exp.data.read import RUN_NAME, DataError, Run, channel_group, list_runs, read_table, run_name
+from gcode_exp.data.vocab import BOS, COMMAND, EOS, NUMERIC, PARAMETER, Vocab, parse_line
+from gcode_exp.training.checkpoint import load_checkpoint
+from gcode_exp.training.loop import autocast, load_model, pick_device
+
+log = logging.getLogger(__name__)
+AXES = "XYZ"
+ROW_FIELDS = ("time", "row", "line", "p", "runner_up", "runner_up_p", "true_line", "correct")
+
+
+# --- reading -------------------------------------------------------------------------------------------
+@dataclass
+class Recording:
+    run: Run  # values and lines ("" where unlabelled, or everywhere when the file has no gcode_string)
+    times: list[str]  # t_console per row, or the row index where the file has none
+
+    @property
+    def labelled(self) -> bool:
+        return any(self.run.lines)
+
+
+def read_recording(path: Path, max_nonfinite: float) -> Recording:
+    """Like read_run (same checks, same messages), but a recording without labels is fine here: it is
+    what prediction is for. Also keeps the time column, which read_run drops."""
+    frame, notes = read_table(path)
+    if len(frame) == 0:
+        raise DataError(f"{path}: header only, no rows")
+    columns = [c for c in frame.columns if channel_group(c) is not None]
+    if not columns:
+        raise DataError(f"{path}: no sensor columns (expected motor currents or '<board>.<axis>' columns)")
+    values = np.empty((len(frame), len(columns)), dtype=np.float32)
+    for j, col in enumerate(columns):
+        numeric = pd.to_numeric(frame[col], errors="coerce")
+        text = frame[col].notna() & numeric.isna()
+        if text.any():
+            row = int(np.flatnonzero(text.to_numpy())[0])
+            raise DataError(f"{path}: row {row + 2}: column '{col}' holds non-numeric value {frame[col].iloc[row]!r}")
+        with np.errstate(over="ignore"):
+            values[:, j] = numeric.to_numpy(dtype=np.float64)
+    sensors = [j for j, c in enumerate(columns) if channel_group(c) != "controller"]
+    alive = np.isfinite(values[:, sensors]).any(axis=1) if sensors else np.ones(len(values), dtype=bool)
+    values = values[alive]
+    if not len(values):
+        raise DataError(f"{path}: no row has any sensor value (motor currents or IMU boards)")
+    bad = ~np.isfinite(values)
+    if bad.sum() > max_nonfinite * values.size:
+        raise DataError(f"{path}: {bad.sum() / values.size:.0%} of sensor cells are empty/NaN/inf "
+                        f"(limit data.max_nonfinite={max_nonfinite})")
+    values[bad] = np.nan
+    lines = (frame["gcode_string"].fillna("").astype(str).str.strip()[alive].tolist()
+             if "gcode_string" in frame.columns else [""] * len(values))
+    rows = np.flatnonzero(alive)
+    times = (frame["t_console"].fillna("").astype(str)[alive].tolist() if "t_console" in frame.columns
+             else [str(i) for i in rows])
+    name, op = run_name(path)
+    run = Run(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=int(bad.sum()),
+              silent_rows=int((~alive).sum()), unparsed_chunks=0, path=str(path), warnings=notes)
+    return Recording(run=run, times=times)
+
+
+def check_channels(path: Path | str, columns: list[str], feats: Features) -> None:
+    """The checkpoint's motor/controller channels must all be there (a missing IMU board reads as absent)."""
+    missing = [c for c in feats.channels if "." not in c and c not in columns]
+    if missing:
+        raise DataError(f"{path}: lacks channels the checkpoint was trained on: {', '.join(missing[:5])}")
+
+
+# --- one window -> one line ------------------------------------------------------------------------------
+@dataclass
+class Guess:
+    start: int  # first row of the window
+    line: str  # decoded G-code text (numbers at bucket centres)
+    p: float  # product of the per-step probabilities of the greedy tokens
+
+
+def step_confidence(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Probability of the token `predict` picks at the last step: the flat softmax's maximum, or for the
+    multi-head model the product of the maxima of the heads that made it (type, then command, or letter,
+    or letter and bucket)."""
+    probs = {k: torch.softmax(v[:, -1].float(), -1).max(-1).values for k, v in out.items() if k != "rows"}
+    if "token" in probs:
+        return probs["token"]
+    kind = out["type"][:, -1].argmax(-1)
+    one = torch.ones_like(probs["type"])
+    p = probs["type"] * torch.where(kind == COMMAND, probs["command"], one)
+    p = p * torch.where((kind == PARAMETER) | (kind == NUMERIC), probs["param_type"], one)
+    return p * torch.where(kind == NUMERIC, probs["param_value"], one)
+
+
+class Predictor:
+    """A checkpoint's model, vocabulary, features and window geometry: windows in, lines out."""
+
+    def __init__(self, blob: dict, hardware, batch_size: int):
+        self.device = pick_device(hardware)
+        self.model, self.vocab = load_model(blob, self.device)
+        self.feats = Features(**blob["features"])
+        data = blob["config"]["data"]
+        self.window, self.stride, self.max_len = data["window"], data["stride"], data["max_len"]
+        self.amp, self.batch_size = bool(hardware.amp), batch_size
+
+    @torch.no_grad()
+    def guess(self, x: np.ndarray, starts: list[int]) -> list[Guess]:
+        """Greedy-decode the windows x[s : s + window] (x: normalised inputs of one recording)."""
+        out: list[Guess] = []
+        for i in range(0, len(starts), self.batch_size):
+            part = starts[i : i + self.batch_size]
+            batch = torch.from_numpy(np.stack([x[s : s + self.window] for s in part])).to(self.device)
+            ids, p = self.decode(batch)
+            out += [Guess(s, self.vocab.decode(row), float(q)) for s, row, q in zip(part, ids.tolist(), p.tolist())]
+        return out
+
+    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TokenModel.generate, keeping each sequence's probability up to and including its EOS."""
+        m = self.model
+        with autocast(self.device, self.amp):
+            memory = m.encoder(x)
+            tokens = torch.full((len(x), 1), BOS, dtype=torch.long, device=x.device)
+            p = torch.ones(len(x), device=x.device)
+            done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            for _ in range(self.max_len - 1):
+                out = m.heads(m.decoder(tokens, memory)[:, -1:])
+                nxt = m.predict(out)[:, -1]
+                p = torch.where(done, p, p * step_confidence(out))
+                done = done | (nxt == EOS)
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                if done.all():
+                    break
+        return tokens[:, 1:].cpu(), p.float().cpu()
+
+
+# --- windows -> rows ---------------------------------------------------------------------------------------
+def window_starts(n: int, window: int, stride: int) -> list[int]:
+    """The training windows' starts, plus one flush with the end so that the last rows are covered too."""
+    if n < window:
+        return []
+    starts = list(range(0, n - window + 1, stride))
+    return starts + [n - window] if starts[-1] != n - window else starts
+
+
+def position_weights(window: int) -> np.ndarray:
+    """1 at the centre, falling linearly to 1/ceil(window/2) at the edges (see the module docstring)."""
+    i = np.arange(window)
+    return (np.minimum(i, window - 1 - i) + 1) / math.ceil(window / 2)
+
+
+@dataclass
+class RowVote:
+    line: str
+    p: float
+    runner_up: str  # "" when every window covering the row agrees
+    runner_up_p: float
+
+
+def vote(n_rows: int, guesses: list[Guess], window: int) -> list[RowVote]:
+    """Each row's line: the one with the largest sum of confidence x position weight over the windows
+    covering it; p = that sum over the sum of their position weights. Ties: the line voted first."""
+    k = position_weights(window)
+    scores: list[dict[str, float]] = [{} for _ in range(n_rows)]
+    weight = np.zeros(n_rows)
+    for g in guesses:
+        for i in range(window):
+            row = scores[g.start + i]
+            row[g.line] = row.get(g.line, 0.0) + g.p * k[i]
+        weight[g.start : g.start + window] += k
+    out = []
+    for row, w in zip(scores, weight):
+        ranked = sorted(row.items(), key=lambda kv: -kv[1])  # stable: ties keep the order of voting
+        top = ranked[0] if ranked else ("", 0.0)
+        second = ranked[1] if len(ranked) > 1 else ("", 0.0)
+        out.append(RowVote(top[0], top[1] / w if w else 0.0, second[0], second[1] / w if w else 0.0))
+    return out
+
+
+def merge_repeats(lines: list[str]) -> list[tuple[int, str]]:
+    """(first row, line) of each run of equal consecutive lines."""
+    return [(i, t) for i, t in enumerate(lines) if i == 0 or t != lines[i - 1]]
+
+
+def reconstruct(votes: list[RowVote], times: list[str], min_p: float, title: str) -> str:
+    """The predicted program: one line per run of equal rows, its start time and mean probability as a
+    comment, `LOW` where that mean is below min_p."""
+    out = [f"; {title}", f"; one line per run of equal predicted rows; LOW: mean p < {min_p}"]
+    runs = merge_repeats([v.line for v in votes])
+    for j, (start, line) in enumerate(runs):
+        end = runs[j + 1][0] if j + 1 < len(runs) else len(votes)
+        p = float(np.mean([v.p for v in votes[start:end]]))
+        out.append(f"{line or '(unknown)'} ; t={times[start]} p={p:.2f}{' LOW' if p < min_p else ''}")
+    return "\n".join(out) + "\n"
+
+
+# --- scoring ---------------------------------------------------------------------------------------------
+def axis_moves(lines: list[str]) -> list[tuple[int, int, int]]:
+    """Per row: the direction (-1, 0, +1) of X, Y and Z from where the previous different line left the
+    tool to where this row's line takes it. G-code is modal (an axis a line does not name stays put)
+    and the programs are absolute (G90): a G91 program would need relative moves."""
+    pos: dict[str, float | None] = dict.fromkeys(AXES)
+    out, last, move = [], None, (0, 0, 0)
+    for line in lines:
+        if line != last:
+            start = dict(pos)
+            for letter, value in parse_line(line)[0]:
+                if letter in AXES:
+                    pos[letter] = value
+            move = tuple(0 if start[a] is None or pos[a] is None else int(np.sign(pos[a] - start[a])) for a in AXES)
+            last = line
+        out.append(move)
+    return out
+
+
+def edit_similarity(a: list[str], b: list[str]) -> float:
+    """1 - Levenshtein distance / the longer length (1: the same sequence)."""
+    if not a and not b:
+        return 1.0
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return 1.0 - prev[-1] / max(len(a), len(b))
+
+
+def score_rows(pred: list[str], true: list[str]) -> dict[str, float]:
+    """Row line accuracy, axis accuracy (counts) and sequence similarity on the labelled rows; `true`
+    already at the vocabulary's resolution ("" where unlabelled)."""
+    keep = [i for i, t in enumerate(true) if t]
+    p, t = [pred[i] for i in keep], [true[i] for i in keep]
+    return {"rows": len(keep), "right": sum(a == b for a, b in zip(p, t)),
+            "axis_right": sum(a == b for a, b in zip(axis_moves(p), axis_moves(t))),
+            "similarity": edit_similarity([x for _, x in merge_repeats(p)], [x for _, x in merge_repeats(t)])}
+
+
+# --- program naming --------------------------------------------------------------------------------------
+def op_line_counts(blob: dict, cfg, vocab: Vocab) -> dict[str, Counter] | None:
+    """Per training operation: how many training windows have each target line.
+
+    From the checkpoint's `train_windows` ({"files", "file_windows", "targets"} of the training split);
+    checkpoints without it rebuild the training split from its data.dir (cached like training); None
+    (naming off, warned) where that folder cannot be read."""
+    train = blob.get("train_windows")
+    if train is None:
+        train_cfg = OmegaConf.create(blob["config"])
+        train_cfg.data.cache_dir = cfg.data.cache_dir
+        log.info("checkpoint has no train_windows: rebuilding the training split of %s", train_cfg.data.dir)
+        try:
+            split = prepare(train_cfg).splits["train"]
+        except Exception as e:  # a folder moved away, or a checkpoint older than today's data config
+            log.warning("program naming off: the checkpoint has no train_windows and its training data cannot be "
+                        "read (%s)", e)
+            return None
+        train = {"files": split.files, "file_windows": split.file_windows, "targets": split.targets}
+    counts: dict[str, Counter] = {}
+    row = 0
+    for name, n in zip(train["files"], train["file_windows"]):
+        op = run_name(Path(name))[1]
+        lines = [vocab.decode(t[1:]) for t in train["targets"][row : row + n].tolist()]
+        counts.setdefault(op, Counter()).update(lines)
+        row += n
+    return counts
+
+
+def name_program(lines: list[str], counts: dict[str, Counter], overlap: float, alpha: float = 1.0
+                 ) -> list[tuple[str, float]]:
+    """(operation, probability), most probable first: naive Bayes with a uniform prior and Laplace
+    smoothing over the windows' predicted lines. Overlapping windows repeat the same evidence, so the
+    log-likelihood is divided by the overlap (window/stride) before the softmax."""
+    known = set().union(*counts.values(), lines)
+    score = {}
+    for op, c in counts.items():
+        total = sum(c.values()) + alpha * (len(known) + 1)
+        score[op] = sum(math.log((c[t] + alpha) / total) for t in lines) / overlap
+    top = max(score.values())
+    z = sum(math.exp(s - top) for s in score.values())
+    return sorted(((op, math.exp(s - top) / z) for op, s in score.items()), key=lambda kv: -kv[1])
+
+
+# --- the job ---------------------------------------------------------------------------------------------
+def predict_job(cfg, run_dir: Path) -> dict:
+    """Offline: every recording of data.dir; live (predict.follow=true): data.path as it is written."""
+    blob = load_checkpoint(cfg.ckpt_path)
+    pred = Predictor(blob, cfg.hardware, cfg.predict.batch_size)
+    out = run_dir / "predictions"
+    out.mkdir(exist_ok=True)
+    if cfg.predict.follow:
+        return follow(cfg, run_dir, pred)
+    recordings, skipped = [], []
+    for path in list_runs(cfg.data.dir, cfg.data.pattern):
+        try:
+            rec = read_recording(path, cfg.data.max_nonfinite)
+            check_channels(path, rec.run.columns, pred.feats)
+            if len(rec.times) < pred.window:
+                raise DataError(f"{path}: {len(rec.times)} rows, fewer than one window (data.window={pred.window})")
+            recordings.append(rec)
+        except DataError as e:
+            if cfg.data.on_error != "skip":
+                raise
+            log.warning("skipping %s", e)
+            skipped.append({"file": path.name, "error": str(e)})
+    if not recordings:
+        raise DataError(f"{cfg.data.dir}: no usable recordings")
+    counts = op_line_counts(blob, cfg, pred.vocab)
+    majority_line = pred.vocab.decode(blob["majority_line"][1:].tolist())
+    majority_op = max(sorted(counts), key=lambda op: sum(counts[op].values())) if counts else ""
+    totals: Counter = Counter()
+    programs = []
+    for rec in recordings:
+        run = rec.run
+        guesses = pred.guess(run_inputs(run, pred.feats), window_starts(len(run.lines), pred.window, pred.stride))
+        votes = vote(len(run.lines), guesses, pred.window)
+        true = [pred.vocab.decode(pred.vocab.encode(t)[1:]) if t else "" for t in run.lines]
+        write_rows(out / f"{run.name}.csv", votes, rec, true)
+        title = f"{run.name}: predicted by gcode-exp from {cfg.ckpt_path} ({len(votes)} rows, {len(guesses)} windows)"
+        (out / f"{run.name}.gcode").write_text(reconstruct(votes, rec.times, cfg.predict.min_p, title))
+        ranked = name_program([g.line for g in guesses], counts, pred.window / pred.stride) if counts else [("", 0.0)]
+        true_op = run.op if RUN_NAME.match(run.name) else ""
+        programs.append({"recording": run.name, "program": ranked[0][0], "p": f"{ranked[0][1]:.4f}",
+                         "runner_up": ranked[1][0] if len(ranked) > 1 else "",
+                         "runner_up_p": f"{ranked[1][1]:.4f}" if len(ranked) > 1 else "", "true_program": true_op})
+        if true_op:
+            totals.update(programs_known=1, program_right=ranked[0][0] == true_op,
+                          majority_program=majority_op == true_op)
+        if rec.labelled:
+            s, m = score_rows([v.line for v in votes], true), score_rows([majority_line] * len(true), true)
+            totals.update(files=1, rows=s["rows"], right=s["right"], axis=s["axis_right"], sim=s["similarity"],
+                          m_right=m["right"], m_axis=m["axis_right"], m_sim=m["similarity"])
+        print(f"{run.name}: {len(votes)} rows -> {len(merge_repeats([v.line for v in votes]))} lines; "
+              f"program {ranked[0][0] or '?'} (p={ranked[0][1]:.2f}){f', true {true_op}' if true_op else ''}")
+    with open(run_dir / "program.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(programs[0]))
+        writer.writeheader()
+        writer.writerows(programs)
+    from gcode_exp.tasks import write_json  # here: tasks imports this module
+
+    write_json({"data_dir": str(cfg.data.dir), "predict": {"files": [r.run.name for r in recordings]},
+                "skipped_files": skipped}, run_dir / "data_summary.json")
+    metrics = {"ckpt_path": str(cfg.ckpt_path), "predict/files": len(recordings)}
+    if totals["rows"]:
+        for prefix, key in (("predict", ""), ("majority", "m_")):
+            metrics[f"{prefix}/row_line_acc"] = totals[f"{key}right"] / totals["rows"]
+            metrics[f"{prefix}/axis_acc"] = totals[f"{key}axis"] / totals["rows"]
+            metrics[f"{prefix}/sequence_similarity"] = totals[f"{key}sim"] / totals["files"]
+    if totals["programs_known"] and counts:
+        metrics["predict/program_acc"] = totals["program_right"] / totals["programs_known"]
+        metrics["majority/program_acc"] = totals["majority_program"] / totals["programs_known"]
+    write_json(metrics, run_dir / "metrics.json")
+    shown = " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "/" in k and k != "predict/files")
+    log.info("%s", shown or "no labelled rows: nothing to score")
+    return metrics
+
+
+def write_rows(path: Path, votes: list[RowVote], rec: Recording, true: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(ROW_FIELDS)
+        for i, (v, t) in enumerate(zip(votes, true)):
+            writer.writerow([rec.times[i], i, v.line, f"{v.p:.4g}", v.runner_up, f"{v.runner_up_p:.4g}",
+                             rec.run.lines[i], int(v.line == t) if t else ""])
+
+
+# --- live --------------------------------------------------------------------------------------------------
+def tail_rows(path: Path, poll_s: float, idle_s: float) -> Iterator[list[list[str]] | None]:
+    """The header, then each batch of newly completed rows of a file being appended to; None when the
+    file has not grown for idle_s seconds (the caller stops)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (data.path)")
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        pending, last = "", time.monotonic()
+        while True:
+            try:
+                chunk = f.read()
+            except (EOFError, OSError) as e:
+                raise DataError(f"{path}: cannot read ({e})") from None
+            if chunk:
+                pending += chunk
+                last = time.monotonic()
+                *done, pending = pending.split("\n")
+                rows = [r for r in csv.reader(done) if r]
+                if rows:
+                    yield rows
+            elif time.monotonic() - last > idle_s:
+                yield None
+                return
+            else:
+                time.sleep(poll_s)
+
+
+def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
+    """Read data.path while it grows; decode each window as soon as its last row arrived (the same
+    windows as offline: starts 0, stride, ...), print each newly recognised line with the time of the
+    window's centre row. Ends at idle_s without growth or on Ctrl-C, with a summary line."""
+    path = Path(cfg.data.path)
+    header: list[str] | None = None
+    cols: list[int] = []
+    buf_values, buf_times = [], []  # rows from `base` on
+    base = next_start = n_rows = windows = printed = 0
+    last_line, why = None, "end of input"
+    live = open(run_dir / "predictions" / f"{run_name(path)[0]}.live.csv", "w", newline="")
+    writer = csv.writer(live)
+    writer.writerow(("time", "start_row", "line", "p"))
+    try:
+        for rows in tail_rows(path, cfg.predict.poll_s, cfg.predict.idle_s):
+            if rows is None:
+                break
+            if header is None:
+                header, rows = [h.strip() for h in rows[0]], rows[1:]
+                columns = [c for c in header if channel_group(c) is not None]
+                check_channels(path, columns, pred.feats)
+                cols = [header.index(c) for c in columns]
+                t_col = header.index("t_console") if "t_console" in header else None
+            for r in rows:
+                n_rows += 1
+                try:
+                    v = np.array([float(r[j]) if j < len(r) and r[j].strip() else np.nan for j in cols], np.float32)
+                except ValueError:
+                    raise DataError(f"{path}: row {n_rows + 1}: a sensor column holds a non-numeric value") from None
+                buf_values.append(v)
+                buf_times.append(r[t_col] if t_col is not None and t_col < len(r) else str(n_rows - 1))
+            ready = []
+            while next_start + pred.window <= base + len(buf_values):
+                ready.append(next_start)
+                next_start += pred.stride
+            if not ready:
+                continue
+            run = Run(name=path.name, op="", columns=columns, values=np.stack(buf_values), lines=[""] * len(buf_values),
+                      nonfinite_cells=0, silent_rows=0, unparsed_chunks=0, path=str(path))
+            for g in pred.guess(run_inputs(run, pred.feats), [s - base for s in ready]):
+                windows += 1
+                t = buf_times[g.start + pred.window // 2]
+                writer.writerow((t, g.start + base, g.line, f"{g.p:.4g}"))
+                if g.line != last_line:
+                    print(f"{t[:10]}  {g.line}  (p={g.p:.2f})", flush=True)
+                    printed, last_line = printed + 1, g.line
+            live.flush()
+            drop = next_start - base  # rows no later window needs
+            del buf_values[:drop], buf_times[:drop]
+            base = next_start
+    except KeyboardInterrupt:
+        why = "interrupted"
+    finally:
+        live.close()
+    if windows == 0 and why == "end of input":
+        raise DataError(f"{path}: {n_rows} rows, fewer than one window (data.window={pred.window})")
+    print(f"live: {n_rows} rows, {windows} windows, {printed} lines recognised ({why})", flush=True)
+    metrics = {"ckpt_path": str(cfg.ckpt_path), "live/rows": n_rows, "live/windows": windows, "live/lines": printed}
+    from gcode_exp.tasks import write_json
+
+    write_json(metrics, run_dir / "metrics.json")
+    return metrics

@@ -1,0 +1,261 @@
+"""task=predict: the vote, the .gcode reconstruction, program naming, and the job offline and live."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from gcode_exp.predict import (
+    Guess,
+    RowVote,
+    axis_moves,
+    edit_similarity,
+    name_program,
+    position_weights,
+    reconstruct,
+    vote,
+    window_starts,
+)
+from tests.conftest import ROOT, SAMPLE, run_py
+
+LIVE_LINE = re.compile(r"^\S+  .*  \(p=\d\.\d\d\)$")
+
+
+# --- pure functions, hand-made answers -----------------------------------------------------------------
+def test_windows_cover_every_row():
+    assert window_starts(8, 4, 2) == [0, 2, 4]
+    assert window_starts(9, 4, 2) == [0, 2, 4, 5]  # one more, flush with the end
+    assert window_starts(3, 4, 2) == []
+    assert position_weights(4).tolist() == [0.5, 1.0, 1.0, 0.5]
+
+
+def test_vote_weighs_confidence_and_centre():
+    # window 4 (position weights 0.5 1 1 0.5), 8 rows: [0,4) -> A at 0.8, [2,6) -> B at 0.6, [4,8) -> B at 1.0
+    rows = vote(8, [Guess(0, "A", 0.8), Guess(2, "B", 0.6), Guess(4, "B", 1.0)], 4)
+    assert [r.line for r in rows] == ["A", "A", "A", "B", "B", "B", "B", "B"]
+    assert rows[0] == RowVote("A", pytest.approx(0.8), "", 0.0)  # one window: its confidence
+    # row 2: A at window 0's centre (1 x 0.8) beats B at window 1's edge (0.5 x 0.6); p over 1 + 0.5
+    assert (rows[2].line, rows[2].p, rows[2].runner_up, rows[2].runner_up_p) == \
+        ("A", pytest.approx(0.8 / 1.5), "B", pytest.approx(0.3 / 1.5))
+    # row 3: at window 0's edge (0.5 x 0.8 = 0.4) and window 1's centre (1 x 0.6): the less confident
+    # window wins, because the row sits at its centre
+    assert (rows[3].line, rows[3].p, rows[3].runner_up, rows[3].runner_up_p) == \
+        ("B", pytest.approx(0.4), "A", pytest.approx(0.4 / 1.5))
+    assert rows[5].p == pytest.approx((0.5 * 0.6 + 1.0) / 1.5) and rows[5].runner_up == ""
+
+
+def test_vote_ties_go_to_the_line_voted_first():
+    rows = vote(4, [Guess(0, "A", 0.5), Guess(0, "B", 0.5)], 4)
+    assert {r.line for r in rows} == {"A"} and {r.runner_up for r in rows} == {"B"}
+
+
+def test_reconstruction_merges_repeats_and_marks_low_confidence():
+    votes = [RowVote("G0 Z5", 0.9, "", 0), RowVote("G0 Z5", 0.7, "", 0), RowVote("G1 X1", 0.3, "G1 X2", 0.2),
+             RowVote("G0 Z5", 0.95, "", 0)]
+    text = reconstruct(votes, ["10:00:00.0", "10:00:00.3", "10:00:00.6", "10:00:00.9"], 0.5, "demo")
+    body = [line for line in text.splitlines() if not line.startswith(";")]
+    assert body == ["G0 Z5 ; t=10:00:00.0 p=0.80", "G1 X1 ; t=10:00:00.6 p=0.30 LOW", "G0 Z5 ; t=10:00:00.9 p=0.95"]
+
+
+def test_axis_moves_and_sequence_similarity():
+    moves = axis_moves(["G0 X0 Y0 Z5", "G0 X0 Y0 Z5", "G1 Z-1", "G1 X2", "G1 Y-3"])
+    assert moves == [(0, 0, 0), (0, 0, 0), (0, 0, -1), (1, 0, 0), (0, -1, 0)]
+    assert edit_similarity(["a", "b", "c"], ["a", "b", "c"]) == 1.0
+    assert edit_similarity(["a", "b", "c", "d"], ["a", "x", "c"]) == pytest.approx(0.5)  # 2 edits / 4
+
+
+def test_program_naming_picks_the_operation_whose_lines_match():
+    counts = {"face": Counter({"G1 X1": 10, "G1 X2": 10}), "pocket": Counter({"G1 Y5": 10, "G2 X1": 10})}
+    ranked = name_program(["G1 Y5", "G1 Y5", "G2 X1", "G9"], counts, overlap=2)
+    assert ranked[0][0] == "pocket" and ranked[0][1] > 0.9
+    assert sum(p for _, p in ranked) == pytest.approx(1.0)
+    even = name_program(["G9"], counts, overlap=1)  # a line neither knows: no evidence either way
+    assert even[0][1] == pytest.approx(0.5)
+
+
+# --- the job, on a tiny model trained once ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    ws = tmp_path_factory.mktemp("predict")
+    r = run_py(f"hydra.run.dir={ws / 'train'}", cache=ws / "cache")
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = ws / "two"
+    two.mkdir()
+    for name in ("face_003", "pocket_016"):
+        (two / f"{name}_aligned.csv.gz").symlink_to(SAMPLE / f"{name}_aligned.csv.gz")
+    return {"ws": ws, "ckpt": ws / "train" / "checkpoints" / "best.pt", "two": two, "cache": ws / "cache"}
+
+
+def predict_py(t: dict, out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(predict_cmd(t, out, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def predict_cmd(t: dict, out: Path, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), "task=predict", f"ckpt_path={t['ckpt']}", f"data.dir={t['two']}",
+            f"data.cache_dir={t['cache']}", "hardware.threads=1", f"hydra.run.dir={out}", *args]
+
+
+def sample_rows(name: str) -> list[str]:
+    with gzip.open(SAMPLE / f"{name}_aligned.csv.gz", "rt", newline="") as f:
+        return f.read().splitlines(keepends=True)
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_predict_writes_rows_program_gcode_and_metrics(trained):
+    out = trained["ws"] / "pred"
+    r = predict_py(trained, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for prefix in ("predict", "majority"):
+        for key in ("row_line_acc", "axis_acc", "sequence_similarity", "program_acc"):
+            assert 0.0 <= metrics[f"{prefix}/{key}"] <= 1.0, key
+    with open(out / "predictions" / "face_003.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with gzip.open(SAMPLE / "face_003_aligned.csv.gz", "rt", newline="") as f:
+        source = [row for row in csv.DictReader(f)]
+    assert len(rows) == sum(1 for s in source if s["spindle"] != "")  # one per sensor row (silent rows dropped)
+    assert rows[0]["time"] == source[0]["t_console"] and rows[0]["true_line"] == source[0]["gcode_string"]
+    assert all(0.0 <= float(row["p"]) <= 1.0 and row["line"] for row in rows)
+    gcode = (out / "predictions" / "face_003.gcode").read_text().splitlines()
+    body = [line for line in gcode if not line.startswith(";")]
+    assert body and all(" ; t=" in line for line in body)
+    assert all(a.split(" ; ")[0] != b.split(" ; ")[0] for a, b in zip(body, body[1:]))  # repeats merged
+    with open(out / "program.csv", newline="") as f:
+        programs = {row["recording"]: row for row in csv.DictReader(f)}
+    assert set(programs) == {"face_003", "pocket_016"}
+    assert programs["face_003"]["true_program"] == "face"
+    ops = {"adaptive", "adaptive150025", "damageadaptive", "damageface", "damagepocket", "face", "face150025",
+           "pocket", "pocket150025"}
+    assert all(row["program"] in ops and 0 < float(row["p"]) <= 1 for row in programs.values())
+
+
+def test_unlabelled_recording_is_predicted_not_scored(trained):
+    folder = trained["ws"] / "unlabelled"
+    folder.mkdir()
+    with gzip.open(SAMPLE / "face_004_aligned.csv.gz", "rt", newline="") as f:
+        rows = list(csv.reader(f))
+    drop = rows[0].index("gcode_string")
+    write_csv(folder / "mystery.csv", [r[:drop] + r[drop + 1 :] for r in rows])
+    out = trained["ws"] / "pred_unlabelled"
+    r = predict_py(trained, out, f"data.dir={folder}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "predict/row_line_acc" not in metrics and metrics["predict/files"] == 1
+    assert (out / "predictions" / "mystery.gcode").is_file()
+    program = next(csv.DictReader(open(out / "program.csv", newline="")))
+    assert program["true_program"] == "" and program["program"]
+
+
+@pytest.mark.parametrize("case, says", [
+    ("missing_channel", "lacks channels the checkpoint was trained on: x_motor"),
+    ("not_a_checkpoint", "not a readable checkpoint"),
+    ("short", "rows, fewer than one window"),
+])
+def test_bad_input_is_one_line(trained, case, says):
+    folder = trained["ws"] / f"bad_{case}"
+    folder.mkdir()
+    rows = list(csv.reader(sample_rows("face_003")))
+    args = [f"data.dir={folder}"]
+    if case == "missing_channel":
+        drop = rows[0].index("x_motor")
+        rows = [r[:drop] + r[drop + 1 :] for r in rows]
+    elif case == "short":
+        rows = rows[:11]
+    else:
+        args.append(f"ckpt_path={folder / 'face_003_aligned.csv'}")
+    write_csv(folder / "face_003_aligned.csv", rows)
+    r = predict_py(trained, trained["ws"] / f"out_{case}", *args)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0] and "Traceback" not in r.stderr
+    assert case == "not_a_checkpoint" or "face_003_aligned.csv" in errors[0]
+
+
+class Reader(threading.Thread):
+    """Collects a subprocess's stdout lines as they come."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream, self.lines = stream, []
+
+    def run(self) -> None:
+        for line in self.stream:
+            self.lines.append(line.rstrip("\n"))
+
+
+def test_live_mode_prints_lines_while_the_file_grows(trained):
+    rows = sample_rows("face_003")
+    path = trained["ws"] / "growing.csv"
+    path.write_text("".join(rows[:41]))  # header + 40 rows: one window of 32, not two
+    written = 41
+    out = trained["ws"] / "live"
+    cmd = predict_cmd(trained, out, "predict.follow=true", f"data.path={path}", "predict.idle_s=4",
+                      "predict.poll_s=0.1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = Reader(proc.stdout)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 150
+        while not any(LIVE_LINE.match(x) for x in reader.lines) and time.monotonic() < deadline and proc.poll() is None:
+            with open(path, "a") as f:  # a slow trickle, so the file keeps growing while the process starts
+                f.write("".join(rows[written : written + 2]))
+            written += 2
+            time.sleep(0.4)
+        assert reader.lines, f"nothing printed; stderr: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}"
+        assert written < len(rows), "the whole file was written before the first line was printed"
+        while written < len(rows):
+            with open(path, "a") as f:
+                f.write("".join(rows[written : written + 100]))
+            written += 100
+            time.sleep(0.2)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    assert code == 0, proc.stderr.read()[-2000:]
+    printed = [line for line in reader.lines if not line.startswith("[")]  # not the log's lines
+    assert all(LIVE_LINE.match(line) for line in printed[:-1]), [x for x in printed if not LIVE_LINE.match(x)]
+    assert printed[-1].startswith(f"live: {len(rows) - 1} rows, ") and "(end of input)" in printed[-1], printed[-1]
+    assert json.loads((out / "metrics.json").read_text())["live/rows"] == len(rows) - 1
+
+
+def test_live_mode_ends_cleanly_on_ctrl_c(trained):
+    path = trained["ws"] / "complete.csv"
+    path.write_text("".join(sample_rows("pocket_016")))
+    cmd = predict_cmd(trained, trained["ws"] / "live_int", "predict.follow=true", f"data.path={path}",
+                      "predict.idle_s=120")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    reader = Reader(proc.stdout)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 150
+        while not any(LIVE_LINE.match(x) for x in reader.lines) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert reader.lines, proc.stderr.read()[-2000:] if proc.poll() is not None else "nothing printed"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    assert code == 0, proc.stderr.read()[-2000:]
+    assert any(line.startswith("live: ") and "(interrupted)" in line for line in reader.lines), reader.lines[-3:]
