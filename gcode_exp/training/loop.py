@@ -136,7 +136,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
             if tc.progress:
                 progress(epoch, step, n_steps, total / seen)
         train_sec = time.perf_counter() - t0
-        val_metrics, _ = evaluate(model, val, data.vocab, cfg, device, with_lines=False)
+        val_metrics, _ = evaluate(model, val, data.vocab, cfg, device, with_lines=tc.monitor == "val/line_exact")
         row = {"epoch": epoch, "train/loss": total / max(seen, 1), "sec": train_sec,
                **{f"val/{k}": v for k, v in val_metrics.items()}}
         state["history"].append(row)
