@@ -269,7 +269,7 @@ CMP = ("python run.py -m experiment=baseline,augmented,multihead,multihead_aug t
 PG_WORKERS = ("python run.py -m hparams_search=optuna hydra.sweeper.n_trials=3 trainer.max_epochs=2 hardware.threads=1 "
               "hydra.sweep.dir=/tmp/doc/pg/worker$w &")
 REAL_COMPARISON = ("python run.py -m data.dir=../shared/data/cnc_sensor_gcode model=baseline,multihead "
-                   "aug=none,3x features=all,side_channel seed=0,1,2 trainer.max_epochs=40 "
+                   "aug=none,3x model.row_weight=0 features=all,side_channel seed=0,1,2 trainer.max_epochs=40 "
                    "hydra.sweep.dir=multirun/real-comparison")
 REAL_OPTUNA = ("mkdir -p multirun/real-optuna && python run.py -m hparams_search=optuna "
                "data.dir=../shared/data/cnc_sensor_gcode features=side_channel hydra.sweeper.n_trials=8 "
@@ -292,7 +292,7 @@ COMMANDS: dict[str, Doc] = {
     "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest": Doc(kind=CI),
     ".venv/bin/python run.py data.dir=../shared/data/cnc_sensor_gcode": Doc(files=("metrics.json",)),
     "python run.py --help": Doc(fast=True, says=("== Configuration groups ==",), check=help_lists_the_readme_groups),
-    "python run.py model=baseline aug=none": Doc(files=("metrics.json",)),
+    "python run.py experiment=baseline": Doc(files=("metrics.json",)),
     "python run.py features=side_channel": Doc(files=("metrics.json",)),
     "python run.py aug.oversample_factor=5 model.loss_weights.command=5.0 trainer.batch_size=16":
         Doc(files=("metrics.json",)),
