@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
 from gcode_exp.data.dataset import Features, prepare, run_inputs
-from gcode_exp.data.read import RUN_NAME, DataError, Run, channel_group, list_runs, read_table, run_name
+from gcode_exp.data.read import RUN_NAME, DataError, Run, channel_group, list_runs, read_run, run_name
 from gcode_exp.data.vocab import BOS, COMMAND, EOS, NUMERIC, PARAMETER, Vocab, parse_line
 from gcode_exp.training.checkpoint import load_checkpoint
 from gcode_exp.training.loop import autocast, load_model, pick_device
@@ -55,42 +54,9 @@ class Recording:
 
 
 def read_recording(path: Path, max_nonfinite: float) -> Recording:
-    """Like read_run (same checks, same messages), but a recording without labels is fine here: it is
-    what prediction is for. Also keeps the time column, which read_run drops."""
-    frame, notes = read_table(path)
-    if len(frame) == 0:
-        raise DataError(f"{path}: header only, no rows")
-    columns = [c for c in frame.columns if channel_group(c) is not None]
-    if not columns:
-        raise DataError(f"{path}: no sensor columns (expected motor currents or '<board>.<axis>' columns)")
-    values = np.empty((len(frame), len(columns)), dtype=np.float32)
-    for j, col in enumerate(columns):
-        numeric = pd.to_numeric(frame[col], errors="coerce")
-        text = frame[col].notna() & numeric.isna()
-        if text.any():
-            row = int(np.flatnonzero(text.to_numpy())[0])
-            raise DataError(f"{path}: row {row + 2}: column '{col}' holds non-numeric value {frame[col].iloc[row]!r}")
-        with np.errstate(over="ignore"):
-            values[:, j] = numeric.to_numpy(dtype=np.float64)
-    sensors = [j for j, c in enumerate(columns) if channel_group(c) != "controller"]
-    alive = np.isfinite(values[:, sensors]).any(axis=1) if sensors else np.ones(len(values), dtype=bool)
-    values = values[alive]
-    if not len(values):
-        raise DataError(f"{path}: no row has any sensor value (motor currents or IMU boards)")
-    bad = ~np.isfinite(values)
-    if bad.sum() > max_nonfinite * values.size:
-        raise DataError(f"{path}: {bad.sum() / values.size:.0%} of sensor cells are empty/NaN/inf "
-                        f"(limit data.max_nonfinite={max_nonfinite})")
-    values[bad] = np.nan
-    lines = (frame["gcode_string"].fillna("").astype(str).str.strip()[alive].tolist()
-             if "gcode_string" in frame.columns else [""] * len(values))
-    rows = np.flatnonzero(alive)
-    times = (frame["t_console"].fillna("").astype(str)[alive].tolist() if "t_console" in frame.columns
-             else [str(i) for i in rows])
-    name, op = run_name(path)
-    run = Run(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=int(bad.sum()),
-              silent_rows=int((~alive).sum()), unparsed_chunks=0, path=str(path), warnings=notes)
-    return Recording(run=run, times=times)
+    """read_run's checks and messages, but a recording without labels is fine here."""
+    run = read_run(path, max_nonfinite, labelled=False)
+    return Recording(run=run, times=run.times)
 
 
 def check_channels(path: Path | str, columns: list[str], feats: Features) -> None:

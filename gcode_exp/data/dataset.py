@@ -72,6 +72,17 @@ class Features:
 
 
 # --- splitting -----------------------------------------------------------------------------------
+def op_groups(runs: list[Run]) -> list[list[Run]]:
+    """Runs grouped by operation type, in name order; operations with fewer than 3 files are pooled
+    into one group, so that stratified splits of tiny samples still fill every part."""
+    by_op: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        by_op.setdefault(run.op, []).append(run)
+    groups = [g for g in by_op.values() if len(g) >= 3]
+    pool = [r for g in by_op.values() if len(g) < 3 for r in g]
+    return groups + [pool] if pool else groups
+
+
 def split_files(runs: list[Run], fractions: tuple[float, float, float], seed: int) -> dict[str, list[Run]]:
     """Seeded split of whole files, stratified by operation type.
 
@@ -79,13 +90,7 @@ def split_files(runs: list[Run], fractions: tuple[float, float, float], seed: in
     operations with fewer files are pooled and split the same way, so tiny samples still get all splits.
     """
     rng = random.Random(seed)
-    by_op: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: r.name):
-        by_op.setdefault(run.op, []).append(run)
-    groups = [g for g in by_op.values() if len(g) >= 3]
-    pool = [r for g in by_op.values() if len(g) < 3 for r in g]
-    if pool:
-        groups.append(pool)
+    groups = op_groups(runs)
     out: dict[str, list[Run]] = {s: [] for s in SPLITS}
     for group in groups:
         group = group[:]
@@ -117,13 +122,7 @@ def _fold_error(key: str, value, why: str) -> Exception:
 def carve_val(runs: list[Run], share: float, rng: random.Random) -> tuple[list[Run], list[Run]]:
     """(train, val) from one fold's training part, stratified like split_files: each operation with at
     least 3 files gives round(n * share) files (at least 1) to val; smaller ones are pooled."""
-    by_op: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: r.name):
-        by_op.setdefault(run.op, []).append(run)
-    groups = [g for g in by_op.values() if len(g) >= 3]
-    pool = [r for g in by_op.values() if len(g) < 3 for r in g]
-    if pool:
-        groups.append(pool)
+    groups = op_groups(runs)
     train, val = [], []
     for group in groups:
         group = group[:]

@@ -56,6 +56,7 @@ class Run:
     unparsed_chunks: int  # G-code text the tokenizer could not read (e.g. `#5`), dropped from targets
     path: str = ""  # the file it was read from, for messages
     warnings: list[str] = field(default_factory=list)  # what was read by a rule, one line each, naming the file
+    times: list[str] = field(default_factory=list)  # t_console per row (never an input), or the row number
 
 
 def channel_group(column: str) -> str | None:
@@ -76,11 +77,12 @@ def run_name(path: Path) -> tuple[str, str]:
     return name, (m.group("op") if m else name.split("_")[0])
 
 
-def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
-    """Parse one run; raise DataError with a one-line reason for anything unusable."""
+def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = True) -> Run:
+    """Parse one run; raise DataError with a one-line reason for anything unusable. `labelled=False`
+    (task=predict) accepts a recording without any gcode_string: what prediction is for."""
     path = Path(path)
     frame, notes = read_table(path)
-    if "gcode_string" not in frame.columns:
+    if labelled and "gcode_string" not in frame.columns:
         raise DataError(f"{path}: missing column 'gcode_string' (the target)")
     if len(frame) == 0:
         raise DataError(f"{path}: header only, no rows")
@@ -111,8 +113,11 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
             f"(limit data.max_nonfinite={max_nonfinite}; first at row {row + 2}, column '{columns[j]}')"
         )
     values[bad] = np.nan
-    lines = frame["gcode_string"].fillna("").astype(str).str.strip()[alive].tolist()
-    if not any(lines):
+    lines = (frame["gcode_string"].fillna("").astype(str).str.strip()[alive].tolist()
+             if "gcode_string" in frame.columns else [""] * len(values))
+    times = (frame["t_console"].fillna("").astype(str)[alive].tolist() if "t_console" in frame.columns
+             else [str(i) for i in np.flatnonzero(alive)])
+    if labelled and not any(lines):
         raise DataError(f"{path}: gcode_string is empty on every row: no labelled row to learn from or score")
     dropped = {line: parse_line(line)[1] for line in set(lines)}
     unparsed = sum(dropped[line] for line in lines)
@@ -123,7 +128,7 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05) -> Run:
                      f"dropped from the targets (first at row {row}: {lines[first][:60]!r})")
     name, op = run_name(path)
     return Run(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite,
-               silent_rows=int((~alive).sum()), unparsed_chunks=unparsed, path=str(path), warnings=notes)
+               silent_rows=int((~alive).sum()), unparsed_chunks=unparsed, path=str(path), warnings=notes, times=times)
 
 
 def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
