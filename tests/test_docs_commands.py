@@ -177,7 +177,7 @@ def submitit_job_folders(ran: Ran) -> None:
 def bench_json(name: str) -> Callable[[Ran], None]:
     def check(ran: Ran) -> None:
         result = json.loads((ran.cwd / name).read_text())
-        assert set(result["models"]) == {"baseline", "multihead", "multihead_lstm"}
+        assert set(result["models"]) == {"baseline", "multihead", "default"}
         assert set(result["epoch_s_by_data_size"]) == {"1x", "2x", "4x"} and result["prepare_cold_s"] > 0
     return check
 
