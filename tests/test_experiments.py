@@ -24,7 +24,16 @@ def compose_conf(*overrides: str, hydra: bool = False):
 
 
 def test_every_experiment_file_is_tested():
-    assert {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")} == set(EXPERIMENTS)
+    # the guide's four here; `recommended` below; `cv` in tests/test_splits.py
+    assert {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")} == {*EXPERIMENTS, "recommended", "cv"}
+
+
+def test_recommended_is_what_run_py_runs_by_default():
+    recommended, default = compose_conf("experiment=recommended"), compose_conf()
+    assert recommended.name == "recommended" and recommended.model.row_weight > 0
+    recommended.name = default.name
+    assert recommended == default
+    assert all(compose_conf(f"experiment={e}").model.row_weight == 0 for e in EXPERIMENTS)  # the guide's, as they were
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -241,8 +241,11 @@ def test_live_mode_ends_cleanly_on_ctrl_c(trained):
     path.write_text("".join(sample_rows("pocket_016")))
     cmd = predict_cmd(trained, trained["ws"] / "live_int", "predict.follow=true", f"data.path={path}",
                       "predict.idle_s=120")
+    # a shell without job control starts background jobs with SIGINT ignored, and a child inherits that:
+    # restore the default so that Ctrl-C reaches the process as it does in a terminal
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     reader = Reader(proc.stdout)
     reader.start()
     try:
