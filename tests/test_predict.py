@@ -25,6 +25,7 @@ from gcode_exp.predict import (
     name_program,
     position_weights,
     reconstruct,
+    score_rows,
     vote,
     window_starts,
 )
@@ -74,6 +75,16 @@ def test_axis_moves_and_sequence_similarity():
     assert moves == [(0, 0, 0), (0, 0, 0), (0, 0, -1), (1, 0, 0), (0, -1, 0)]
     assert edit_similarity(["a", "b", "c"], ["a", "b", "c"]) == 1.0
     assert edit_similarity(["a", "b", "c", "d"], ["a", "x", "c"]) == pytest.approx(0.5)  # 2 edits / 4
+
+
+def test_scores_of_a_perfect_and_of_a_majority_predictor():
+    # "" is an unlabelled row: not scored
+    true = ["G0 X0 Y0 Z5", "G0 X0 Y0 Z5", "", "G1 Z-1", "G1 X2", "G1 X2", "G0 Z5"]
+    assert score_rows(true, true) == {"rows": 6, "right": 6, "axis_right": 6, "similarity": 1.0}
+    majority = score_rows(["G0 X0 Y0 Z5"] * len(true), true)
+    assert majority["rows"] == 6 and majority["right"] == 2  # the rows whose line is the majority line
+    assert majority["axis_right"] == 2  # it never moves; only the first line's rows (no move yet) agree
+    assert majority["similarity"] == pytest.approx(1 - 3 / 4)  # 1 merged line against 4: 3 edits / 4
 
 
 def test_program_naming_picks_the_operation_whose_lines_match():
