@@ -240,7 +240,8 @@ def op_line_counts(blob: dict, cfg, vocab: Vocab) -> dict[str, Counter] | None:
     (naming off, warned) where that folder cannot be read."""
     train = blob.get("train_windows")
     if train is None:
-        train_cfg = OmegaConf.create(blob["config"])
+        # the checkpoint's settings over today's defaults: keys added since it was saved keep their defaults
+        train_cfg = OmegaConf.merge(OmegaConf.to_container(cfg), blob["config"])
         train_cfg.data.cache_dir = cfg.data.cache_dir
         log.info("checkpoint has no train_windows: rebuilding the training split of %s", train_cfg.data.dir)
         try:

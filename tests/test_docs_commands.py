@@ -357,6 +357,8 @@ COMMANDS: dict[str, Doc] = {
                                                 files=SUMMARY, check=cut_metrics_skipped),
     # docs/RESULTS.md
     REAL_COMPARISON: Doc(jobs=24),
+    "python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel seed=0,1,2 "
+    "hydra.sweep.dir=multirun/real-default": Doc(jobs=6),
     "python -m gcode_exp.summarize multirun/real-comparison":
         Doc(needs=(REAL_COMPARISON,), files=SUMMARY, says=("24 run folders (24 finished)",),
             check=summary_rows(*(f"{m}-{a}-v2" for m in ("baseline", "multihead") for a in ("none", "3x")
