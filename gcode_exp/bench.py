@@ -2,7 +2,8 @@
 
 Prints a table and writes JSON: training throughput of the full pipeline (batch gathering +
 augmentation + step) against the bare step on pre-built tensors, per model; inference latency per
-window at batch 1 and 256; cold vs cached `prepare`; epoch time at 1x/2x/4x the data; peak memory.
+window at batch 1 and 256, and live mode's cost per new window (greedy decoding at batch 1); cold vs
+cached `prepare`; epoch time at 1x/2x/4x the data; peak memory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
 from gcode_exp.data.dataset import prepare
+from gcode_exp.data.vocab import BOS
 from gcode_exp.models import build_model
 from gcode_exp.training.loop import train_step
 
@@ -74,6 +76,8 @@ def bench_model(cfg, data, steps: int) -> dict:
         x1, y1 = prebuilt[0][0][:1], prebuilt[0][1][:1]
         big = next(batches(train, cfg.data.window, 256))
         out["latency_ms_batch1"] = 1e3 * timed(lambda: model(x1, y1[:, :-1]), 20)
+        # what live mode (task=predict predict.follow=true) spends on each new window: greedy decoding
+        out["live_ms_per_window"] = 1e3 * timed(lambda: model.generate(x1, cfg.data.max_len - 1, BOS), 10)
         out["latency_ms_per_window_batch256"] = 1e3 * timed(lambda: model(big[0], big[1][:, :-1]), 3) / len(big[0])
     return out
 
@@ -123,11 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"{result['machine']}; data {args.data_dir}: {result['train_windows']} train windows")
     print(f"prepare: cold {cold:.2f} s, cached {cached:.3f} s ({cold / cached:.0f}x)")
-    heads = ("params", "bare w/s", "pipe w/s", "pipe/bare", "b1 ms", "b256 ms/w")
+    heads = ("params", "bare w/s", "pipe w/s", "pipe/bare", "b1 ms", "b256 ms/w", "live ms")
     print(f"{'model':16s} " + " ".join(f"{h:>9s}" for h in heads))
     for name, m in result["models"].items():
         print(f"{name:16s} {m['params']:9d} {m['bare_windows_per_s']:9.0f} {m['pipeline_windows_per_s']:9.0f} "
-              f"{m['pipeline_vs_bare']:9.2f} {m['latency_ms_batch1']:9.2f} {m['latency_ms_per_window_batch256']:9.3f}")
+              f"{m['pipeline_vs_bare']:9.2f} {m['latency_ms_batch1']:9.2f} {m['latency_ms_per_window_batch256']:9.3f} "
+              f"{m['live_ms_per_window']:9.2f}")
     s = result["epoch_s_by_data_size"]
     print("epoch seconds at 1x/2x/4x data: " + " / ".join(f"{v:.2f}" for v in s.values())
           + f" (4x/1x = {s['4x'] / s['1x']:.2f})")

@@ -15,7 +15,7 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     assert set(result["models"]) == {"baseline", "multihead", "default"}
     for m in result["models"].values():
         assert m["bare_windows_per_s"] > 0 and m["pipeline_windows_per_s"] > 0
-        assert m["latency_ms_batch1"] > 0 and m["latency_ms_per_window_batch256"] > 0
+        assert m["latency_ms_batch1"] > 0 and m["latency_ms_per_window_batch256"] > 0 and m["live_ms_per_window"] > 0
     assert result["prepare_cold_s"] > result["prepare_cached_s"] > 0
     assert set(result["epoch_s_by_data_size"]) == {"1x", "2x", "4x"} and result["peak_rss_mb"] > 0
     printed = capsys.readouterr().out
