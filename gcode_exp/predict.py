@@ -72,6 +72,7 @@ class Guess:
     start: int  # first row of the window
     line: str  # decoded G-code text (numbers at bucket centres)
     p: float  # product of the per-step probabilities of the greedy tokens
+    rows: np.ndarray | None = None  # row-head probabilities [window, n_lines + 1], where the model has one
 
 
 def step_confidence(out: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -106,15 +107,24 @@ class Predictor:
         for i in range(0, len(starts), self.batch_size):
             part = starts[i : i + self.batch_size]
             batch = torch.from_numpy(np.stack([x[s : s + self.window] for s in part])).to(self.device)
-            ids, p = self.decode(batch)
-            out += [Guess(s, self.vocab.decode(row), float(q)) for s, row, q in zip(part, ids.tolist(), p.tolist())]
+            ids, p, rows = self.decode(batch)
+            per_window = list(rows) if rows is not None else [None] * len(part)
+            out += [Guess(s, self.vocab.decode(row), float(q), r)
+                    for s, row, q, r in zip(part, ids.tolist(), p.tolist(), per_window)]
         return out
 
-    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TokenModel.generate, keeping each sequence's probability up to and including its EOS."""
+    @property
+    def lines(self) -> list[str]:
+        """The row head's classes as text: the training windows' target lines."""
+        return [self.vocab.decode(t[1:]) for t in self.model.lines.tolist()]
+
+    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """TokenModel.generate, keeping each sequence's probability up to and including its EOS; and the
+        row head's probabilities, where the model has one."""
         m = self.model
         with autocast(self.device, self.amp):
             memory = m.encoder(x)
+            rows = m.rows(memory).float().softmax(-1).cpu().numpy() if m.row_head is not None else None
             tokens = torch.full((len(x), 1), BOS, dtype=torch.long, device=x.device)
             p = torch.ones(len(x), device=x.device)
             done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -126,7 +136,7 @@ class Predictor:
                 tokens = torch.cat([tokens, nxt[:, None]], dim=1)
                 if done.all():
                     break
-        return tokens[:, 1:].cpu(), p.float().cpu()
+        return tokens[:, 1:].cpu(), p.float().cpu(), rows
 
 
 # --- windows -> rows ---------------------------------------------------------------------------------------
@@ -169,6 +179,28 @@ def vote(n_rows: int, guesses: list[Guess], window: int) -> list[RowVote]:
         top = ranked[0] if ranked else ("", 0.0)
         second = ranked[1] if len(ranked) > 1 else ("", 0.0)
         out.append(RowVote(top[0], top[1] / w if w else 0.0, second[0], second[1] / w if w else 0.0))
+    return out
+
+
+def row_head_answers(votes: list[RowVote], guesses: list[Guess], lines: list[str], window: int) -> list[RowVote]:
+    """Where the model has a row head, it names each row's line itself: its probabilities averaged over
+    the windows covering the row (weighted like the vote). A row it gives to a training line takes that
+    line; a row it calls "another line" keeps the window vote's answer, the decoder's, which can be new."""
+    if not guesses or guesses[0].rows is None:
+        return votes
+    k = position_weights(window)[:, None]
+    total = np.zeros((len(votes), len(lines) + 1))
+    for g in guesses:
+        total[g.start : g.start + window] += k * g.rows
+    total /= np.maximum(total.sum(1, keepdims=True), 1e-12)
+    out = []
+    for v, probs in zip(votes, total):
+        best = int(probs.argmax())
+        if best == len(lines):
+            out.append(v)
+        else:  # the runner-up: the window vote's answer where it differs
+            other = v.line != lines[best]
+            out.append(RowVote(lines[best], float(probs[best]), v.line if other else "", v.p if other else 0.0))
     return out
 
 
@@ -308,7 +340,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
     for rec in recordings:
         run = rec.run
         guesses = pred.guess(run_inputs(run, pred.feats), window_starts(len(run.lines), pred.window, pred.stride))
-        votes = vote(len(run.lines), guesses, pred.window)
+        votes = row_head_answers(vote(len(run.lines), guesses, pred.window), guesses, pred.lines, pred.window)
         true = [pred.vocab.decode(pred.vocab.encode(t)[1:]) if t else "" for t in run.lines]
         write_rows(out / f"{run.name}.csv", votes, rec, true)
         title = f"{run.name}: predicted by gcode-exp from {cfg.ckpt_path} ({len(votes)} rows, {len(guesses)} windows)"

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gcode_exp.predict import (
@@ -25,6 +26,7 @@ from gcode_exp.predict import (
     name_program,
     position_weights,
     reconstruct,
+    row_head_answers,
     score_rows,
     vote,
     window_starts,
@@ -60,6 +62,20 @@ def test_vote_weighs_confidence_and_centre():
 def test_vote_ties_go_to_the_line_voted_first():
     rows = vote(4, [Guess(0, "A", 0.5), Guess(0, "B", 0.5)], 4)
     assert {r.line for r in rows} == {"A"} and {r.runner_up for r in rows} == {"B"}
+
+
+def test_row_head_names_rows_it_knows_and_leaves_the_rest_to_the_vote():
+    # 2 training lines + "another line"; window 4, windows at rows 0 and 2 (6 rows)
+    first = np.array([[0.9, 0.05, 0.05]] * 2 + [[0.1, 0.1, 0.8]] * 2)   # rows 0-1: line A; 2-3: another
+    second = np.array([[0.1, 0.1, 0.8]] * 2 + [[0.05, 0.9, 0.05]] * 2)  # rows 2-3: another; 4-5: line B
+    guesses = [Guess(0, "G1 X9", 0.6, first), Guess(2, "G1 X9", 0.6, second)]
+    votes = vote(6, guesses, 4)
+    rows = row_head_answers(votes, guesses, ["G1 X1", "G1 X2"], 4)
+    assert [r.line for r in rows] == ["G1 X1", "G1 X1", "G1 X9", "G1 X9", "G1 X2", "G1 X2"]
+    assert rows[0].p == pytest.approx(0.9) and rows[0].runner_up == "G1 X9"  # the decoder's answer, second
+    assert rows[2] == votes[2]  # "another line": the decoder's vote stands, new lines stay possible
+    no_head = [Guess(0, "G1 X9", 0.6), Guess(2, "G1 X9", 0.6)]
+    assert row_head_answers(votes, no_head, ["G1 X1", "G1 X2"], 4) == votes
 
 
 def test_reconstruction_merges_repeats_and_marks_low_confidence():

@@ -99,10 +99,15 @@ class TokenModel(nn.Module):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         memory = self.encoder(x)
         out = self.heads(self.decoder(tokens, memory))
-        if self.row_head is not None:  # memory steps back to rows (the conv encoder halves time per layer)
-            per_row = memory.repeat_interleave(-(-self.window // memory.shape[1]), dim=1)[:, : self.window]
-            out["rows"] = self.row_head(per_row)
+        if self.row_head is not None:
+            out["rows"] = self.rows(memory)
         return out
+
+    def rows(self, memory: torch.Tensor) -> torch.Tensor:
+        """Row-head logits [B, window, n_lines + 1]: memory steps back to rows (the conv encoder halves
+        time per layer, so each step stands for several rows)."""
+        per_row = memory.repeat_interleave(-(-self.window // memory.shape[1]), dim=1)[:, : self.window]
+        return self.row_head(per_row)
 
     def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor, rows: torch.Tensor | None = None):
         """Token loss (the subclass's), plus `row_weight` x the row head's loss where row labels are given."""
