@@ -280,6 +280,10 @@ REAL_CV = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gc
 REAL_FAMILY = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
                "data.split_by=operation data.folds=3 'data.fold=range(3)' trainer.max_epochs=40 "
                "hydra.sweep.dir=multirun/real-family")
+CV_DEFAULT = ("python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=side_channel data.folds=5 "
+              "'data.fold=range(5)' hydra.sweep.dir=multirun/real-cv-default")
+WINDOW_DEFAULT = ("python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
+                  "data.split_by=window data.folds=5 'data.fold=range(5)' hydra.sweep.dir=multirun/real-window-default")
 REAL_WINDOW = ("python run.py -m experiment=multihead_aug data.dir=../shared/data/cnc_sensor_gcode "
                "features=side_channel data.split_by=window data.folds=5 'data.fold=range(5)' trainer.max_epochs=40 "
                "hydra.sweep.dir=multirun/real-window")
@@ -375,6 +379,11 @@ COMMANDS: dict[str, Doc] = {
             says=("8 run folders (8 finished)", "Paired comparison multihead_aug - multihead")),
     REAL_FAMILY: Doc(extra=("experiment@_global_=multihead_aug",), jobs=3, check=held_out_families),  # 1 approach
     REAL_WINDOW: Doc(extra=("data.fold=0,1",), jobs=2, says=("data.split_by=window: windows of one recording",)),
+    CV_DEFAULT: Doc(extra=("data.fold=0,1",), jobs=2),  # 2 of the 5 folds here
+    WINDOW_DEFAULT: Doc(extra=("data.fold=0,1",), jobs=2, says=("data.split_by=window: windows of one recording",)),
+    "python -m gcode_exp.summarize multirun/real-cv-default multirun/real-window-default":
+        Doc(needs=(CV_DEFAULT, WINDOW_DEFAULT), files=SUMMARY,
+            says=("4 run folders (4 finished)", "window 5-fold", "file 5-fold")),
     "python -m gcode_exp.summarize multirun/real-cv multirun/real-window":
         Doc(needs=(REAL_CV, REAL_WINDOW), files=SUMMARY, says=("10 run folders (10 finished)", "window 5-fold")),
     "python -m gcode_exp.bench --data-dir ../shared/data/cnc_sensor_gcode --out docs/bench.json":
