@@ -22,8 +22,7 @@ from hydra import compose, initialize_config_dir
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
 from gcode_exp.data.dataset import prepare
 from gcode_exp.data.vocab import BOS
-from gcode_exp.models import build_model
-from gcode_exp.training.loop import train_step
+from gcode_exp.training.loop import new_model, train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -46,11 +45,9 @@ def train_steps(model, opt, batches_, cfg) -> None:
 def build(cfg, data):
     """The model and optimiser `fit` builds for this config, and the row labels it trains with."""
     torch.manual_seed(0)
-    train = data.splits["train"]
-    lines = torch.unique(train.targets, dim=0)
-    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len, lines)
+    model, _ = new_model(cfg, data)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return model, opt, model.row_labels(train.row_targets)
+    return model, opt, model.row_labels(data.splits["train"].row_targets)
 
 
 def bench_model(cfg, data, steps: int) -> dict:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from gcode_exp import GcodeExpError, plots, run_folder
 from gcode_exp.config import check_against_data, validate
-from gcode_exp.data.dataset import Features, Prepared, build_split, prepare, read_runs
+from gcode_exp.data.dataset import Features, Prepared, atomic_write, build_split, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.logger import make_logger
 from gcode_exp.sweeps import record_optuna_trial
@@ -43,9 +42,8 @@ def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
 
 
 def write_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=1, default=float)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def prepare_checked(cfg) -> Prepared:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
-from gcode_exp.data.dataset import Prepared, Split
+from gcode_exp.data.dataset import Prepared, Split, atomic_write
 from gcode_exp.data.vocab import BOS, Vocab
 from gcode_exp.models import TokenModel, build_model
 from gcode_exp.training.checkpoint import load_checkpoint, save_checkpoint
@@ -87,8 +87,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train, val, tc = data.splits["train"], data.splits["val"], cfg.trainer
-    lines = torch.unique(train.targets, dim=0)  # the distinct training target lines, for the row head
-    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len, lines)
+    model, lines = new_model(cfg, data)
     model = model.to(device)
     rows = model.row_labels(train.row_targets)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -171,6 +170,14 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     return state
 
 
+def new_model(cfg, data: Prepared) -> tuple[TokenModel, torch.Tensor]:
+    """The untrained model of this config for this data, and the distinct training target lines its row
+    head names (one builder for `fit` and the benchmark)."""
+    lines = torch.unique(data.splits["train"].targets, dim=0)
+    model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len, lines)
+    return model, lines
+
+
 def check_resumable(old: dict, cfg) -> None:
     """Resuming must continue the same experiment: a changed model, data, vocabulary, feature set or seed
     is refused with the keys that differ. Also called by run_folder.claim, before the folder is touched."""
@@ -232,12 +239,14 @@ def train_step(model: TokenModel, opt: torch.optim.Optimizer, batch, device: tor
 
 def write_history(history: list[dict], path: Path) -> None:
     keys = list(dict.fromkeys(k for row in history for k in row))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(path, write)
 
 
 def load_model(blob: dict, device) -> tuple[TokenModel, Vocab]:
