@@ -1,9 +1,10 @@
 """Benchmark: `python -m gcode_exp.bench [--data-dir DIR] [--out bench.json] [hydra overrides ...]`.
 
 Prints a table and writes JSON: training throughput of the full pipeline (batch gathering +
-augmentation + step) against the bare step on pre-built tensors, per model; inference latency per
-window at batch 1 and 256, and live mode's cost per new window (greedy decoding at batch 1); cold vs
-cached `prepare`; epoch time at 1x/2x/4x the data; peak memory.
+augmentation + step) against the bare step on pre-built tensors, per token model; inference latency per
+window at batch 1 and 256, and live mode's cost per new window (greedy decoding at batch 1); for the
+default nearest-reference model, the seconds to build its reference and its latency; cold vs cached
+`prepare`; epoch time of the multi-head model at 1x/2x/4x the data; peak memory.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
 from gcode_exp.data.dataset import prepare
 from gcode_exp.data.vocab import BOS
+from gcode_exp.models import NearestModel
 from gcode_exp.training.loop import new_model, train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -79,6 +81,18 @@ def bench_model(cfg, data, steps: int) -> dict:
     return out
 
 
+def bench_nearest(cfg, data) -> dict:
+    """Seconds to build the reference from the training split, and answer latency per window."""
+    train, window = data.splits["train"], cfg.data.window
+    model = NearestModel(cfg.data.max_len, cfg.model)
+    fit_s = timed(lambda: model.fit_reference(train, data.features, window), 3)
+    x1 = train.rows[train.starts[:1, None] + torch.arange(window)]
+    big = train.rows[train.starts[:256, None] + torch.arange(window)]
+    return {"reference_keys": len(model.keys), "fit_s": fit_s,
+            "latency_ms_batch1": 1e3 * timed(lambda: model.answer(x1), 20),
+            "latency_ms_per_window_batch256": 1e3 * timed(lambda: model.answer(big), 3) / len(big)}
+
+
 def bench_scaling(cfg, data) -> dict:
     """Seconds for one training epoch over the train split repeated 1x, 2x, 4x."""
     train = data.splits["train"]
@@ -114,12 +128,15 @@ def main(argv: list[str] | None = None) -> dict:
         "prepare_speedup": cold / cached,
         "models": {},
     }
-    for name, extra in (("baseline", ["model=baseline", "aug=3x"]), ("multihead", ["model=multihead", "aug=3x"]),
-                        ("default", [])):
+    token_models = {"baseline": ["model=baseline", "aug=3x"], "multihead": ["model=multihead", "aug=3x"],
+                    "new_programs": ["experiment=new_programs"]}
+    for name, extra in token_models.items():
         with initialize_config_dir(config_dir=str(CONF)):
             mcfg = compose("config", overrides=[f"data.dir={args.data_dir}", *args.overrides, *extra])
-        result["models"][name] = bench_model(mcfg, data, args.steps)
-    result["epoch_s_by_data_size"] = bench_scaling(cfg, data)
+        result["models"][name] = bench_model(mcfg, data if name != "new_programs" else prepare(mcfg), args.steps)
+        if name == "multihead":
+            result["epoch_s_by_data_size"] = bench_scaling(mcfg, data)
+    result["nearest"] = bench_nearest(cfg, data)  # the default model
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"{result['machine']}; data {args.data_dir}: {result['train_windows']} train windows")
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:16s} {m['params']:9d} {m['bare_windows_per_s']:9.0f} {m['pipeline_windows_per_s']:9.0f} "
               f"{m['pipeline_vs_bare']:9.2f} {m['latency_ms_batch1']:9.2f} {m['latency_ms_per_window_batch256']:9.3f} "
               f"{m['live_ms_per_window']:9.2f}")
+    n = result["nearest"]
+    print(f"default (nearest, {n['reference_keys']} keys): reference built in {n['fit_s']:.2f} s, "
+          f"{n['latency_ms_batch1']:.2f} ms at batch 1, {n['latency_ms_per_window_batch256']:.3f} ms/window at 256")
     s = result["epoch_s_by_data_size"]
     print("epoch seconds at 1x/2x/4x data: " + " / ".join(f"{v:.2f}" for v in s.values())
           + f" (4x/1x = {s['4x'] / s['1x']:.2f})")

@@ -129,6 +129,9 @@ def Text(**kw) -> Rule:
                 and str(v) != "", **kw)
 
 
+TOKEN_MODELS = "model.name=baseline|multihead"  # only_if of the keys every token model has
+
+
 def OneOf(*choices: str, **kw) -> Rule:
     return Rule(f"one of {', '.join(choices)}", lambda v: v in choices, **kw)
 
@@ -178,18 +181,22 @@ SCHEMA: dict[str, Rule] = {
                             lambda v: isinstance(v, list) and 0 < len(v) == len(set(map(str, v)))
                             and set(v) <= set(FEATURE_GROUPS)),
     "features.board_flags": Bool(),
+    "features.elapsed": Bool(),
     # vocab
     "vocab.name": Text(),
     "vocab.digits": Int(ge=1, le=6, note="10**digits buckets per parameter letter"),
     # model
-    "model.name": OneOf("baseline", "multihead"),
-    "model.encoder": OneOf("conv", "lstm"),
-    "model.d_model": Int(ge=1),
-    "model.enc_layers": Int(ge=1),
-    "model.dec_layers": Int(ge=1),
-    "model.n_heads": Int(ge=1),
-    "model.dropout": Float(ge=0, lt=1),
-    "model.row_weight": Float(ge=0),
+    "model.name": OneOf("baseline", "multihead", "nearest"),
+    "model.encoder": OneOf("conv", "lstm", only_if=TOKEN_MODELS),
+    "model.d_model": Int(ge=1, only_if=TOKEN_MODELS),
+    "model.enc_layers": Int(ge=1, only_if=TOKEN_MODELS),
+    "model.dec_layers": Int(ge=1, only_if=TOKEN_MODELS),
+    "model.n_heads": Int(ge=1, only_if=TOKEN_MODELS),
+    "model.dropout": Float(ge=0, lt=1, only_if=TOKEN_MODELS),
+    "model.row_weight": Float(ge=0, only_if=TOKEN_MODELS),
+    "model.key": OneOf("auto", "position", "summary", only_if="model.name=nearest"),
+    "model.motion_weight": Float(ge=0, only_if="model.name=nearest"),
+    "model.elapsed_weight": Float(ge=0, only_if="model.name=nearest"),
     "model.loss_weights.type": Float(ge=0, only_if="model.name=multihead"),
     "model.loss_weights.command": Float(ge=0, only_if="model.name=multihead"),
     "model.loss_weights.param_type": Float(ge=0, only_if="model.name=multihead"),
@@ -315,7 +322,7 @@ def validate(cfg: DictConfig) -> None:
 def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
     """Rules between keys, and settings that would make the run meaningless."""
     get = flat.get
-    if get("model.d_model") % get("model.n_heads"):
+    if get("model.name") != "nearest" and get("model.d_model") % get("model.n_heads"):
         raise _fail("model.d_model", get("model.d_model"), f"must be divisible by model.n_heads={get('model.n_heads')}")
     if get("aug.shift") >= get("data.window"):
         raise _fail("aug.shift", get("aug.shift"), f"must be < data.window={get('data.window')}")

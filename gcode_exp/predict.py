@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from gcode_exp.data.dataset import Features, prepare, run_inputs
 from gcode_exp.data.read import RUN_NAME, DataError, Run, channel_group, list_runs, read_run, run_name
 from gcode_exp.data.vocab import BOS, COMMAND, EOS, NUMERIC, PARAMETER, Vocab, parse_line
+from gcode_exp.models import NearestModel
 from gcode_exp.training.checkpoint import load_checkpoint
 from gcode_exp.training.loop import autocast, load_model, pick_device
 
@@ -122,6 +123,8 @@ class Predictor:
         """TokenModel.generate, keeping each sequence's probability up to and including its EOS; and the
         row head's probabilities, where the model has one."""
         m = self.model
+        if isinstance(m, NearestModel):  # one answer per window, no probabilities to report
+            return m.generate(x, self.max_len - 1, BOS).cpu(), torch.ones(len(x)), None
         with autocast(self.device, self.amp):
             memory = m.encoder(x)
             rows = m.rows(memory).float().softmax(-1).cpu().numpy() if m.row_head is not None else None

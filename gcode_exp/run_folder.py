@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gcode_exp import GcodeExpError
 
@@ -40,6 +40,36 @@ def state(run_dir: Path) -> str:
     if (run_dir / "checkpoints" / "last.pt").exists():
         return "interrupted"
     return "used" if any((run_dir / name).exists() for name in RUN_FILES) else "empty"
+
+
+# what an interrupted run's own config decides when it is resumed (its experiment, not the trainer's knobs)
+RESUMED_GROUPS = ("model", "vocab", "features", "data", "aug", "seed", "name")
+
+
+def resumed_config(cfg: DictConfig, run_dir: Path, explicit: list[str] | None) -> DictConfig:
+    """`trainer.resume=true` on an interrupted run: its own model, data, vocabulary, features,
+    augmentation and seed (from checkpoints/last.pt), so that a default changed since it started never
+    stops it. Keys set on the command line (`explicit`, Hydra's task overrides) are kept, so that
+    `check_resumable` refuses them if they differ. None: nothing is known to be explicit, nothing taken."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if explicit is None or cfg.task != "train" or not cfg.trainer.resume or not last.is_file():
+        return cfg
+    from gcode_exp.training.checkpoint import load_checkpoint
+
+    try:
+        old = load_checkpoint(last)["config"]
+    except GcodeExpError:
+        return cfg  # claim reports the damaged checkpoint
+    keys = [o.lstrip("+~").split("=")[0] for o in explicit]
+    out = cfg.copy()
+    with open_dict(out):
+        for group in RESUMED_GROUPS:
+            if group in old and group not in keys:
+                kept = {k: OmegaConf.select(cfg, k) for k in keys if k.startswith(group + ".")}
+                out[group] = old[group]
+                for key, value in kept.items():
+                    OmegaConf.update(out, key, value, force_add=True)
+    return out
 
 
 def claim(run_dir: Path, cfg: DictConfig) -> None:

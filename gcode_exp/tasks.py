@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
     """Validate the config, claim the run folder (gcode_exp/run_folder.py), then run the job it names."""
-    validate(cfg)
     run_dir = Path(run_dir)
+    cfg = run_folder.resumed_config(cfg, run_dir, list(hydra_cfg.overrides.task) if hydra_cfg is not None else None)
+    validate(cfg)
     run_folder.claim(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_folder.record(run_dir, cfg, hydra_cfg):

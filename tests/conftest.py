@@ -10,23 +10,37 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 # small enough for a 1-epoch train + eval in a few seconds on 2 cores
+TINY_MODEL = [  # token-model sizes; `++` so that they compose under model=nearest too (which ignores them)
+    "++model.d_model=32",
+    "++model.n_heads=2",
+    "++model.dec_layers=1",
+]
 TINY = [
     "data.window=32",
     "data.stride=16",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.dec_layers=1",
+    *TINY_MODEL,
     "trainer.max_epochs=1",
     "trainer.progress=false",
     "trainer.plots=false",
 ]
 
 
+def tiny_for(overrides) -> list[str]:
+    """TINY, without the token-model sizes where `overrides` compose the nearest model (which has none)."""
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf")):
+            probe = compose("config", overrides=[o for o in overrides if not o.startswith(("-", "hydra."))])
+    except Exception:  # a sweep's comma lists, or a bad override a test wants run.py to refuse
+        return TINY
+    return TINY if probe.model.name != "nearest" else [o for o in TINY if o not in TINY_MODEL]
+
+
 def make_cfg(*overrides: str, tmp: Path | None = None):
     """Compose conf/ like run.py does, with tiny settings and (optionally) a private cache."""
     extra = [f"data.cache_dir={tmp / 'cache'}"] if tmp is not None else []
+    tiny = tiny_for(overrides)
     with initialize_config_dir(config_dir=str(ROOT / "conf")):
-        return compose("config", overrides=[f"data.dir={SAMPLE}", *TINY, *extra, *overrides])
+        return compose("config", overrides=[f"data.dir={SAMPLE}", *tiny, *extra, *overrides])
 
 
 @pytest.fixture
@@ -41,7 +55,7 @@ def run_py(*args: str, cache: Path, timeout: int = 300, env: dict | None = None)
     import subprocess
     import sys
 
-    cmd = [sys.executable, str(ROOT / "run.py"), f"data.dir={SAMPLE}", f"data.cache_dir={cache}", *TINY,
+    cmd = [sys.executable, str(ROOT / "run.py"), f"data.dir={SAMPLE}", f"data.cache_dir={cache}", *tiny_for(args),
            "trainer.line_exact=false", "hardware.threads=1", *args]
     full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)

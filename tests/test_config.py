@@ -69,9 +69,9 @@ def _has(cfg, key: str) -> bool:
     (["data.max_len=2"], "data.max_len=2: must be a whole number >= 3 (BOS, a token, EOS)"),
     (["data.max_nonfinite=2"], "data.max_nonfinite=2: must be between 0 and 1"),
     (["vocab.digits=9"], "vocab.digits=9: must be a whole number between 1 and 6"),
-    (["model.dropout=1"], "model.dropout=1: must be a number in [0, 1)"),
-    (["model.loss_weights.command=-1"], "model.loss_weights.command=-1: must be a number >= 0"),
-    (ZERO_WEIGHTS, "model.loss_weights: every weight is 0"),
+    (["model=multihead", "model.dropout=1"], "model.dropout=1: must be a number in [0, 1)"),
+    (["model=multihead", "model.loss_weights.command=-1"], "model.loss_weights.command=-1: must be a number >= 0"),
+    (["model=multihead", *ZERO_WEIGHTS], "model.loss_weights: every weight is 0"),
     (["features.groups=[]"], "features.groups=[]: must be a non-empty list"),
     (["features.groups=[motors,motors]"], "features.groups=[motors, motors]: must be a non-empty list of distinct"),
     (["aug.rare_commands=G2"], "aug.rare_commands=G2: must be auto or a non-empty list"),
@@ -103,7 +103,7 @@ def test_bad_values_name_the_key(overrides, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model.loss_weights.command=0"], "model.loss_weights.command=0: this head is never trained"),
+    (["model=multihead", "model.loss_weights.command=0"], "model.loss_weights.command=0: this head is never trained"),
     (["model=baseline", "+model.loss_weights.command=5"],
      "model.loss_weights.command=5: ignored with model.name=baseline"),
     (["logger.name=none", "+logger.project=p"], "logger.project=p: ignored with logger.name=none"),

@@ -55,7 +55,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN, COMPOSE, PG, CUDA, CI = "run", "compose-only", "postgres", "cuda", "ci"
 TINY_RUN = (*TINY, "trainer.line_exact=false", "hardware.threads=1")
 FEW_TRIALS = ("hydra.sweeper.n_trials=2",)  # an Optuna sweep runs 2 trials here, whatever the docs ask for
-BENCH_TINY = ("--steps", "2", *(o for o in TINY if o.startswith(("data.", "model."))))
+BENCH_TINY = ("--steps", "2", *(o for o in TINY if o.startswith(("data.", "model.", "++model."))))
 PYTHON = re.compile(r"(?:^|&&\s*)(?:\S*/)?python3?\s")
 
 
@@ -298,7 +298,7 @@ COMMANDS: dict[str, Doc] = {
     "python run.py --help": Doc(fast=True, says=("== Configuration groups ==",), check=help_lists_the_readme_groups),
     "python run.py experiment=baseline": Doc(files=("metrics.json",)),
     "python run.py features=side_channel": Doc(files=("metrics.json",)),
-    "python run.py aug.oversample_factor=5 model.loss_weights.command=5.0 trainer.batch_size=16":
+    "python run.py model=multihead aug.oversample_factor=5 model.loss_weights.command=5.0 trainer.batch_size=16":
         Doc(files=("metrics.json",)),
     "python run.py task=prepare data.dir=DIR": Doc(files=("data_summary.json",), says=("train:", "test :")),
     "python run.py task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR":

@@ -24,16 +24,28 @@ def compose_conf(*overrides: str, hydra: bool = False):
 
 
 def test_every_experiment_file_is_tested():
-    # the guide's four here; `recommended` below; `cv` in tests/test_splits.py
-    assert {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")} == {*EXPERIMENTS, "recommended", "cv"}
+    # the guide's four here; `recommended` and `new_programs` below; `cv` in tests/test_splits.py
+    assert {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")} == {
+        *EXPERIMENTS, "recommended", "new_programs", "cv"}
 
 
 def test_recommended_is_what_run_py_runs_by_default():
     recommended, default = compose_conf("experiment=recommended"), compose_conf()
-    assert recommended.name == "recommended" and recommended.model.row_weight > 0
+    assert recommended.name == "recommended" and recommended.model.name == "nearest" and recommended.features.elapsed
     recommended.name = default.name
     assert recommended == default
-    assert all(compose_conf(f"experiment={e}").model.row_weight == 0 for e in EXPERIMENTS)  # the guide's, as they were
+    side = compose_conf("features=side_channel")  # the same model picks its side-channel key itself
+    assert side.model.key == "auto" and side.features.elapsed and side.model == default.model
+    for e in EXPERIMENTS:  # the guide's, as they were: no row head, no elapsed-time input
+        cfg = compose_conf(f"experiment={e}")
+        assert cfg.model.row_weight == 0 and not cfg.features.elapsed
+
+
+def test_new_programs_is_the_best_token_model():
+    cfg = compose_conf("experiment=new_programs", "features=side_channel")
+    validate(cfg)
+    assert cfg.model.name == "multihead" and cfg.model.row_weight > 0 and cfg.aug.oversample_factor == 3
+    assert not cfg.features.elapsed and cfg.features.name == "side_channel"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

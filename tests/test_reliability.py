@@ -496,20 +496,20 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     ("data.stride=0", "data.stride=0: must be a whole number >= 1"),
     ("data.stride=1.5", "data.stride=1.5: must be a whole number >= 1"),
     ("aug.oversample_factor=0", "aug.oversample_factor=0: must be a whole number >= 1"),
-    ("model.loss_weights.command=-1", "model.loss_weights.command=-1: must be a number >= 0"),
-    ("model.loss_weights.param_value=-0.5", "model.loss_weights.param_value=-0.5: must be a number >= 0"),
+    ("model=multihead model.loss_weights.command=-1", "model.loss_weights.command=-1: must be a number >= 0"),
+    ("model=multihead model.loss_weights.param_value=-0.5", "model.loss_weights.param_value=-0.5: must be a number >= 0"),
     ("data.split=[0.5,0.5,0.5]", "data.split="),
     ("data.max_nonfinite=2", "data.max_nonfinite=2: must be between 0 and 1"),
     ("data.on_error=ignore", "data.on_error=ignore: must be one of raise, skip"),
     ("features.groups=[momo]", "features.groups="),
     ("trainer.monitor=train/loss", "trainer.monitor=train/loss"),
-    ("model.n_heads=3", "model.d_model=32: must be divisible by model.n_heads=3"),
+    ("model=multihead model.n_heads=3", "model.d_model=32: must be divisible by model.n_heads=3"),
     ("aug.shift=100", "aug.shift=100"),
     ("task=eval", "ckpt_path: task=eval needs ckpt_path"),
 ])
 def test_validate_names_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(make_cfg(override))
+        validate(make_cfg(*override.split(" ")))
 
 
 def test_bad_ckpt_path_fails_before_any_work(tmp_path):
@@ -715,7 +715,7 @@ def test_cli_run_folder_path_that_is_a_file(tmp_path):
     (["data.window=-4"], "data.window=-4: must be a whole number >= 1"),
     (["data.stride=0"], "data.stride=0: must be a whole number >= 1"),
     (["aug.oversample_factor=0"], "aug.oversample_factor=0: must be a whole number >= 1"),
-    (["model.loss_weights.command=-1"], "model.loss_weights.command=-1: must be a number >= 0"),
+    (["model=multihead", "model.loss_weights.command=-1"], "model.loss_weights.command=-1: must be a number >= 0"),
     (["task=eval", "ckpt_path=/nonexistent/best.pt"], "ckpt_path=/nonexistent/best.pt: no such file"),
 ])
 def test_cli_bad_config_names_the_key_before_any_work(tmp_path, args, message):

@@ -27,7 +27,9 @@ KILL_AFTER = "GCODE_EXP_KILL_AFTER_EPOCH"
 
 
 def run_in(run_dir: Path, *args: str, cache: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_py(f"hydra.run.dir={run_dir}", *args, cache=cache, env=env)
+    """A trained model's run (the default model trains nothing), unless `args` choose one."""
+    model = [] if any(a.startswith(("model=", "task=")) for a in args) else ["model=multihead"]
+    return run_py(f"hydra.run.dir={run_dir}", *model, *args, cache=cache, env=env)
 
 
 def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -155,6 +157,16 @@ def test_resume_with_another_model_is_refused_naming_the_key(tmp_path, cache, in
     assert hashes(run) == before  # still the interrupted run, resumable as it was
 
 
+def test_resume_takes_the_interrupted_runs_own_settings(tmp_path, cache, interrupted_run):
+    """`trainer.resume=true` alone continues the run as it was trained (multihead here), whatever the
+    defaults are now (the nearest model)."""
+    run = copy(interrupted_run, tmp_path)
+    ok(run_py(f"hydra.run.dir={run}", "trainer.max_epochs=2", "trainer.resume=true", cache=cache))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["n_params"] > 0
+    assert "name: multihead" in (run / ".hydra" / "config.yaml").read_text()
+
+
 def test_resume_applies_a_changed_learning_rate(tmp_path, cache, interrupted_run):
     run = copy(interrupted_run, tmp_path)
     old = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
@@ -186,7 +198,7 @@ def test_multirun_into_an_earlier_sweep_folder_is_refused_at_once(tmp_path, cach
     sweep = tmp_path / "s"
     ok(run_py("-m", "task=prepare", "seed=0,1", f"hydra.sweep.dir={sweep}", cache=cache))
     before = hashes(sweep)
-    assert {"multirun.yaml", "0_multihead-3x-v2/data_summary.json", "1_multihead-3x-v2/run.log"} <= set(before)
+    assert {"multirun.yaml", "0_nearest-3x-v2/data_summary.json", "1_nearest-3x-v2/run.log"} <= set(before)
 
     line = one_error_line(run_py("-m", "task=prepare", "seed=2,3", f"hydra.sweep.dir={sweep}", cache=cache))
     assert line == (f"{sweep} already holds an earlier sweep (multirun.yaml); pass overwrite=true to replace it, "
@@ -195,7 +207,7 @@ def test_multirun_into_an_earlier_sweep_folder_is_refused_at_once(tmp_path, cach
 
     ok(run_py("-m", "task=prepare", "seed=2,3", "overwrite=true", f"hydra.sweep.dir={sweep}", cache=cache))
     assert "seed=2,3" in (sweep / "multirun.yaml").read_text()
-    assert "seed: 3" in (sweep / "1_multihead-3x-v2" / ".hydra" / "config.yaml").read_text()
+    assert "seed: 3" in (sweep / "1_nearest-3x-v2" / ".hydra" / "config.yaml").read_text()
 
 
 def test_multirun_into_a_sweep_folder_that_is_a_file_is_one_line(tmp_path, cache):
@@ -224,7 +236,7 @@ def test_a_sweep_where_one_job_succeeded_exits_0(tmp_path, cache):
     res = ok(run_py("-m", "task=prepare", "data.window=0,32", f"hydra.sweep.dir={s}", cache=cache))
     assert [line for line in res.stderr.splitlines() if line.startswith("error: ")] == [
         "error: data.window=0: must be a whole number >= 1"]
-    assert (s / "0_multihead-3x-v2" / "error.txt").exists() and (s / "1_multihead-3x-v2" / "data_summary.json").exists()
+    assert (s / "0_nearest-3x-v2" / "error.txt").exists() and (s / "1_nearest-3x-v2" / "data_summary.json").exists()
 
 
 def test_resume_without_a_checkpoint_is_one_line(tmp_path, cache):

@@ -84,7 +84,7 @@ def test_joblib_runs_two_trials_at_once(tmp_path):
 def test_wandb_offline_one_run_per_job(tmp_path, launcher):
     # the basic launcher runs both jobs in one process (runs merge unless each job finishes its own);
     # joblib runs them in two at once (hydra#1320). No network: an unreachable server must not matter.
-    res = run_py("-m", "logger=wandb", "seed=0,1", *launcher, f"hydra.sweep.dir={tmp_path / 's'}",
+    res = run_py("-m", "model=multihead", "logger=wandb", "seed=0,1", *launcher, f"hydra.sweep.dir={tmp_path / 's'}",
                  cache=tmp_path / "c", timeout=240, env={"WANDB_MODE": "offline", "WANDB_BASE_URL": "http://127.0.0.1:9"})
     assert res.returncode == 0, res.stderr[-2000:]
     run_ids = set()
@@ -99,7 +99,7 @@ def test_wandb_offline_one_run_per_job(tmp_path, launcher):
 
 
 def test_submitit_local_runs_jobs_as_separate_processes(tmp_path):
-    res = run_py("-m", "hydra/launcher=submitit_local", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}",
+    res = run_py("-m", "model=multihead", "hydra/launcher=submitit_local", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}",
                  cache=tmp_path / "c")
     assert res.returncode == 0, res.stderr[-2000:]
     assert all((tmp_path / "s" / f"{i}_multihead-3x-v2" / "metrics.json").exists() for i in (0, 1))

@@ -49,9 +49,9 @@ def test_eval_of_saved_checkpoint_reproduces_test_metrics(tiny_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_metrics(tiny_cfg, tmp_path):
-    a = tasks.run(tiny_cfg("seed=3"), tmp_path / "a")
-    b = tasks.run(tiny_cfg("seed=3"), tmp_path / "b")
-    c = tasks.run(tiny_cfg("seed=4"), tmp_path / "c")
+    a = tasks.run(tiny_cfg("model=multihead", "seed=3"), tmp_path / "a")
+    b = tasks.run(tiny_cfg("model=multihead", "seed=3"), tmp_path / "b")
+    c = tasks.run(tiny_cfg("model=multihead", "seed=4"), tmp_path / "c")
     drop = ("sec_per_epoch",)
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
     assert a["val/loss"] != c["val/loss"]

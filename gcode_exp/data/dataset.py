@@ -29,7 +29,8 @@ from gcode_exp.data.read import DataError, Run, channel_group, find_recordings, 
 from gcode_exp.data.vocab import BOS, EOS, PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 5  # bump when what is cached changes
+CACHE_VERSION = 6  # bump when what is cached changes
+ELAPSED_SCALE = 1000.0  # features.elapsed: rows per unit of the elapsed input (~4 min at 3.9 Hz)
 CACHE_MAGIC = b"gcode-exp cache\n"  # then the CRC-32 of the rest (4 bytes, big-endian), then a torch.save payload
 SPLITS = ("train", "val", "test")
 SPLIT_DEFAULTS = {"split_by": "file", "folds": 0, "fold": 0}  # today's one split: left out of the cache key
@@ -51,6 +52,7 @@ class Split:
     files: list[str]
     file_windows: list[int]
     row_targets: torch.Tensor  # int16 [total_rows, max_len] each row's own line, all PAD where unlabelled
+    row_lines: torch.Tensor  # int64 [total_rows] which text line each row executes (line_id), 0 where unlabelled
     target_lengths: torch.Tensor  # int64 [windows] BOS + tokens + EOS before cutting to max_len
 
     def __len__(self) -> int:
@@ -65,10 +67,11 @@ class Features:
     boards: list[str]  # one presence flag each, appended after the channels (empty: no flags)
     mean: list[float]
     std: list[float]
+    elapsed: bool = False  # one more input, last: rows since the recording's first row / ELAPSED_SCALE
 
     @property
     def n_inputs(self) -> int:
-        return len(self.channels) + len(self.boards)
+        return len(self.channels) + len(self.boards) + int(self.elapsed)
 
 
 # --- splitting -----------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def covered_rows(run: Run, starts: set[int], window: int) -> Run:
 
 
 # --- features and windows -----------------------------------------------------------------------
-def fit_features(train: list[Run], groups: list[str], board_flags: bool) -> Features:
+def fit_features(train: list[Run], groups: list[str], board_flags: bool, elapsed: bool = False) -> Features:
     """Channel list (union over training files) and per-channel mean/std from training rows."""
     channels = sorted({c for r in train for c in r.columns if channel_group(c) in groups})
     if not channels:
@@ -259,7 +262,7 @@ def fit_features(train: list[Run], groups: list[str], board_flags: bool) -> Feat
     mean = total / np.maximum(count, 1)
     std = np.sqrt(np.maximum(square / np.maximum(count, 1) - mean**2, 0.0))
     std = np.where(std > 1e-8, std, 1.0)
-    return Features(channels=channels, boards=boards, mean=mean.tolist(), std=std.tolist())
+    return Features(channels=channels, boards=boards, mean=mean.tolist(), std=std.tolist(), elapsed=elapsed)
 
 
 def run_inputs(run: Run, feats: Features) -> np.ndarray:
@@ -275,6 +278,8 @@ def run_inputs(run: Run, feats: Features) -> np.ndarray:
     present = {c.split(".")[0] for c in run.columns}
     for k, board in enumerate(feats.boards):
         x[:, len(feats.channels) + k] = float(board in present)
+    if feats.elapsed:
+        x[:, -1] = np.arange(len(run.lines)) / ELAPSED_SCALE
     np.nan_to_num(x, copy=False, nan=0.0)
     return x
 
@@ -304,7 +309,7 @@ def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg,
                 keep: dict[str, set[int]] | None = None) -> Split:
     """Window every run and stack the results; one code path for train, val, test and eval.
     `keep` (split_by=window): run name -> the window starts of this split; others are left out."""
-    rows, starts, lo, hi, targets, files, counts, row_targets, lengths = [], [], [], [], [], [], [], [], []
+    rows, starts, lo, hi, targets, files, counts, row_targets, lengths, row_lines = ([] for _ in range(10))
     offset = 0
     w, stride = data_cfg.window, data_cfg.stride
     for run in runs:
@@ -326,6 +331,7 @@ def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg,
             made += 1
         rows.append(run_inputs(run, feats))
         row_targets.append(encode_rows(run.lines, vocab, data_cfg.max_len))
+        row_lines.append(np.array([line_id(t) for t in run.lines], dtype=np.int64))
         files.append(run.name)
         counts.append(made)
         offset += n
@@ -338,8 +344,15 @@ def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg,
         files=files,
         file_windows=counts,
         row_targets=torch.from_numpy(np.concatenate(row_targets)),
+        row_lines=torch.from_numpy(np.concatenate(row_lines)),
         target_lengths=torch.tensor(lengths, dtype=torch.long),
     )
+
+
+def line_id(text: str) -> int:
+    """A number naming a line's text (0: no line). Two texts may share their tokens (numbers in one
+    bucket) but a window's target is the text with the most rows, so rows are also told apart by text."""
+    return zlib.crc32(text.encode()) + 1 if text else 0
 
 
 def encode_rows(lines: list[str], vocab: Vocab, max_len: int) -> np.ndarray:
@@ -511,7 +524,7 @@ def prepare(cfg) -> Prepared:
         parts, split_info = split_runs(runs, cfg.data)
         keep, fit_on = None, parts["train"]
     vocab = Vocab.build((t for r in fit_on for t in r.lines if t), cfg.vocab.digits)
-    feats = fit_features(fit_on, list(cfg.features.groups), cfg.features.board_flags)
+    feats = fit_features(fit_on, list(cfg.features.groups), cfg.features.board_flags, cfg.features.elapsed)
     splits = {name: build_split(parts[name], feats, vocab, cfg.data, keep[name] if keep else None) for name in SPLITS}
     oddities = {k: sum(getattr(r, k) for r in runs) for k in ("nonfinite_cells", "silent_rows", "unparsed_chunks")}
     listing = {"skipped_files": skipped, "ignored_files": ignored,

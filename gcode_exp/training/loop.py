@@ -16,9 +16,10 @@ import torch
 from omegaconf import OmegaConf
 
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
-from gcode_exp.data.dataset import Prepared, Split, atomic_write
+from gcode_exp.data.dataset import Features, Prepared, Split, atomic_write
 from gcode_exp.data.vocab import BOS, Vocab
-from gcode_exp.models import TokenModel, build_model
+from gcode_exp.models import NearestModel, TokenModel, build_model
+from gcode_exp.models.nearest import KEYS
 from gcode_exp.training.checkpoint import load_checkpoint, save_checkpoint
 from gcode_exp.training.metrics import line_exact, majority_line, token_metrics
 
@@ -89,14 +90,28 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     train, val, tc = data.splits["train"], data.splits["val"], cfg.trainer
     model, lines = new_model(cfg, data)
     model = model.to(device)
+    common = {
+        "vocab": data.vocab.to_dict(),
+        "features": vars(data.features),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "majority_line": majority_line(train.targets),
+        "lines": lines,
+        # what task=predict names programs from: the training windows' targets per file
+        "train_windows": {"files": train.files, "file_windows": train.file_windows, "targets": train.targets},
+    }
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "collapsed": False, "history": []}
+    ckpt_dir = run_dir / "checkpoints"
+    if isinstance(model, NearestModel):  # a reference, not trained: its checkpoint is its training data
+        log.info("%s: %d reference keys (%s)", cfg.name, len(model.keys), KEYS[int(model.mode)])
+        for name in ("best.pt", "last.pt"):
+            save_checkpoint(ckpt_dir / name, model=model.state_dict(), epoch=0, state=state, **common)
+        return state
     rows = model.row_labels(train.row_targets)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
     steps_per_epoch = math.ceil((len(train) + int(rare.sum()) * (cfg.aug.oversample_factor - 1)) / tc.batch_size)
     sched = lr_schedule(opt, tc, steps_per_epoch)
     sign = 1 if tc.monitor_mode == "max" else -1
-    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "collapsed": False, "history": []}
-    ckpt_dir = run_dir / "checkpoints"
     if tc.resume:
         blob = load_checkpoint(ckpt_dir / "last.pt")
         resumed_settings(blob["config"], cfg)
@@ -111,15 +126,6 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         state = blob["state"]
         log.info("resuming after epoch %d from %s", state["epoch"], ckpt_dir / "last.pt")
     aug = Augment.from_config(cfg.aug, data.features)
-    common = {
-        "vocab": data.vocab.to_dict(),
-        "features": vars(data.features),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "majority_line": majority_line(train.targets),
-        "lines": lines,
-        # what task=predict names programs from: the training windows' targets per file
-        "train_windows": {"files": train.files, "file_windows": train.file_windows, "targets": train.targets},
-    }
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s: %d params on %s; %d train windows (%d rare, x%d)", cfg.name, n_params, device, len(train),
              int(rare.sum()), cfg.aug.oversample_factor)
@@ -170,11 +176,13 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     return state
 
 
-def new_model(cfg, data: Prepared) -> tuple[TokenModel, torch.Tensor]:
+def new_model(cfg, data: Prepared) -> tuple[TokenModel | NearestModel, torch.Tensor]:
     """The untrained model of this config for this data, and the distinct training target lines its row
     head names (one builder for `fit` and the benchmark)."""
     lines = torch.unique(data.splits["train"].targets, dim=0)
     model = build_model(cfg.model, data.vocab, data.features.n_inputs, cfg.data.window, cfg.data.max_len, lines)
+    if isinstance(model, NearestModel):
+        model.fit_reference(data.splits["train"], data.features, cfg.data.window)
     return model, lines
 
 
@@ -249,11 +257,11 @@ def write_history(history: list[dict], path: Path) -> None:
     atomic_write(path, write)
 
 
-def load_model(blob: dict, device) -> tuple[TokenModel, Vocab]:
+def load_model(blob: dict, device) -> tuple[TokenModel | NearestModel, Vocab]:
     """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode."""
     cfg = OmegaConf.create(blob["config"])
     vocab = Vocab.from_dict(blob["vocab"])
-    n_inputs = len(blob["features"]["channels"]) + len(blob["features"]["boards"])
+    n_inputs = Features(**blob["features"]).n_inputs
     model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len, blob.get("lines"))
     model.load_state_dict(blob["model"])
     return model.to(device).eval(), vocab

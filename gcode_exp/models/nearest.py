@@ -1,0 +1,130 @@
+"""A classical reference: answer each window with what the nearest training data executed. Nothing is trained.
+
+The recordings repeat a few programs, so a window of a new run of a known program is best answered by
+finding the same moment in a training run. Two keys, picked by what the inputs hold (`model.key`):
+
+- `position` (features=all): a row's work position and its change since the row before place it on
+  one segment of a program (the G-code's X/Y/Z values are work positions, ../shared/docs/DATA_NOTES.md).
+  Each row takes the line of its nearest training row; the window takes the line with the most rows
+  (ties: the one reached first), which is how its target is defined. Lines are told apart by text.
+- `summary` (features=side_channel): the window's per-channel mean and spread, plus, with
+  `features.elapsed`, how far into its recording it starts (runs of one program keep the same pace).
+  The window takes the target of the nearest training window.
+
+It answers only lines seen in training: for programs never seen, use the token models (docs/RESULTS.md
+measures both on held-out program families).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gcode_exp.config import ConfigError
+from gcode_exp.data.dataset import Features, Split
+
+POSITION = ("posx", "posy", "posz")  # work position: the frame of the G-code's X/Y/Z words
+KEYS = ("position", "summary")
+
+
+def row_keys(x: torch.Tensor, columns: torch.Tensor, motion_weight: float) -> torch.Tensor:
+    """[B, W, n_inputs] -> [B, W, 2 * len(columns)]: position and `motion_weight` x its change since the
+    row before (a window's first row: 0)."""
+    p = x[..., columns].float()
+    return torch.cat([p, motion_weight * torch.diff(p, dim=1, prepend=p[:, :1])], dim=-1)
+
+
+class NearestModel(nn.Module):
+    """Reference keys and answers from the training split (buffers, so a checkpoint carries them)."""
+
+    def __init__(self, max_len: int, cfg):
+        super().__init__()
+        self.cfg, self.max_len = cfg, max_len
+        for name in ("keys", "line_ids", "lines", "columns", "mean", "std"):
+            self.register_buffer(name, torch.zeros(0))
+        self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit_reference
+        self.register_buffer("elapsed", torch.tensor(False))  # the last input is features.elapsed
+
+    def fit_reference(self, split: Split, feats: Features, window: int) -> None:
+        """Store the training split's keys and answers. `auto`: position where the inputs hold it."""
+        key = self.cfg.key
+        has_position = all(c in feats.channels for c in POSITION)
+        if key == "auto":
+            key = "position" if has_position else "summary"
+        if key == "position" and not has_position:
+            raise ConfigError(f"model.key=position: needs the inputs {', '.join(POSITION)} (features=all), "
+                              "which these features lack")
+        self.mode, self.elapsed = torch.tensor(KEYS.index(key)), torch.tensor(bool(feats.elapsed))
+        if key == "position":
+            self.columns = torch.tensor([feats.channels.index(c) for c in POSITION])
+            covered = torch.zeros(len(split.rows), dtype=torch.bool)
+            for s in split.starts.tolist():
+                covered[s : s + window] = True
+            rows = torch.nonzero(covered & (split.row_lines != 0)).flatten()
+            texts, line_ids = torch.unique(split.row_lines[rows], return_inverse=True)
+            first = torch.full((len(texts),), len(rows)).scatter_reduce(0, line_ids, torch.arange(len(rows)), "amin")
+            self.lines = split.row_targets[rows[first]].long()
+            keys = row_keys(split.rows[None], self.columns, self.cfg.motion_weight)[0][rows]
+            pairs = torch.unique(torch.cat([keys, line_ids[:, None].float()], dim=1), dim=0)
+            self.keys, self.line_ids = pairs[:, :-1], pairs[:, -1].long()
+        else:
+            x = split.rows[split.starts[:, None] + torch.arange(window)]
+            raw = self.spread(x)
+            self.mean, self.std = raw.mean(0), raw.std(0).clamp(min=1e-6)
+            self.keys, self.lines = self.summary(x), split.targets.long()
+            self.line_ids = torch.arange(len(self.lines))
+
+    def summary(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, W, n_inputs] -> [B, k]: per-channel mean and std over the window (unit scale overall),
+        then `elapsed_weight` x the elapsed input of the window's first row."""
+        s = (self.spread(x) - self.mean) / self.std / len(self.mean) ** 0.5
+        if not self.elapsed:
+            return s
+        return torch.cat([s, self.cfg.elapsed_weight * x[:, :1, -1].float()], dim=1)
+
+    def spread(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel mean and std over each window's rows (the elapsed input left out)."""
+        sensors = x[..., :-1] if self.elapsed else x
+        return torch.cat([sensors.mean(1), sensors.std(1)], dim=1).float()
+
+    @torch.no_grad()
+    def answer(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """[B, max_len] the target tokens (BOS ... EOS PAD) each window is answered with."""
+        if KEYS[int(self.mode)] == "summary":
+            return self.lines[torch.cdist(self.summary(x), self.keys).argmin(1)]
+        q = row_keys(x, self.columns, self.cfg.motion_weight).flatten(0, 1)
+        near = torch.cat([torch.cdist(q[i : i + chunk], self.keys).argmin(1) for i in range(0, len(q), chunk)])
+        return self.lines[most_rows(self.line_ids[near].view(x.shape[:2]))]
+
+    # the interface of TokenModel that evaluation, checkpoints and prediction use
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"tokens": self.answer(x)[:, 1 : 1 + tokens.shape[1]]}
+
+    def predict(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        return out["tokens"]
+
+    def loss(self, out, target, rows=None) -> tuple[torch.Tensor, dict[str, float]]:
+        return torch.zeros(()), {}  # nothing is trained
+
+    def generate(self, x: torch.Tensor, length: int, bos: int) -> torch.Tensor:
+        return self.answer(x)[:, 1 : 1 + length]
+
+    def row_labels(self, row_targets: torch.Tensor) -> None:
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self._buffers:  # reference tables have the size of the training data they came from
+            if prefix + name in state_dict:
+                self._buffers[name] = state_dict[prefix + name].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def most_rows(row_lines: torch.Tensor) -> torch.Tensor:
+    """[B, W] line ids -> [B] the id with the most rows; ties: the one whose first row comes first."""
+    B, W = row_lines.shape
+    counts = torch.zeros(B, int(row_lines.max()) + 1, dtype=torch.long, device=row_lines.device)
+    counts.scatter_add_(1, row_lines, torch.ones_like(row_lines))
+    mine = counts.gather(1, row_lines)
+    is_best = mine == counts.max(1, keepdim=True).values
+    first = torch.where(is_best, torch.arange(W, device=row_lines.device), W).min(1).values
+    return row_lines.gather(1, first[:, None])[:, 0]
