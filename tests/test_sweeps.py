@@ -99,8 +99,8 @@ def test_wandb_offline_one_run_per_job(tmp_path, launcher):
 
 
 def test_submitit_local_runs_jobs_as_separate_processes(tmp_path):
-    res = run_py("-m", "model=multihead", "hydra/launcher=submitit_local", "seed=0,1", f"hydra.sweep.dir={tmp_path / 's'}",
-                 cache=tmp_path / "c")
+    res = run_py("-m", "model=multihead", "hydra/launcher=submitit_local", "seed=0,1",
+                 f"hydra.sweep.dir={tmp_path / 's'}", cache=tmp_path / "c")
     assert res.returncode == 0, res.stderr[-2000:]
     assert all((tmp_path / "s" / f"{i}_multihead-3x-v2" / "metrics.json").exists() for i in (0, 1))
     logs = list((tmp_path / "s" / ".submitit").rglob("*_log.out"))
