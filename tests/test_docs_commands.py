@@ -269,8 +269,8 @@ CMP = ("python run.py -m experiment=baseline,augmented,multihead,multihead_aug t
 PG_WORKERS = ("python run.py -m hparams_search=optuna hydra.sweeper.n_trials=3 trainer.max_epochs=2 hardware.threads=1 "
               "hydra.sweep.dir=/tmp/doc/pg/worker$w &")
 REAL_COMPARISON = ("python run.py -m data.dir=../shared/data/cnc_sensor_gcode model=baseline,multihead "
-                   "aug=none,3x model.row_weight=0 features=all,side_channel seed=0,1,2 trainer.max_epochs=40 "
-                   "hydra.sweep.dir=multirun/real-comparison")
+                   "aug=none,3x model.row_weight=0 features=all,side_channel features.elapsed=false seed=0,1,2 "
+                   "trainer.max_epochs=40 hydra.sweep.dir=multirun/real-comparison")
 REAL_OPTUNA = ("mkdir -p multirun/real-optuna && python run.py -m hparams_search=optuna "
                "data.dir=../shared/data/cnc_sensor_gcode features=side_channel hydra.sweeper.n_trials=8 "
                "trainer.max_epochs=25 trainer.patience=6 optuna_storage=sqlite:///multirun/real-optuna/study.db "
@@ -280,15 +280,16 @@ REAL_CV = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gc
 REAL_FAMILY = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
                "data.split_by=operation data.folds=3 'data.fold=range(3)' trainer.max_epochs=40 "
                "hydra.sweep.dir=multirun/real-family")
-CV_DEFAULT = ("python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=side_channel data.folds=5 "
+CV_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode features=side_channel data.folds=5 "
               "'data.fold=range(5)' hydra.sweep.dir=multirun/real-cv-default")
-WINDOW_DEFAULT = ("python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
+WINDOW_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
                   "data.split_by=window data.folds=5 'data.fold=range(5)' hydra.sweep.dir=multirun/real-window-default")
 REAL_WINDOW = ("python run.py -m experiment=multihead_aug data.dir=../shared/data/cnc_sensor_gcode "
                "features=side_channel data.split_by=window data.folds=5 'data.fold=range(5)' trainer.max_epochs=40 "
                "hydra.sweep.dir=multirun/real-window")
 SUMMARY = ("summary.csv", "summary.md", "summary.png")
 FOUR = ("baseline", "augmented", "multihead", "multihead_aug")
+BEST = ("new_programs", "recommended")  # experiment=cv also runs the best token model and the default
 
 COMMANDS: dict[str, Doc] = {
     # README.md
@@ -361,8 +362,10 @@ COMMANDS: dict[str, Doc] = {
                                                 files=SUMMARY, check=cut_metrics_skipped),
     # docs/RESULTS.md
     REAL_COMPARISON: Doc(jobs=24),
+    "python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
+    "seed=0,1,2 hydra.sweep.dir=multirun/real-new-programs": Doc(jobs=6),
     "python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel seed=0,1,2 "
-    "hydra.sweep.dir=multirun/real-default": Doc(jobs=6),
+    "hydra.sweep.dir=multirun/real-nearest": Doc(jobs=6),
     "python -m gcode_exp.summarize multirun/real-comparison":
         Doc(needs=(REAL_COMPARISON,), files=SUMMARY, says=("24 run folders (24 finished)",),
             check=summary_rows(*(f"{m}-{a}-v2" for m in ("baseline", "multihead") for a in ("none", "3x")
@@ -373,10 +376,10 @@ COMMANDS: dict[str, Doc] = {
     "python -m gcode_exp.summarize multirun/real-optuna/call1 --storage sqlite:///multirun/real-optuna/study.db "
     "--study gcode-exp-multihead-side_channel":
         Doc(needs=(REAL_OPTUNA,), files=("trials.csv",), check=study_listed("gcode-exp-multihead-side_channel")),
-    REAL_CV: Doc(extra=("data.fold=0,1",), jobs=8),  # 2 of the 5 folds here
+    REAL_CV: Doc(extra=("data.fold=0,1",), jobs=12),  # 2 of the 5 folds here
     "python -m gcode_exp.summarize multirun/real-cv --compare multihead_aug multihead --compare augmented baseline":
-        Doc(needs=(REAL_CV,), files=(*SUMMARY, "compare.csv"), check=summary_rows(*FOUR),
-            says=("8 run folders (8 finished)", "Paired comparison multihead_aug - multihead")),
+        Doc(needs=(REAL_CV,), files=(*SUMMARY, "compare.csv"), check=summary_rows(*FOUR, *BEST),
+            says=("12 run folders (12 finished)", "Paired comparison multihead_aug - multihead")),
     REAL_FAMILY: Doc(extra=("experiment@_global_=multihead_aug",), jobs=3, check=held_out_families),  # 1 approach
     REAL_WINDOW: Doc(extra=("data.fold=0,1",), jobs=2, says=("data.split_by=window: windows of one recording",)),
     CV_DEFAULT: Doc(extra=("data.fold=0,1",), jobs=2),  # 2 of the 5 folds here
@@ -385,7 +388,7 @@ COMMANDS: dict[str, Doc] = {
         Doc(needs=(CV_DEFAULT, WINDOW_DEFAULT), files=SUMMARY,
             says=("4 run folders (4 finished)", "window 5-fold", "file 5-fold")),
     "python -m gcode_exp.summarize multirun/real-cv multirun/real-window":
-        Doc(needs=(REAL_CV, REAL_WINDOW), files=SUMMARY, says=("10 run folders (10 finished)", "window 5-fold")),
+        Doc(needs=(REAL_CV, REAL_WINDOW), files=SUMMARY, says=("14 run folders (14 finished)", "window 5-fold")),
     "python -m gcode_exp.bench --data-dir ../shared/data/cnc_sensor_gcode --out docs/bench.json":
         Doc(extra=BENCH_TINY, says=("prepare: cold",), check=bench_json("docs/bench.json")),
 }

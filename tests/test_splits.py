@@ -180,12 +180,13 @@ def test_split_settings_are_in_the_cache_key_and_defaults_keep_old_keys():
     assert len(keys) == 5
 
 
-def test_cv_experiment_sweeps_the_four_approaches_over_every_fold():
+def test_cv_experiment_sweeps_the_approaches_over_every_fold():
     cfg = yaml.safe_load((ROOT / "conf" / "experiment" / "cv.yaml").read_text())
     params = cfg["hydra"]["sweeper"]["params"]
-    assert params["experiment@_global_"].split(",") == ["baseline", "augmented", "multihead", "multihead_aug"]
+    assert params["experiment@_global_"].split(",") == ["baseline", "augmented", "multihead", "multihead_aug",
+                                                         "new_programs", "recommended"]
     assert params["data.fold"] == f"range({cfg['data']['folds']})"
-    for name in ("baseline", "multihead"):
+    for name in ("baseline", "multihead", "recommended"):
         composed = make_cfg("experiment=cv", f"experiment@_global_={name}", "data.fold=4")
         validate(composed)
         assert (composed.name, composed.data.folds, composed.data.fold) == (name, 5, 4)
