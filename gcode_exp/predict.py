@@ -116,15 +116,17 @@ class Predictor:
 
     @property
     def lines(self) -> list[str]:
-        """The row head's classes as text: the training windows' target lines."""
+        """The row answers as text: the row head's classes (the training windows' target lines), or the
+        nearest model's lines (every line a training row executes)."""
         return [self.vocab.decode(t[1:]) for t in self.model.lines.tolist()]
 
     def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
         """TokenModel.generate, keeping each sequence's probability up to and including its EOS; and the
         row head's probabilities, where the model has one."""
         m = self.model
-        if isinstance(m, NearestModel):  # one answer per window, no probabilities to report
-            return m.generate(x, self.max_len - 1, BOS).cpu(), torch.ones(len(x)), None
+        if isinstance(m, NearestModel):  # certain answers, per row too (a row without a line: the last class)
+            rows = torch.nn.functional.one_hot(m.row_lines(x), len(m.lines) + 1).float().cpu().numpy()
+            return m.generate(x, self.max_len - 1, BOS).cpu(), torch.ones(len(x)), rows
         with autocast(self.device, self.amp):
             memory = m.encoder(x)
             rows = m.rows(memory).float().softmax(-1).cpu().numpy() if m.row_head is not None else None

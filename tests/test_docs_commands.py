@@ -275,18 +275,19 @@ REAL_OPTUNA = ("mkdir -p multirun/real-optuna && python run.py -m hparams_search
                "data.dir=../shared/data/cnc_sensor_gcode features=side_channel hydra.sweeper.n_trials=8 "
                "trainer.max_epochs=25 trainer.patience=6 optuna_storage=sqlite:///multirun/real-optuna/study.db "
                "hydra.sweep.dir=multirun/real-optuna/call1")
-REAL_CV = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
-           "trainer.max_epochs=40 hydra.sweep.dir=multirun/real-cv")
-REAL_FAMILY = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
-               "data.split_by=operation data.folds=3 'data.fold=range(3)' trainer.max_epochs=40 "
+REAL_CV = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
+           "trainer.max_epochs=25 hydra.sweep.dir=multirun/real-cv")
+REAL_FAMILY = ("python run.py -m experiment=new_programs,recommended data.dir=../shared/data/cnc_sensor_gcode "
+               "features=all,side_channel data.split_by=operation 'data.fold=range(3)' trainer.max_epochs=25 "
                "hydra.sweep.dir=multirun/real-family")
-CV_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode features=side_channel data.folds=5 "
-              "'data.fold=range(5)' hydra.sweep.dir=multirun/real-cv-default")
-WINDOW_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
-                  "data.split_by=window data.folds=5 'data.fold=range(5)' hydra.sweep.dir=multirun/real-window-default")
-REAL_WINDOW = ("python run.py -m experiment=multihead_aug data.dir=../shared/data/cnc_sensor_gcode "
-               "features=side_channel data.split_by=window data.folds=5 'data.fold=range(5)' trainer.max_epochs=40 "
-               "hydra.sweep.dir=multirun/real-window")
+REAL_WINDOW = ("python run.py -m experiment=new_programs,multihead_aug,recommended "
+               "data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel data.split_by=window data.folds=5 "
+               "'data.fold=range(5)' trainer.max_epochs=25 hydra.sweep.dir=multirun/real-window")
+CV_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
+              "data.folds=5 'data.fold=range(5)' hydra.sweep.dir=multirun/real-cv-default")
+WINDOW_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode "
+                  "features=side_channel data.split_by=window data.folds=5 'data.fold=range(5)' "
+                  "hydra.sweep.dir=multirun/real-window-default")
 SUMMARY = ("summary.csv", "summary.md", "summary.png")
 FOUR = ("baseline", "augmented", "multihead", "multihead_aug")
 BEST = ("new_programs", "recommended")  # experiment=cv also runs the best token model and the default
@@ -376,19 +377,23 @@ COMMANDS: dict[str, Doc] = {
     "python -m gcode_exp.summarize multirun/real-optuna/call1 --storage sqlite:///multirun/real-optuna/study.db "
     "--study gcode-exp-multihead-side_channel":
         Doc(needs=(REAL_OPTUNA,), files=("trials.csv",), check=study_listed("gcode-exp-multihead-side_channel")),
-    REAL_CV: Doc(extra=("data.fold=0,1",), jobs=12),  # 2 of the 5 folds here
-    "python -m gcode_exp.summarize multirun/real-cv --compare multihead_aug multihead --compare augmented baseline":
+    # a fold or two of one feature set here (the documented sweeps hold 60, 18 and 30 jobs)
+    REAL_CV: Doc(extra=("data.fold=0,1", "features=side_channel"), jobs=12),
+    "python -m gcode_exp.summarize multirun/real-cv --compare new_programs multihead_aug "
+    "--compare recommended new_programs":
         Doc(needs=(REAL_CV,), files=(*SUMMARY, "compare.csv"), check=summary_rows(*FOUR, *BEST),
-            says=("12 run folders (12 finished)", "Paired comparison multihead_aug - multihead")),
-    REAL_FAMILY: Doc(extra=("experiment@_global_=multihead_aug",), jobs=3, check=held_out_families),  # 1 approach
-    REAL_WINDOW: Doc(extra=("data.fold=0,1",), jobs=2, says=("data.split_by=window: windows of one recording",)),
+            says=("12 run folders (12 finished)", "Paired comparison recommended - new_programs")),
+    REAL_FAMILY: Doc(extra=("experiment=new_programs", "features=side_channel"), jobs=3, check=held_out_families),
+    REAL_WINDOW: Doc(extra=("data.fold=0", "features=side_channel"), jobs=3,
+                     says=("data.split_by=window: windows of one recording",)),
+    "python -m gcode_exp.summarize multirun/real-cv multirun/real-window multirun/real-family":
+        Doc(needs=(REAL_CV, REAL_WINDOW, REAL_FAMILY), files=SUMMARY,
+            says=("18 run folders (18 finished)", "window 5-fold", "file 5-fold", "operation")),
     CV_DEFAULT: Doc(extra=("data.fold=0,1",), jobs=2),  # 2 of the 5 folds here
     WINDOW_DEFAULT: Doc(extra=("data.fold=0,1",), jobs=2, says=("data.split_by=window: windows of one recording",)),
     "python -m gcode_exp.summarize multirun/real-cv-default multirun/real-window-default":
         Doc(needs=(CV_DEFAULT, WINDOW_DEFAULT), files=SUMMARY,
             says=("4 run folders (4 finished)", "window 5-fold", "file 5-fold")),
-    "python -m gcode_exp.summarize multirun/real-cv multirun/real-window":
-        Doc(needs=(REAL_CV, REAL_WINDOW), files=SUMMARY, says=("14 run folders (14 finished)", "window 5-fold")),
     "python -m gcode_exp.bench --data-dir ../shared/data/cnc_sensor_gcode --out docs/bench.json":
         Doc(extra=BENCH_TINY, says=("prepare: cold",), check=bench_json("docs/bench.json")),
 }

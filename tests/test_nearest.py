@@ -32,9 +32,9 @@ def split_of(positions: list[float], texts: list[int], tokens: list[list[int]], 
 
 
 def test_most_rows_counts_rows_and_breaks_ties_by_the_first_row():
-    assert most_rows(torch.tensor([[3, 3, 1, 1, 1, 2]])).tolist() == [1]
-    assert most_rows(torch.tensor([[2, 5, 5, 2, 0]])).tolist() == [2]  # 2 and 5 tie: 2 comes first
-    assert most_rows(torch.tensor([[7, 7, 7, 7]])).tolist() == [7]
+    assert most_rows(torch.tensor([[3, 3, 1, 1, 1, 2]]), none=9).tolist() == [1]
+    assert most_rows(torch.tensor([[2, 5, 5, 2, 0]]), none=9).tolist() == [2]  # 2 and 5 tie: 2 comes first
+    assert most_rows(torch.tensor([[7, 7, 7, 7], [9, 9, 9, 4]]), none=9).tolist() == [7, 4]  # rows of none: no vote
 
 
 def test_position_key_answers_with_the_line_of_most_rows_told_apart_by_text():
@@ -62,16 +62,23 @@ def test_summary_key_finds_the_same_moment_of_a_training_run():
     # rows 100 apart in elapsed time (the input is rows / 1000): far apart, as windows of a long recording are
     rows = torch.stack([torch.randn(n, generator=torch.Generator().manual_seed(0)), torch.arange(n) / 10], 1)
     starts = torch.arange(0, n - window + 1, window)
-    targets = torch.tensor([line(10 + i) for i in range(len(starts))])
+    tokens = [line(10 + i // window) for i in range(n)]  # window k executes one line, 10 + k
+    texts = torch.tensor([100 + i // window for i in range(n)])
+    texts[9] = 0  # a row without a line: it votes for nothing
+    tokens[9] = [PAD] * 8
     train = Split(rows=rows, starts=starts, lo=torch.zeros_like(starts), hi=torch.full_like(starts, n - window),
-                  targets=targets, files=["a"], file_windows=[len(starts)], row_targets=torch.zeros(n, 8).short(),
-                  target_lengths=torch.zeros_like(starts), row_lines=torch.zeros(n, dtype=torch.long))
+                  targets=torch.tensor([line(10 + k) for k in range(len(starts))]), files=["a"],
+                  file_windows=[len(starts)], row_targets=torch.tensor(tokens).short(),
+                  target_lengths=torch.zeros_like(starts), row_lines=texts)
     model = NearestModel(max_len=8, cfg=CFG)
     model.fit_reference(train, feats, window)
     assert model.mode.item() == 1  # summary: the inputs hold no work position
-    # other sensor values, but the elapsed time of the third training window: its target
+    # other sensor values, but the elapsed time of the third training window: its lines, row by row
     x = torch.stack([torch.zeros(window), (8 + torch.arange(window)) / 10], 1)[None]
-    assert model.answer(x).tolist() == [targets[2].tolist()]
+    assert model.answer(x).tolist() == [line(12)]
+    rows_of = model.row_lines(x)[0].tolist()
+    assert [model.lines[i].tolist() if i < len(model.lines) else None for i in rows_of] == [line(12), None,
+                                                                                         line(12), line(12)]
 
 
 def test_training_windows_are_answered_with_their_own_targets(tiny_cfg):

@@ -9,7 +9,8 @@ finding the same moment in a training run. Two keys, picked by what the inputs h
   (ties: the one reached first), which is how its target is defined. Lines are told apart by text.
 - `summary` (features=side_channel): the window's per-channel mean and spread, plus, with
   `features.elapsed`, how far into its recording it starts (runs of one program keep the same pace).
-  The window takes the target of the nearest training window.
+  Each row takes the line of the same row of the nearest training window, and the window, as above,
+  the line with the most rows: that window's own target.
 
 It answers only lines seen in training: for programs never seen, use the token models (docs/RESULTS.md
 measures both on held-out program families).
@@ -55,24 +56,26 @@ class NearestModel(nn.Module):
             raise ConfigError(f"model.key=position: needs the inputs {', '.join(POSITION)} (features=all), "
                               "which these features lack")
         self.mode, self.elapsed = torch.tensor(KEYS.index(key)), torch.tensor(bool(feats.elapsed))
+        covered = torch.zeros(len(split.rows), dtype=torch.bool)
+        for s in split.starts.tolist():
+            covered[s : s + window] = True
+        rows = torch.nonzero(covered & (split.row_lines != 0)).flatten()  # labelled rows of training windows
+        texts, line_ids = torch.unique(split.row_lines[rows], return_inverse=True)
+        first = torch.full((len(texts),), len(rows)).scatter_reduce(0, line_ids, torch.arange(len(rows)), "amin")
+        self.lines = split.row_targets[rows[first]].long()  # one per text; its index is the line's id
         if key == "position":
             self.columns = torch.tensor([feats.channels.index(c) for c in POSITION])
-            covered = torch.zeros(len(split.rows), dtype=torch.bool)
-            for s in split.starts.tolist():
-                covered[s : s + window] = True
-            rows = torch.nonzero(covered & (split.row_lines != 0)).flatten()
-            texts, line_ids = torch.unique(split.row_lines[rows], return_inverse=True)
-            first = torch.full((len(texts),), len(rows)).scatter_reduce(0, line_ids, torch.arange(len(rows)), "amin")
-            self.lines = split.row_targets[rows[first]].long()
             keys = row_keys(split.rows[None], self.columns, self.cfg.motion_weight)[0][rows]
             pairs = torch.unique(torch.cat([keys, line_ids[:, None].float()], dim=1), dim=0)
             self.keys, self.line_ids = pairs[:, :-1], pairs[:, -1].long()
-        else:
-            x = split.rows[split.starts[:, None] + torch.arange(window)]
+        else:  # each training window's rows, by line id (len(lines): a row without a line)
+            row_ids = torch.full((len(split.rows),), len(texts))
+            row_ids[rows] = line_ids
+            steps = split.starts[:, None] + torch.arange(window)
+            x = split.rows[steps]
             raw = self.spread(x)
             self.mean, self.std = raw.mean(0), raw.std(0).clamp(min=1e-6)
-            self.keys, self.lines = self.summary(x), split.targets.long()
-            self.line_ids = torch.arange(len(self.lines))
+            self.keys, self.line_ids = self.summary(x), row_ids[steps]
 
     def summary(self, x: torch.Tensor) -> torch.Tensor:
         """[B, W, n_inputs] -> [B, k]: per-channel mean and std over the window (unit scale overall),
@@ -88,13 +91,20 @@ class NearestModel(nn.Module):
         return torch.cat([sensors.mean(1), sensors.std(1)], dim=1).float()
 
     @torch.no_grad()
-    def answer(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """[B, max_len] the target tokens (BOS ... EOS PAD) each window is answered with."""
+    def answer(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, max_len] the target tokens (BOS ... EOS PAD) each window is answered with: the line with
+        the most rows among the rows' answers."""
+        return self.lines[most_rows(self.row_lines(x), none=len(self.lines))]
+
+    @torch.no_grad()
+    def row_lines(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """[B, W] each row's line (index into `lines`; len(lines): none): the nearest training row's, or
+        the same row of the nearest training window's."""
         if KEYS[int(self.mode)] == "summary":
-            return self.lines[torch.cdist(self.summary(x), self.keys).argmin(1)]
+            return self.line_ids[torch.cdist(self.summary(x), self.keys).argmin(1)]
         q = row_keys(x, self.columns, self.cfg.motion_weight).flatten(0, 1)
         near = torch.cat([torch.cdist(q[i : i + chunk], self.keys).argmin(1) for i in range(0, len(q), chunk)])
-        return self.lines[most_rows(self.line_ids[near].view(x.shape[:2]))]
+        return self.line_ids[near].view(x.shape[:2])
 
     # the interface of TokenModel that evaluation, checkpoints and prediction use
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -119,12 +129,13 @@ class NearestModel(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def most_rows(row_lines: torch.Tensor) -> torch.Tensor:
-    """[B, W] line ids -> [B] the id with the most rows; ties: the one whose first row comes first."""
+def most_rows(row_lines: torch.Tensor, none: int) -> torch.Tensor:
+    """[B, W] line ids -> [B] the id with the most rows (rows of id `none` not counted); ties: the one
+    whose first row comes first."""
     B, W = row_lines.shape
-    counts = torch.zeros(B, int(row_lines.max()) + 1, dtype=torch.long, device=row_lines.device)
-    counts.scatter_add_(1, row_lines, torch.ones_like(row_lines))
+    counts = torch.zeros(B, none + 1, dtype=torch.long, device=row_lines.device)
+    counts.scatter_add_(1, row_lines, (row_lines != none).long())
     mine = counts.gather(1, row_lines)
-    is_best = mine == counts.max(1, keepdim=True).values
+    is_best = (mine == counts.max(1, keepdim=True).values) & (row_lines != none)
     first = torch.where(is_best, torch.arange(W, device=row_lines.device), W).min(1).values
-    return row_lines.gather(1, first[:, None])[:, 0]
+    return row_lines.gather(1, first.clamp(max=W - 1)[:, None])[:, 0]
