@@ -325,6 +325,9 @@ COMMANDS: dict[str, Doc] = {
         Doc(needs=(CMP,), files=SUMMARY, says=("4 run folders (4 finished)",), check=summary_rows(*FOUR)),
     "python run.py -m hparams_search=optuna hydra.sweeper.n_trials=5 features=side_channel":
         Doc(extra=FEW_TRIALS, jobs=2, check=optuna_trials("gcode-exp-multihead-side_channel")),
+    "python run.py -m hparams_search=token_model hydra.sweeper.n_trials=20 features=side_channel":
+        Doc(extra=(*FEW_TRIALS, "trainer.line_exact=true"), jobs=2,  # its objective is val/line_exact
+            check=optuna_trials("gcode-exp-token_model-side_channel")),
     "python -m gcode_exp.summarize multirun/<date>/<time> --storage sqlite:///optuna.db":
         Doc(needs=(OPTUNA,), files=("trials.csv",), check=study_listed("gcode-exp-multihead-all")),
     OPT1: Doc(jobs=2, check=optuna_trials("gcode-exp-multihead-all", {0, 1})),

@@ -83,6 +83,20 @@ def test_optuna_search_composes_and_tunes_the_right_keys(monkeypatch):
     assert cfg.model.name == "multihead" and cfg.aug.noise > 0  # the weights and the factor have an effect
 
 
+def test_token_model_search_tunes_architecture_and_optimiser(monkeypatch):
+    monkeypatch.delenv("GCODE_EXP_OPTUNA_STORAGE", raising=False)
+    cfg = compose_conf("hparams_search=token_model", "features=side_channel", hydra=True)
+    validate(cfg)
+    params = cfg.hydra.sweeper.params
+    tuned = {k for k, v in params.items() if not (v.startswith("choice(") and "," not in v)}
+    assert tuned == {"model.d_model", "model.enc_layers", "model.dec_layers", "model.dropout", "model.row_weight",
+                     "trainer.lr", "trainer.weight_decay", "trainer.scheduler"}
+    assert all(int(d) % cfg.model.n_heads == 0 for d in params["model.d_model"][7:-1].split(","))
+    assert cfg.model.name == "multihead" and cfg.model.row_weight > 0 and not cfg.features.elapsed
+    assert cfg.optimized_metric == "val/line_exact" and cfg.trainer.line_exact  # scored at the end of a trial
+    assert cfg.hydra.sweeper.study_name == "gcode-exp-token_model-side_channel"
+
+
 def test_optuna_storage_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("GCODE_EXP_OPTUNA_STORAGE", "postgresql://u:p@db.example:5432/optuna")
     cfg = compose_conf("hparams_search=optuna", hydra=True)
