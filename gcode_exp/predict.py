@@ -463,7 +463,7 @@ def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
                 continue
             run = Run(name=path.name, op="", columns=columns, values=np.stack(buf_values), lines=[""] * len(buf_values),
                       nonfinite_cells=0, silent_rows=0, unparsed_chunks=0, path=str(path))
-            for g in pred.guess(run_inputs(run, pred.feats), [s - base for s in ready]):
+            for g in pred.guess(run_inputs(run, pred.feats, first_row=base), [s - base for s in ready]):
                 windows += 1
                 t = buf_times[g.start + pred.window // 2]
                 writer.writerow((t, g.start + base, g.line, f"{g.p:.4g}"))

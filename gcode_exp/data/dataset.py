@@ -265,8 +265,9 @@ def fit_features(train: list[Run], groups: list[str], board_flags: bool, elapsed
     return Features(channels=channels, boards=boards, mean=mean.tolist(), std=std.tolist(), elapsed=elapsed)
 
 
-def run_inputs(run: Run, feats: Features) -> np.ndarray:
-    """[rows, n_inputs] normalised inputs; channels the run lacks (or cells it lost) read as 0 = mean."""
+def run_inputs(run: Run, feats: Features, first_row: int = 0) -> np.ndarray:
+    """[rows, n_inputs] normalised inputs; channels the run lacks (or cells it lost) read as 0 = mean.
+    `first_row`: the recording's row the run's first row is (live mode reads a recording in pieces)."""
     x = np.zeros((len(run.lines), feats.n_inputs), dtype=np.float32)
     col = {c: i for i, c in enumerate(feats.channels)}
     src = [j for j, c in enumerate(run.columns) if c in col]
@@ -279,7 +280,7 @@ def run_inputs(run: Run, feats: Features) -> np.ndarray:
     for k, board in enumerate(feats.boards):
         x[:, len(feats.channels) + k] = float(board in present)
     if feats.elapsed:
-        x[:, -1] = np.arange(len(run.lines)) / ELAPSED_SCALE
+        x[:, -1] = (first_row + np.arange(len(run.lines))) / ELAPSED_SCALE
     np.nan_to_num(x, copy=False, nan=0.0)
     return x
 
