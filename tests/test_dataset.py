@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
-from gcode_exp.data.dataset import (Features, encode_target, fit_features, prepare, run_inputs, split_files,
-                                    window_target)
+from gcode_exp.data.dataset import (
+    Features,
+    encode_target,
+    fit_features,
+    prepare,
+    run_inputs,
+    split_files,
+    window_target,
+)
 from gcode_exp.data.read import Run, read_run
 from gcode_exp.data.vocab import BOS, EOS, PAD, Vocab
 from tests.conftest import SAMPLE
@@ -43,7 +50,7 @@ def test_elapsed_input_counts_rows_since_the_recording_began_even_read_in_pieces
     run = fake_run("a_001", "a", 1.0, rows=40)
     feats = fit_features([run], ["motors", "boards"], board_flags=True, elapsed=True)
     whole = run_inputs(run, feats)
-    assert feats.n_inputs == 3 and whole[:, -1] == pytest.approx(np.arange(40) / 1000)
+    assert feats.n_inputs == 4 and whole[:, -1] == pytest.approx(np.arange(40) / 1000)  # 2 channels, 1 flag
     tail = Run("a_001", "a", run.columns, run.values[25:], run.lines[25:], 0, 0, 0)  # live mode's later piece
     assert run_inputs(tail, feats, first_row=25) == pytest.approx(whole[25:])
     assert not fit_features([run], ["motors"], board_flags=False).elapsed  # off unless asked for
