@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import json
@@ -226,36 +227,48 @@ class Reader(threading.Thread):
             self.lines.append(line.rstrip("\n"))
 
 
-def test_live_mode_prints_lines_while_the_file_grows(trained):
-    rows = sample_rows("face_003")
-    path = trained["ws"] / "growing.csv"
-    path.write_text("".join(rows[:41]))  # header + 40 rows: one window of 32, not two
-    written = 41
-    out = trained["ws"] / "live"
-    cmd = predict_cmd(trained, out, "predict.follow=true", f"data.path={path}", "predict.idle_s=4",
-                      "predict.poll_s=0.1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def live_process(cmd: list[str], feed=lambda: time.sleep(0.2), **popen):
+    """A live-mode process and the reader of its stdout, once it printed its first line (`feed` runs
+    while waiting); killed if it still runs when the block ends."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     reader = Reader(proc.stdout)
     reader.start()
     try:
         deadline = time.monotonic() + 150
         while not any(LIVE_LINE.match(x) for x in reader.lines) and time.monotonic() < deadline and proc.poll() is None:
-            with open(path, "a") as f:  # a slow trickle, so the file keeps growing while the process starts
-                f.write("".join(rows[written : written + 2]))
-            written += 2
-            time.sleep(0.4)
-        assert reader.lines, f"nothing printed; stderr: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}"
-        assert written < len(rows), "the whole file was written before the first line was printed"
-        while written < len(rows):
-            with open(path, "a") as f:
-                f.write("".join(rows[written : written + 100]))
-            written += 100
-            time.sleep(0.2)
-        code = proc.wait(timeout=120)
+            feed()
+        assert reader.lines, proc.stderr.read()[-2000:] if proc.poll() is not None else "nothing printed"
+        yield proc, reader
     finally:
         if proc.poll() is None:
             proc.kill()
-    reader.join(5)
+        reader.join(5)
+
+
+def test_live_mode_prints_lines_while_the_file_grows(trained):
+    rows = sample_rows("face_003")
+    path = trained["ws"] / "growing.csv"
+    path.write_text("".join(rows[:41]))  # header + 40 rows: one window of 32, not two
+    written = [41]
+
+    def trickle() -> None:  # a slow trickle, so the file keeps growing while the process starts
+        with open(path, "a") as f:
+            f.write("".join(rows[written[0] : written[0] + 2]))
+        written[0] += 2
+        time.sleep(0.4)
+
+    out = trained["ws"] / "live"
+    cmd = predict_cmd(trained, out, "predict.follow=true", f"data.path={path}", "predict.idle_s=4",
+                      "predict.poll_s=0.1")
+    with live_process(cmd, trickle) as (proc, reader):
+        assert written[0] < len(rows), "the whole file was written before the first line was printed"
+        while written[0] < len(rows):
+            with open(path, "a") as f:
+                f.write("".join(rows[written[0] : written[0] + 100]))
+            written[0] += 100
+            time.sleep(0.2)
+        code = proc.wait(timeout=120)
     assert code == 0, proc.stderr.read()[-2000:]
     printed = [line for line in reader.lines if not line.startswith("[")]  # not the log's lines
     assert all(LIVE_LINE.match(line) for line in printed[:-1]), [x for x in printed if not LIVE_LINE.match(x)]
@@ -270,22 +283,10 @@ def test_live_mode_ends_cleanly_on_ctrl_c(trained):
                       "predict.idle_s=120")
     # a shell without job control starts background jobs with SIGINT ignored, and a child inherits that:
     # restore the default so that Ctrl-C reaches the process as it does in a terminal
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    reader = Reader(proc.stdout)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 150
-        while not any(LIVE_LINE.match(x) for x in reader.lines) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert reader.lines, proc.stderr.read()[-2000:] if proc.poll() is not None else "nothing printed"
+    with live_process(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as (proc, reader):
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    reader.join(5)
     assert code == 0, proc.stderr.read()[-2000:]
     assert any(line.startswith("live: ") and "(interrupted)" in line for line in reader.lines), reader.lines[-3:]
