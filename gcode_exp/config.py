@@ -212,6 +212,7 @@ SCHEMA: dict[str, Rule] = {
     "aug.scale": Float(ge=0, lt=1),
     # trainer
     "trainer.max_epochs": Int(ge=1),
+    "trainer.limit_batches": Int(ge=0, note="0: all"),
     "trainer.patience": Int(ge=1),
     "trainer.monitor": Text(),  # checked against the run's metrics in validate
     "trainer.monitor_mode": OneOf("max", "min"),
@@ -324,6 +325,9 @@ def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
     get = flat.get
     if get("model.name") != "nearest" and get("model.d_model") % get("model.n_heads"):
         raise _fail("model.d_model", get("model.d_model"), f"must be divisible by model.n_heads={get('model.n_heads')}")
+    if get("model.key") == "position" and "controller" not in (get("features.groups") or []):
+        raise _fail("model.key", "position", "needs the controller's work position among the inputs "
+                    "(features.groups with controller, e.g. features=all)")
     if get("aug.shift") >= get("data.window"):
         raise _fail("aug.shift", get("aug.shift"), f"must be < data.window={get('data.window')}")
     weights = {k: v for k, v in flat.items() if k.startswith("model.loss_weights.")}
