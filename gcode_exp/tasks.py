@@ -17,7 +17,7 @@ from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.logger import make_logger
 from gcode_exp.sweeps import record_optuna_trial
 from gcode_exp.training.checkpoint import load_checkpoint
-from gcode_exp.training.loop import evaluate, fit, load_model, pick_device
+from gcode_exp.training.loop import evaluate, fit, load_model, pick_device, scored_windows
 from gcode_exp.training.metrics import majority_metrics, per_class
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,11 @@ def train_job(cfg, run_dir: Path) -> dict:
         model, vocab = load_model(blob, device)
         metrics = {}
         for split in ("val", "test"):
-            m, pred = evaluate(model, data.splits[split], vocab, cfg, device, with_lines=cfg.trainer.line_exact)
+            m, pred = evaluate(model, data.splits[split], vocab, cfg, device, with_lines=cfg.trainer.line_exact,
+                               limit=scored_windows(cfg.trainer))
             metrics.update({f"{split}/{k}": v for k, v in m.items()})
-        majority = majority_metrics(blob["majority_line"], data.splits["test"].targets, vocab)
+        test = data.splits["test"].targets[: len(pred)]  # the windows scored (trainer.limit_batches: the first ones)
+        majority = majority_metrics(blob["majority_line"], test, vocab)
         history = state["history"]
         metrics.update({f"majority/{k}": v for k, v in majority.items()})
         metrics.update(
@@ -93,7 +95,7 @@ def train_job(cfg, run_dir: Path) -> dict:
             collapsed=state["collapsed"],
             n_params=sum(p.numel() for p in model.parameters()),
         )
-        write_outputs(cfg, run_dir, metrics, pred, data.splits["test"].targets[:, 1:], vocab, history)
+        write_outputs(cfg, run_dir, metrics, pred, test[:, 1:], vocab, history)
         if logger is not None:
             logger.finish(metrics, run_dir / "plots")
             logger = None
@@ -122,15 +124,17 @@ def eval_job(cfg, run_dir: Path) -> dict:
     model, vocab = load_model(blob, device)
     split = build_split(runs, feats, vocab, data_cfg)
     eval_cfg = OmegaConf.merge(blob["config"], {"hardware": cfg.hardware, "data": data_cfg})
-    m, pred = evaluate(model, split, vocab, eval_cfg, device, with_lines=cfg.trainer.line_exact)
+    m, pred = evaluate(model, split, vocab, eval_cfg, device, with_lines=cfg.trainer.line_exact,
+                       limit=scored_windows(cfg.trainer))
     metrics = {f"test/{k}": v for k, v in m.items()}
-    majority = majority_metrics(blob["majority_line"], split.targets, vocab)
+    targets = split.targets[: len(pred)]  # the windows scored (trainer.limit_batches: the first ones)
+    majority = majority_metrics(blob["majority_line"], targets, vocab)
     metrics.update({f"majority/{k}": v for k, v in majority.items()})
     metrics["ckpt_path"] = str(cfg.ckpt_path)
     summary = {"data_dir": str(data_cfg.dir), "test": {"files": split.files, "windows": len(split)},
                "skipped_files": skipped}
     write_json(summary, run_dir / "data_summary.json")
-    write_outputs(cfg, run_dir, metrics, pred, split.targets[:, 1:], vocab, None)
+    write_outputs(cfg, run_dir, metrics, pred, targets[:, 1:], vocab, None)
     return metrics
 
 

@@ -14,7 +14,8 @@ from gcode_exp.data.vocab import Vocab
 from gcode_exp.training.metrics import token_metrics
 from tests.conftest import ROOT, make_cfg, run_py
 
-GROUPS = ("data", "features", "vocab", "model", "aug", "trainer", "hardware", "logger", "experiment", "hparams_search")
+GROUPS = ("data", "features", "vocab", "model", "aug", "trainer", "hardware", "logger", "experiment", "hparams_search",
+          "debug")
 OPTIONS = [f"{g}={p.stem}" for g in GROUPS for p in sorted((ROOT / "conf" / g).glob("*.yaml"))]
 ZERO_WEIGHTS = [f"model.loss_weights.{k}=0" for k in ("type", "command", "param_type", "param_value")]
 
