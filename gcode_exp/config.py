@@ -171,6 +171,7 @@ SCHEMA: dict[str, Rule] = {
     "data.split_by": OneOf("file", "operation", "window"),
     "data.folds": Nullable(Rule("0 (one split) or a whole number >= 2", lambda v: _is_int(v) and (v == 0 or v >= 2))),
     "data.fold": Int(ge=0, note="< data.folds; checked with the data"),
+    "data.train_share": Float(gt=0, le=1),
     "data.max_nonfinite": Float(ge=0, le=1),
     "data.on_error": OneOf("raise", "skip"),
     "data.path": Nullable(Text()),  # task=predict predict.follow=true: the recording being written
@@ -328,6 +329,9 @@ def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
     if get("model.key") == "position" and "controller" not in (get("features.groups") or []):
         raise _fail("model.key", "position", "needs the controller's work position among the inputs "
                     "(features.groups with controller, e.g. features=all)")
+    if get("data.train_share") < 1 and get("data.split_by") == "window":
+        raise _fail("data.train_share", get("data.train_share"), "needs data.split_by=file or operation "
+                    "(it keeps a share of the training files)")
     if get("aug.shift") >= get("data.window"):
         raise _fail("aug.shift", get("aug.shift"), f"must be < data.window={get('data.window')}")
     weights = {k: v for k, v in flat.items() if k.startswith("model.loss_weights.")}

@@ -66,7 +66,9 @@ def resumed_config(cfg: DictConfig, run_dir: Path, explicit: list[str] | None) -
         for group in RESUMED_GROUPS:
             if group in old and group not in keys:
                 kept = {k: OmegaConf.select(cfg, k) for k in keys if k.startswith(group + ".")}
-                out[group] = old[group]
+                same_kind = isinstance(old[group], dict) and old[group].get("name") == cfg[group].get("name")
+                # keys added since the run started keep their defaults; another model's keys do not mix in
+                out[group] = OmegaConf.merge(cfg[group], old[group]) if same_kind else old[group]
                 for key, value in kept.items():
                     OmegaConf.update(out, key, value, force_add=True)
     return out

@@ -167,6 +167,17 @@ def test_resume_takes_the_interrupted_runs_own_settings(tmp_path, cache, interru
     assert "name: multihead" in (run / ".hydra" / "config.yaml").read_text()
 
 
+def test_resume_of_a_run_older_than_a_config_key(tmp_path, cache, interrupted_run):
+    """A run started before `data.train_share` existed resumes with the key's default, not a refusal."""
+    run = copy(interrupted_run, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    blob = torch.load(last, weights_only=False)
+    del blob["config"]["data"]["train_share"]
+    torch.save(blob, last)
+    ok(run_py(f"hydra.run.dir={run}", "trainer.max_epochs=2", "trainer.resume=true", cache=cache))
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+
+
 def test_resume_applies_a_changed_learning_rate(tmp_path, cache, interrupted_run):
     run = copy(interrupted_run, tmp_path)
     old = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["optimizer"]["param_groups"]

@@ -84,6 +84,18 @@ def test_file_folds_partition_the_files_stratified_by_operation(runs):
     assert again == fold_of_files(runs, 5, seed=0) and again != fold_of_files(runs, 5, seed=1)
 
 
+@pytest.mark.parametrize("folds", [0, 5])
+def test_train_share_keeps_part_of_each_operations_training_files(folds):
+    runs = [fake_run(f"{op}_{i:03d}") for op in ("face", "face150025", "pocket", "adaptive") for i in range(12)]
+    full = names(split_runs(runs, data_cfg(folds=folds))[0])
+    half = names(split_runs(runs, data_cfg(folds=folds, train_share=0.5))[0])
+    assert half["val"] == full["val"] and half["test"] == full["test"]  # the same yardstick
+    assert half["train"] < full["train"] and len(half["train"]) < 0.75 * len(full["train"])
+    ops = {n.split("_")[0] for n in full["train"]}
+    assert {n.split("_")[0] for n in half["train"]} == ops  # every operation keeps a file
+    assert names(split_runs(runs, data_cfg(folds=folds, train_share=0.5))[0]) == half  # seeded
+
+
 def test_operation_folds_hold_out_exactly_one_family():
     runs = [fake_run(n) for n in SAMPLE_NAMES]
     everything = {r.name for r in runs}

@@ -33,7 +33,7 @@ CACHE_VERSION = 6  # bump when what is cached changes
 ELAPSED_SCALE = 1000.0  # features.elapsed: rows per unit of the elapsed input (~4 min at 3.9 Hz)
 CACHE_MAGIC = b"gcode-exp cache\n"  # then the CRC-32 of the rest (4 bytes, big-endian), then a torch.save payload
 SPLITS = ("train", "val", "test")
-SPLIT_DEFAULTS = {"split_by": "file", "folds": 0, "fold": 0}  # today's one split: left out of the cache key
+SPLIT_DEFAULTS = {"split_by": "file", "folds": 0, "fold": 0, "train_share": 1.0}  # left out of the cache key
 WINDOW_WARNING = ("data.split_by=window: windows of one recording are shuffled across train, val and test and "
                   "overlap their neighbours, so these numbers measure memorised recordings, not generalisation "
                   "to a new run (kept only to measure that inflation)")
@@ -167,7 +167,8 @@ def split_runs(runs: list[Run], data_cfg) -> tuple[dict[str, list[Run]], dict]:
     if by == "file" and not folds:
         if fold:
             raise _fold_error("data.fold", fold, "needs data.folds >= 2 (data.folds=0 is one split by data.split)")
-        return split_files(runs, fractions, seed), info
+        parts = split_files(runs, fractions, seed)
+        return {**parts, "train": fewer(parts["train"], getattr(data_cfg, "train_share", 1.0), seed)}, info
     if by == "file":
         if fold >= folds:
             raise _fold_error("data.fold", fold, f"must be < data.folds={folds}")
@@ -190,7 +191,23 @@ def split_runs(runs: list[Run], data_cfg) -> tuple[dict[str, list[Run]], dict]:
     held = {r.name for r in test}
     rest = [r for r in runs if r.name not in held]
     train, val = carve_val(rest, fractions[1] / (fractions[0] + fractions[1]), random.Random(seed))
-    return {"train": train, "val": val, "test": test}, info
+    return {"train": fewer(train, getattr(data_cfg, "train_share", 1.0), seed), "val": val, "test": test}, info
+
+
+def fewer(train: list[Run], share: float, seed: int) -> list[Run]:
+    """`data.train_share` of the training files, per operation (at least one each), seeded; validation
+    and test stay as they are, so runs with different shares measure how quality grows with data."""
+    if share >= 1:
+        return train
+    rng, keep = random.Random(seed), []
+    by_op: dict[str, list[Run]] = {}
+    for run in sorted(train, key=lambda r: r.name):
+        by_op.setdefault(run.op, []).append(run)
+    for op in sorted(by_op):
+        group = by_op[op][:]
+        rng.shuffle(group)
+        keep += group[: max(1, round(len(group) * share))]
+    return keep
 
 
 def window_starts(run: Run, data_cfg) -> list[int]:
