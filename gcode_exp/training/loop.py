@@ -52,11 +52,13 @@ def autocast(device: torch.device, amp: bool):
 
 
 @torch.no_grad()
-def evaluate(model: TokenModel, split: Split, vocab: Vocab, cfg, device, with_lines: bool):
-    """Metrics of one split: teacher-forced predictions, and free-running decoding for line_exact."""
+def evaluate(model: TokenModel, split: Split, vocab: Vocab, cfg, device, with_lines: bool, limit: int = 0):
+    """Metrics of one split: teacher-forced predictions, and free-running decoding for line_exact.
+    `limit`: score only the split's first `limit` windows (0: all; `scored_windows`)."""
     model.eval()
+    n = min(len(split), limit) if limit else len(split)
     preds, gens, losses = [], [], []
-    for x, y, _ in batches(split, cfg.data.window, 256):
+    for x, y, _ in batches(split, cfg.data.window, 256, torch.arange(n)):
         x, y = x.to(device), y.to(device)
         with autocast(device, cfg.hardware.amp):
             out = model(x, y[:, :-1])
@@ -64,12 +66,17 @@ def evaluate(model: TokenModel, split: Split, vocab: Vocab, cfg, device, with_li
             preds.append(model.predict(out).cpu())
             if with_lines:
                 gens.append(model.generate(x, y.shape[1] - 1, BOS).cpu())
-    pred, target = torch.cat(preds), split.targets[:, 1:]
+    pred, target = torch.cat(preds), split.targets[:n, 1:]
     metrics = token_metrics(pred, target, vocab)
-    metrics["loss"] = sum(losses) / max(len(split), 1)
+    metrics["loss"] = sum(losses) / max(n, 1)
     if with_lines:
         metrics["line_exact"] = line_exact(torch.cat(gens), target)
     return metrics, pred
+
+
+def scored_windows(tc) -> int:
+    """How many windows of a split are scored: 0 (all), or trainer.limit_batches batches' worth."""
+    return tc.limit_batches * tc.batch_size
 
 
 def progress(epoch: int, step: int, total: int, loss: float) -> None:
@@ -110,6 +117,14 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
     steps_per_epoch = math.ceil((len(train) + int(rare.sum()) * (cfg.aug.oversample_factor - 1)) / tc.batch_size)
+    kept = None  # trainer.limit_batches: the same windows every epoch (drawn once from the seed), so one batch can be
+    if tc.limit_batches:  # overfitted; reshuffled among themselves each epoch
+        kept = epoch_order(len(train), rare, cfg.aug.oversample_factor, torch.Generator().manual_seed(cfg.seed))
+        kept = kept[: tc.limit_batches * tc.batch_size]
+        log.info("trainer.limit_batches=%d: %d of %d batches per epoch, always the same %d windows; val and test "
+                 "scored on their first %d windows", tc.limit_batches, math.ceil(len(kept) / tc.batch_size),
+                 steps_per_epoch, len(kept), scored_windows(tc))
+        steps_per_epoch = math.ceil(len(kept) / tc.batch_size)
     sched = lr_schedule(opt, tc, steps_per_epoch)
     sign = 1 if tc.monitor_mode == "max" else -1
     if tc.resume:
@@ -132,17 +147,22 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     for epoch in range(state["epoch"] + 1, tc.max_epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)
+        if kept is None:
+            order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)
+        else:
+            order = kept[torch.randperm(len(kept), generator=gen)]
         total, seen, n_steps = 0.0, 0, math.ceil(len(order) / tc.batch_size)
         epoch_batches = batches(train, cfg.data.window, tc.batch_size, order, aug, gen, trim=True, row_labels=rows)
+        step = 0
         for step, batch in enumerate(epoch_batches, 1):
             loss = train_step(model, opt, batch, device, cfg, sched)
             total, seen = total + loss * len(batch[0]), seen + len(batch[0])
             if tc.progress:
                 progress(epoch, step, n_steps, total / seen)
         train_sec = time.perf_counter() - t0
-        val_metrics, _ = evaluate(model, val, data.vocab, cfg, device, with_lines=tc.monitor == "val/line_exact")
-        row = {"epoch": epoch, "train/loss": total / max(seen, 1), "sec": train_sec,
+        val_metrics, _ = evaluate(model, val, data.vocab, cfg, device, with_lines=tc.monitor == "val/line_exact",
+                                  limit=scored_windows(tc))
+        row = {"epoch": epoch, "train/loss": total / max(seen, 1), "steps": step, "sec": train_sec,
                **{f"val/{k}": v for k, v in val_metrics.items()}}
         state["history"].append(row)
         score = row.get(tc.monitor, float("nan"))
