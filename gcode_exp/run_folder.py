@@ -29,7 +29,8 @@ from gcode_exp import GcodeExpError
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
 # every file or folder a job of this project writes into its run folder
 RUN_FILES = ("metrics.json", "history.csv", "per_class.csv", "vocab.json", "data_summary.json", "error.txt",
-             "run.log", "optuna_trial.json", "checkpoints", "plots", "predictions", "program.csv", ".hydra", "wandb")
+             "run.log", "optuna_trial.json", "checkpoints", "plots", "predictions", "program.csv", ".hydra",
+             "resolved_config.yaml", "wandb")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
@@ -116,12 +117,14 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
 
 @contextlib.contextmanager
 def record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None) -> Iterator[None]:
-    """After `claim`: the composed config and overrides in `.hydra/` (as Hydra writes them), run.log
+    """After `claim`: the composed config and overrides in `.hydra/` (as Hydra writes them), the config
+    with every interpolation resolved (`${oc.env:...}`, `${model.name}`) in resolved_config.yaml, run.log
     while the job runs, and error.txt (why) if it fails."""
     (run_dir / "error.txt").unlink(missing_ok=True)  # left by a failed attempt to resume this run: stale now
     out = run_dir / ".hydra"
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml")
+    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if hydra_cfg is not None:
         OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
         OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
