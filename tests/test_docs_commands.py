@@ -183,10 +183,11 @@ def bench_json(name: str) -> Callable[[Ran], None]:
 
 
 def damaged_file_refused(ran: Ran) -> None:
-    """RELIABILITY.md, 'Damaged recordings': one line, nothing cached, only .hydra/, run.log, error.txt."""
+    """RELIABILITY.md, 'Damaged recordings': one line, nothing cached, only the config, run.log, error.txt."""
     assert ran.err.splitlines() == [f"error: {ran.cwd}/DIR-damaged/empty_001_aligned.csv: empty file"], ran.err
     assert not any(p.is_file() for p in (ran.cwd / "TMP" / "cache").rglob("*")), "something was cached"
-    assert sorted(os.listdir(ran.cwd / "TMP" / "run")) == [".hydra", "error.txt", "run.log"]
+    left = sorted(os.listdir(ran.cwd / "TMP" / "run"))
+    assert left == [".hydra", "error.txt", "resolved_config.yaml", "run.log"], left
 
 
 def cut_metrics_skipped(ran: Ran) -> None:

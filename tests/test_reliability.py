@@ -522,7 +522,7 @@ def test_bad_ckpt_path_fails_before_any_work(tmp_path):
         with pytest.raises(GcodeExpError, match=re.escape(f"ckpt_path={tmp_path / name}: {message}")):
             tasks.run(make_cfg("task=eval", f"ckpt_path={tmp_path / name}", tmp=tmp_path), run_dir)
         # the folder holds only the failure record (config, log, why), nothing cached
-        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "error.txt", "run.log"]
+        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "error.txt", "resolved_config.yaml", "run.log"]
         assert message in (run_dir / "error.txt").read_text() and files_under(tmp_path / "cache") == []
 
 
@@ -617,7 +617,8 @@ def test_cli_bad_data_one_line_exit_2_nothing_cached(tmp_path, frame, case):
     line = one_error_line(cli(tmp_path, "task=prepare", f"data.dir={folder}"))
     assert says(line, path, message), line
     assert files_under(tmp_path / "cache") == []
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".hydra", "error.txt", "run.log"]
+    left = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert left == [".hydra", "error.txt", "resolved_config.yaml", "run.log"], left
     assert (tmp_path / "run" / "error.txt").read_text().strip() == line
 
 
