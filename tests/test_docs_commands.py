@@ -2,15 +2,17 @@
 
 `documented_commands()` reads the commands from the Markdown: each line of a fenced code block (with
 `\\` continuations joined and `# comments` dropped) and each inline code span that calls python
-(`python`, `python3`, `.venv/bin/python`, also after `&&`). COMMANDS, the one table below, says for each
-how it runs here and what must be true afterwards; a documented command missing from COMMANDS, or an
-entry no longer in the docs, fails `test_every_documented_command_is_in_the_table`.
+(`python`, `python3`, `.venv/bin/python`, also after `&&`; in a block also `gcode-exp`, the installed
+run.py). COMMANDS, the one table below, says for each how it runs here and what must be true afterwards;
+a documented command missing from COMMANDS, or an entry no longer in the docs, fails
+`test_every_documented_command_is_in_the_table`.
 
 How `run_doc` runs a command, on tiny settings (conftest's TINY, 1 epoch, one torch thread):
 
 - in a scratch folder shared by the whole session (so `outputs/`, `multirun/`, `optuna.db` and the other
-  relative paths of the docs land there, never in the checkout), with `python` the test's interpreter
-  and `run.py` this checkout's; `python3 -m venv` and `pip install` steps of a chain are not repeated
+  relative paths of the docs land there, never in the checkout), with `python` the test's interpreter,
+  `run.py` this checkout's and `gcode-exp` this environment's (`python -m gcode_exp` and `gcode-exp` are
+  treated as run.py); `python3 -m venv` and `pip install` steps of a chain are not repeated
   (the tests already run in that environment) and `mkdir -p` steps are done;
 - placeholders replaced: RUN -> the run folder the quick-start command trained, DIR -> a folder of six
   sample recordings, `multirun/<date>/<time>` -> the sweep folder the command's first `needs` made,
@@ -57,6 +59,8 @@ TINY_RUN = (*TINY, "trainer.line_exact=false", "hardware.threads=1")
 FEW_TRIALS = ("hydra.sweeper.n_trials=2",)  # an Optuna sweep runs 2 trials here, whatever the docs ask for
 BENCH_TINY = ("--steps", "2", *(o for o in TINY if o.startswith(("data.", "model.", "++model."))))
 PYTHON = re.compile(r"(?:^|&&\s*)(?:\S*/)?python3?\s")
+COMMAND = re.compile(rf"{PYTHON.pattern}|^gcode-exp\s")  # in a code block, also the installed run.py
+GCODE_EXP = Path(sys.executable).parent / "gcode-exp"  # the console script of this environment
 
 
 # --- reading the commands out of the Markdown --------------------------------------------------------
@@ -69,7 +73,7 @@ def documented_commands() -> dict[str, str]:
             first = text.count("\n", 0, block.start(1)) + 1
             for offset, line in joined_lines(block.group(1)):
                 line = " ".join(re.sub(r"\s+#.*$", "", line).split())
-                if PYTHON.search(line):
+                if COMMAND.search(line):
                     found.setdefault(line, f"{doc.name}:{first + offset}")
         prose = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S | re.M)
         for span in re.finditer(r"`([^`\n]+)`", prose):
@@ -116,6 +120,20 @@ def help_lists_the_readme_groups(ran: Ran) -> None:
     table = {g: set(re.findall(r"`([^`]+)`", opts)) for g, opts in re.findall(r"^\| `(\w+)` \| (.*?) \|", readme, re.M)}
     listed = {g: set(opts.split(", ")) for g, opts in re.findall(r"^(\w+): (.+)$", ran.out, re.M) if g in table}
     assert listed == table, f"--help lists {listed}, the README's table says {table}"
+
+
+def few_batches(ran: Ran) -> None:
+    """README, 'Debugging and running from anywhere': debug=fast trains 2 batches of one epoch, in a run
+    folder under the working folder, with the resolved config."""
+    assert ran.folder.parent.parent == ran.cwd / "outputs", ran.folder
+    with open(ran.folder / "history.csv") as f:
+        assert [r["steps"] for r in csv.DictReader(f)] == ["2"]
+    assert "${" not in (ran.folder / "resolved_config.yaml").read_text()
+
+
+def one_batch_per_epoch(ran: Ran) -> None:
+    with open(ran.folder / "history.csv") as f:
+        assert {r["steps"] for r in csv.DictReader(f)} == {"1"}
 
 
 def eval_scores_the_checkpoint(ran: Ran) -> None:
@@ -313,6 +331,11 @@ COMMANDS: dict[str, Doc] = {
     "python run.py task=predict predict.follow=true ckpt_path=RUN/checkpoints/best.pt data.path=FILE.csv":
         Doc(needs=(QUICK_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
     "python run.py hardware=cuda": Doc(kind=CUDA, files=("metrics.json",), says=("on cuda",)),
+    "python run.py debug=fast": Doc(files=("metrics.json",), check=few_batches),
+    "python run.py debug=overfit": Doc(files=("metrics.json",), extra=("trainer.max_epochs=3",),
+                                       check=one_batch_per_epoch),  # tests/test_debug_and_cli.py: the loss falls
+    "python -m gcode_exp debug=fast": Doc(files=("metrics.json",), check=few_batches),
+    "gcode-exp debug=fast data.dir=DIR": Doc(files=("metrics.json",), check=few_batches),
     EXPERIMENTS: Doc(jobs=4, check=named_by_experiment),
     "python -m gcode_exp.summarize multirun/<date>/<time>":
         Doc(needs=(EXPERIMENTS,), files=SUMMARY, says=("4 run folders (4 finished)",), check=summary_rows(*FOUR)),
@@ -371,6 +394,8 @@ COMMANDS: dict[str, Doc] = {
     "seed=0,1,2 hydra.sweep.dir=multirun/real-new-programs": Doc(jobs=6),
     "python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel seed=0,1,2 "
     "hydra.sweep.dir=multirun/real-nearest": Doc(jobs=6),
+    "python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
+    "data.train_share=0.125,0.25,0.5,1.0 hydra.sweep.dir=multirun/real-nearest-curve": Doc(jobs=8),
     "python -m gcode_exp.summarize multirun/real-comparison":
         Doc(needs=(REAL_COMPARISON,), files=SUMMARY, says=("24 run folders (24 finished)",),
             check=summary_rows(*(f"{m}-{a}-v2" for m in ("baseline", "multihead") for a in ("none", "3x")
@@ -467,11 +492,15 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
             for folder in shlex.split(part)[2:]:
                 (s.ws / folder).mkdir(parents=True, exist_ok=True)
             continue
-        assert not argv and PYTHON.match(part), f"cannot run `{part}` of `{command}`"
+        assert not argv and COMMAND.match(part), f"cannot run `{part}` of `{command}`"
         argv = shlex.split(part)
-    argv[0] = sys.executable
-    if argv[1] == "run.py":
-        argv[1] = str(ROOT / "run.py")
+    # run.py, `python -m gcode_exp` and `gcode-exp` are one program: n_prog items name it, the arguments follow
+    n_prog = 1 if argv[0] == "gcode-exp" else 3 if argv[1:3] == ["-m", "gcode_exp"] else 2
+    app = argv[0] == "gcode-exp" or argv[1] == "run.py" or n_prog == 3
+    argv[0] = str(GCODE_EXP) if argv[0] == "gcode-exp" else sys.executable
+    if app:
+        if argv[1] == "run.py":
+            argv[1] = str(ROOT / "run.py")
         given = {a.split("=")[0] for a in argv if "=" in a}
         argv += [o for o in (f"data.dir={SAMPLE}", f"data.cache_dir={s.ws / '.cache'}") if o.split("=")[0] not in given]
         argv = merged(argv, TINY_RUN) if doc.kind != COMPOSE else argv
@@ -489,13 +518,13 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
 
     folders = [Path(expand(a.split("=", 1)[1], e)) for e in envs for a in argv
                if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
-    if argv[1].endswith("run.py"):
+    if app:
         new = (set(s.ws.glob("outputs/*/*")) | set(s.ws.glob("multirun/*/*"))) - before
         folders = [s.ws / f for f in folders] or sorted(new)
     elif argv[1:3] == ["-m", "gcode_exp.summarize"]:
         folders = [s.ws / argv[3]]
     ran.folder = folders[0] if folders else s.ws
-    if "-m" in argv[2:3]:  # a sweep of run.py
+    if app and "-m" in argv[n_prog : n_prog + 1]:  # a sweep
         ran.jobs = sorted((j for f in folders for j in f.iterdir() if (j / ".hydra").is_dir()),
                           key=lambda j: (str(j.parent), int(j.name.split("_")[0])))
     return ran
