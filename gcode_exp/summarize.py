@@ -145,10 +145,41 @@ def describe(cfg: dict, trial: dict | None = None) -> dict:
         "approach": approach,
         "features": feats.get("name", "?") + ("" if feats.get("board_flags", True) else "-noflags"),
         "vocab": cfg.get("vocab", {}).get("name", "?"),
-        "aug": f"{aug.get('oversample_factor', 1)}x" if aug.get("name") != "none" else "none",
+        "aug": "-" if model.get("name") == "nearest" else  # nothing trained: no augmentation
+               f"{aug.get('oversample_factor', 1)}x" if aug.get("name") != "none" else "none",
         "multihead": model.get("name") == "multihead",
         "split": str(data.get("split_by", "file")) + (f" {data['folds']}-fold" if data.get("folds") else ""),
     }
+
+
+def leaf_keys(cfg: dict, prefix: str = "") -> set[str]:
+    """Dotted keys of the leaves of a nested dict."""
+    out: set[str] = set()
+    for k, v in cfg.items():
+        out |= leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+    return out
+
+
+def only_shared_keys(runs: list[Run]) -> None:
+    """Runs written by different versions of the code: a config key that only some of them have (added in
+    between, at its default) is left out of their configs, so they still group and pair by what they share."""
+    finished = [r for r in runs if r.status == "finished"]
+    if not finished:
+        return
+    shared = set.intersection(*(leaf_keys(r.config) for r in finished))
+
+    def prune(cfg: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in cfg.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out[k] = prune(v, key + ".")
+            elif key in shared:
+                out[k] = v
+        return out
+
+    for r in finished:
+        r.config = prune(r.config)
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -244,8 +275,10 @@ def interval_table(groups: list[Group]) -> list[dict]:
 
 
 def pair_key(r: Run) -> str:
-    """Runs with equal keys saw the same data: data config (fold included), features and seed."""
-    return json.dumps([_data_of(r), r.config.get("features"), r.config.get("seed")], sort_keys=True, default=str)
+    """Runs with equal keys were scored on the same windows: data config (fold included), feature set
+    and seed. Within a feature set, input options (board flags, elapsed time) are what is compared."""
+    return json.dumps([_data_of(r), (r.config.get("features") or {}).get("name"), r.config.get("seed")],
+                      sort_keys=True, default=str)
 
 
 def _data_of(r: Run) -> dict:
@@ -429,6 +462,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if missing:
         ap.exit(2, f"error: not a folder: {', '.join(missing)}\n")
     runs = find_runs(args.paths)
+    only_shared_keys(runs)
     groups = group_runs(runs)
     rows = table(groups)
     text = markdown(rows)

@@ -250,6 +250,26 @@ def test_folds_and_seeds_aggregate_into_one_row_with_an_interval_and_a_paired_co
     assert statistics.stdev(values) > 5 * 0.02
 
 
+def test_runs_of_two_code_versions_group_and_pair_by_the_keys_they_share(tmp_path):
+    """A config key added between two sweeps (at its default) neither splits a group nor breaks pairs;
+    a key both have with different values still does."""
+    for fold in range(3):
+        make_run(tmp_path / f"{fold}_a", "a", fold, 0, 0.6 + fold / 10, 0.4)
+        make_run(tmp_path / f"{fold + 3}_b", "b", fold, 0, 0.5 + fold / 10, 0.4)
+    for job in ("1_a", "2_a", "4_b"):  # written after data.train_share existed
+        path = tmp_path / job / ".hydra" / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["data"]["train_share"] = 1.0
+        path.write_text(yaml.safe_dump(config))
+    rows = summarize.main([str(tmp_path), "--compare", "a", "b"])
+    assert [(r["approach"], r["n"]) for r in rows[:2]] == [("a", 3), ("b", 3)]
+    with open(tmp_path / "compare.csv") as f:
+        assert {r["metric"]: r["pairs"] for r in csv.DictReader(f)}["command_acc"] == "3"
+    path = tmp_path / "0_a" / ".hydra" / "config.yaml"
+    path.write_text(path.read_text().replace("dir: d", "dir: other"))  # a value that differs: its own group
+    assert [r["n"] for r in summarize.main([str(tmp_path)])[:3]] == [1, 2, 3]
+
+
 def test_compare_names_the_approaches_it_knows(tmp_path):
     make_run(tmp_path / "0_a", "a", 0, 0, 0.5, 0.4)
     with pytest.raises(SystemExit, match="no finished run is named c .approaches: a."):
