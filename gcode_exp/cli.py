@@ -29,8 +29,35 @@ log = logging.getLogger("gcode_exp")
 CONF = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's conf/, whatever the working folder
 
 
+GROUPS = frozenset(p.name for p in Path(CONF).iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def sweep_ready(argv: list[str]) -> list[str]:
+    """`-m model=baseline,multihead model.row_weight=0`, as a user types it, for Hydra.
+
+    Hydra checks a sweep's plain overrides against the config composed from the defaults, without
+    the swept groups (hydra issue 2888), so a key the default model (nearest) lacks would be refused
+    before any job ran. In a sweep over a group (or over `experiment`, which sets groups), that
+    group's keys are set with `++` (set or add) instead; each job's `validate` still refuses a key its
+    own config does not have."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    swept = {a.split("=", 1)[0] for a in argv
+             if a.split("=", 1)[0] in GROUPS and ("," in a or a.split("=", 1)[1].startswith(("choice(", "glob(")))}
+    if "experiment" in swept:
+        swept = set(GROUPS)
+    return [f"++{a}" if a[0] not in "+~" and "=" in a and a.split(".", 1)[0] in swept and "." in a.split("=", 1)[0]
+            else a for a in argv]
+
+
+def main() -> None:
+    """The entry point of run.py, `python -m gcode_exp` and the `gcode-exp` command."""
+    sys.argv = sweep_ready(sys.argv)
+    app()
+
+
 @hydra.main(config_path=CONF, config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def app(cfg: DictConfig) -> float | None:
     from gcode_exp import run_folder, tasks
     from gcode_exp.sweeps import record_optuna_trial
 

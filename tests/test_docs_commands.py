@@ -195,7 +195,8 @@ def submitit_job_folders(ran: Ran) -> None:
 def bench_json(name: str) -> Callable[[Ran], None]:
     def check(ran: Ran) -> None:
         result = json.loads((ran.cwd / name).read_text())
-        assert set(result["models"]) == {"baseline", "multihead", "default"}
+        assert set(result["models"]) == {"baseline", "multihead", "new_programs"}
+        assert result["nearest"]["fit_s"] > 0 and result["nearest"]["reference_keys"] > 0, result["nearest"]
         assert set(result["epoch_s_by_data_size"]) == {"1x", "2x", "4x"} and result["prepare_cold_s"] > 0
     return check
 
@@ -294,6 +295,12 @@ REAL_OPTUNA = ("mkdir -p multirun/real-optuna && python run.py -m hparams_search
                "data.dir=../shared/data/cnc_sensor_gcode features=side_channel hydra.sweeper.n_trials=8 "
                "trainer.max_epochs=25 trainer.patience=6 optuna_storage=sqlite:///multirun/real-optuna/study.db "
                "hydra.sweep.dir=multirun/real-optuna/call1")
+REAL_TOKEN_MODEL = ("mkdir -p multirun/real-token-model && python run.py -m hparams_search=token_model "
+                    "data.dir=../shared/data/cnc_sensor_gcode features=side_channel hydra.sweeper.n_trials=6 "
+                    "trainer.max_epochs=25 trainer.patience=6 hydra/launcher=joblib hydra.launcher.n_jobs=2 "
+                    "hydra.sweeper.n_jobs=2 hardware.threads=1 trainer.plots=false "
+                    "optuna_storage=sqlite:///multirun/real-token-model/study.db "
+                    "hydra.sweep.dir=multirun/real-token-model/call1")
 REAL_CV = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
            "trainer.max_epochs=25 hydra.sweep.dir=multirun/real-cv")
 REAL_FAMILY = ("python run.py -m experiment=new_programs,recommended data.dir=../shared/data/cnc_sensor_gcode "
@@ -406,6 +413,8 @@ COMMANDS: dict[str, Doc] = {
     "python -m gcode_exp.summarize multirun/real-optuna/call1 --storage sqlite:///multirun/real-optuna/study.db "
     "--study gcode-exp-multihead-side_channel":
         Doc(needs=(REAL_OPTUNA,), files=("trials.csv",), check=study_listed("gcode-exp-multihead-side_channel")),
+    REAL_TOKEN_MODEL: Doc(extra=(*FEW_TRIALS, "trainer.line_exact=true"), jobs=2,
+                          check=optuna_trials("gcode-exp-token_model-side_channel")),
     # a fold or two of one feature set here (the documented sweeps hold 60, 18 and 30 jobs)
     REAL_CV: Doc(extra=("data.fold=0,1", "features=side_channel"), jobs=12),
     "python -m gcode_exp.summarize multirun/real-cv --compare new_programs multihead_aug "

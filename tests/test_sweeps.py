@@ -8,6 +8,7 @@ import uuid
 
 import optuna
 import pytest
+import yaml
 
 from gcode_exp import summarize
 from tests.conftest import ROOT, SAMPLE, TINY, run_py
@@ -172,3 +173,21 @@ def test_workers_started_together_on_a_new_postgresql_database_all_run(tmp_path,
     outputs = "".join(out[-1500:] for _, out in results)
     assert [rc for rc, _ in results] == [0] * 4 and "Traceback" not in outputs, outputs
     check_study(tmp_path, new_pg_database, "gcode-exp-race", dict.fromkeys(names, 1))
+
+
+def test_sweep_over_models_takes_keys_the_default_model_lacks(tmp_path):
+    """`-m model=baseline,nearest model.row_weight=0`: Hydra checks plain keys against the default
+    model (nearest, no row_weight) before any job runs; the sweep must still run each model with it,
+    and a misspelt key is still refused, by name, in every job."""
+    sweep = tmp_path / "sweep"
+    res = run_py("-m", "task=prepare", "model=baseline,nearest", "model.row_weight=0", f"hydra.sweep.dir={sweep}",
+                 cache=tmp_path / "cache")
+    assert res.returncode == 0, res.stderr[-2000:]
+    configs = [yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())["model"]
+               for job in sorted(os.listdir(sweep)) if (sweep / job / ".hydra").is_dir()]
+    assert [(c["name"], c.get("row_weight")) for c in configs] == [("baseline", 0), ("nearest", 0)], configs
+
+    typo = run_py("-m", "task=prepare", "model=baseline,nearest", "model.row_wieght=0",
+                  f"hydra.sweep.dir={tmp_path / 'typo'}", cache=tmp_path / "cache")
+    refused = [line for line in typo.stderr.splitlines() if line.startswith("error: model.row_wieght=0")]
+    assert len(refused) == 2 and "did you mean model.row_weight?" in refused[0], typo.stderr[-2000:]
