@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gcode_exp.data.dataset import Features, prepare, run_inputs
-from gcode_exp.data.read import RUN_NAME, DataError, Run, channel_group, list_runs, read_run, run_name
+from gcode_exp.data.read import RUN_NAME, DataError, RecordedRun, channel_group, list_runs, read_run, run_name
 from gcode_exp.data.vocab import BOS, COMMAND, EOS, NUMERIC, PARAMETER, Vocab, parse_line
 from gcode_exp.models import NearestModel
 from gcode_exp.training.checkpoint import load_checkpoint
@@ -46,7 +46,7 @@ ROW_FIELDS = ("time", "row", "line", "p", "runner_up", "runner_up_p", "true_line
 # --- reading -------------------------------------------------------------------------------------------
 @dataclass
 class Recording:
-    run: Run  # values and lines ("" where unlabelled, or everywhere when the file has no gcode_string)
+    run: RecordedRun  # values and lines ("" where unlabelled, or everywhere when the file has no gcode_string)
     times: list[str]  # t_console per row, or the row index where the file has none
 
     @property
@@ -461,8 +461,9 @@ def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
                 next_start += pred.stride
             if not ready:
                 continue
-            run = Run(name=path.name, op="", columns=columns, values=np.stack(buf_values), lines=[""] * len(buf_values),
-                      nonfinite_cells=0, silent_rows=0, unparsed_chunks=0, path=str(path))
+            run = RecordedRun(name=path.name, op="", columns=columns, values=np.stack(buf_values),
+                              lines=[""] * len(buf_values), nonfinite_cells=0, silent_rows=0, unparsed_chunks=0,
+                              path=str(path))
             for g in pred.guess(run_inputs(run, pred.feats, first_row=base), [s - base for s in ready]):
                 windows += 1
                 t = buf_times[g.start + pred.window // 2]

@@ -33,11 +33,11 @@ from gcode_exp.sweeps import TRIAL_FILE, same_params
 
 METRICS = ("unique_tokens", "command_acc", "overall_acc", "type_acc", "param_type_acc", "command_macro_recall",
            "token_macro_recall", "token_coverage", "line_exact")
-RUN_STATS = ("sec_per_epoch", "epochs")
 
 
 @dataclass
-class Run:
+class RunResult:
+    """One run folder as summarize reads it back: its config, overrides and metrics (or why none)."""
     folder: Path
     config: dict
     overrides: list[str]
@@ -58,7 +58,7 @@ class Run:
 @dataclass
 class Group:
     label: dict
-    runs: list[Run] = field(default_factory=list)
+    runs: list[RunResult] = field(default_factory=list)
 
     def values(self, key: str) -> list[float]:
         out = []
@@ -69,7 +69,7 @@ class Group:
         return out
 
 
-def find_runs(paths: list[Path]) -> list[Run]:
+def find_runs(paths: list[Path]) -> list[RunResult]:
     """Every run folder under the paths. A damaged file of a run is skipped with a warning naming it:
     without its config the run is left out; with a damaged metrics.json it is listed as failed."""
     runs = []
@@ -85,7 +85,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             error = first_line(folder / "error.txt")
             if metrics is None and metrics_file.exists() and error is None:
                 error = "metrics.json is damaged"
-            runs.append(Run(
+            runs.append(RunResult(
                 folder=folder,
                 config=config,
                 overrides=overrides or [],
@@ -160,7 +160,7 @@ def leaf_keys(cfg: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def only_shared_keys(runs: list[Run]) -> None:
+def only_shared_keys(runs: list[RunResult]) -> None:
     """Runs written by different versions of the code: a config key that only some of them have (added in
     between, at its default) is left out of their configs, so they still group and pair by what they share."""
     finished = [r for r in runs if r.status == "finished"]
@@ -182,7 +182,7 @@ def only_shared_keys(runs: list[Run]) -> None:
         r.config = prune(r.config)
 
 
-def group_runs(runs: list[Run]) -> list[Group]:
+def group_runs(runs: list[RunResult]) -> list[Group]:
     """Finished runs whose configs are equal but for the seed and the fold (data.fold) form one group."""
     groups: dict[str, Group] = {}
     for r in runs:
@@ -274,19 +274,19 @@ def interval_table(groups: list[Group]) -> list[dict]:
     return rows
 
 
-def pair_key(r: Run) -> str:
+def pair_key(r: RunResult) -> str:
     """Runs with equal keys were scored on the same windows: data config (fold included), feature set
     and seed. Within a feature set, input options (board flags, elapsed time) are what is compared."""
     return json.dumps([_data_of(r), (r.config.get("features") or {}).get("name"), r.config.get("seed")],
                       sort_keys=True, default=str)
 
 
-def _data_of(r: Run) -> dict:
+def _data_of(r: RunResult) -> dict:
     """The data config that decides the test set (where the cache lives does not)."""
     return {k: v for k, v in (r.config.get("data") or {}).items() if k != "cache_dir"}
 
 
-def compare(runs: list[Run], a: str, b: str) -> list[dict]:
+def compare(runs: list[RunResult], a: str, b: str) -> list[dict]:
     """Paired comparison of approaches `a` and `b`: per metric, the mean of the differences A - B over
     the (data, fold, seed) both ran on, its sd, and the t-based 95 % interval of that mean. An interval
     that excludes 0 is the measured statement 'A beats B' (or loses to it) on this protocol."""
@@ -296,7 +296,7 @@ def compare(runs: list[Run], a: str, b: str) -> list[dict]:
         if name not in names:
             raise SystemExit(f"error: --compare {a} {b}: no finished run is named {name} "
                              f"(approaches: {', '.join(names) or 'none'})")
-    sides: dict[str, dict[str, Run]] = {a: {}, b: {}}
+    sides: dict[str, dict[str, RunResult]] = {a: {}, b: {}}
     for r in finished:
         name = str(r.config.get("name", "?"))
         if name in sides:
@@ -364,7 +364,7 @@ def chart(groups: list[Group], path: Path) -> None:
     plt.close(fig)
 
 
-def study_trials(storage: str, study: str, runs: list[Run]) -> list[dict]:
+def study_trials(storage: str, study: str, runs: list[RunResult]) -> list[dict]:
     """Every trial of an Optuna study in the storage: state, value, parameters and the folder it wrote.
 
     The folder is the one the job stored on its trial (gcode_exp/sweeps.py); for trials run before
@@ -387,7 +387,7 @@ def study_trials(storage: str, study: str, runs: list[Run]) -> list[dict]:
     return out
 
 
-def folder_trials(runs: list[Run]) -> list[dict]:
+def folder_trials(runs: list[RunResult]) -> list[dict]:
     """The Optuna trials that the run folders themselves record (no storage needed)."""
     out = []
     for r in runs:
@@ -421,7 +421,7 @@ def _num(value) -> str | float:
     return "-" if value is None else value
 
 
-def pick_study(storage: str, runs: list[Run]) -> str:
+def pick_study(storage: str, runs: list[RunResult]) -> str:
     """The study to read when --study is not given: the one the run folders name, or the storage's only one."""
     import optuna
 

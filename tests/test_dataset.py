@@ -14,14 +14,14 @@ from gcode_exp.data.dataset import (
     split_files,
     window_target,
 )
-from gcode_exp.data.read import Run, read_run
+from gcode_exp.data.read import RecordedRun, read_run
 from gcode_exp.data.vocab import BOS, EOS, PAD, Vocab
 from tests.conftest import SAMPLE
 
 
-def fake_run(name: str, op: str, value: float = 0.0, rows: int = 8) -> Run:
+def fake_run(name: str, op: str, value: float = 0.0, rows: int = 8) -> RecordedRun:
     cols = ["spindle", "b1.Ax", "posx"]
-    return Run(name, op, cols, np.full((rows, 3), value, np.float32), ["G1 X1"] * rows, 0, 0, 0)
+    return RecordedRun(name, op, cols, np.full((rows, 3), value, np.float32), ["G1 X1"] * rows, 0, 0, 0)
 
 
 def test_split_is_by_file_stratified_and_seeded():
@@ -51,7 +51,7 @@ def test_elapsed_input_counts_rows_since_the_recording_began_even_read_in_pieces
     feats = fit_features([run], ["motors", "boards"], board_flags=True, elapsed=True)
     whole = run_inputs(run, feats)
     assert feats.n_inputs == 4 and whole[:, -1] == pytest.approx(np.arange(40) / 1000)  # 2 channels, 1 flag
-    tail = Run("a_001", "a", run.columns, run.values[25:], run.lines[25:], 0, 0, 0)  # live mode's later piece
+    tail = RecordedRun("a_001", "a", run.columns, run.values[25:], run.lines[25:], 0, 0, 0)  # live mode's later piece
     assert run_inputs(tail, feats, first_row=25) == pytest.approx(whole[25:])
     assert not fit_features([run], ["motors"], board_flags=False).elapsed  # off unless asked for
 

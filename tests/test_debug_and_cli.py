@@ -120,8 +120,9 @@ def test_the_three_entry_points_say_the_same(tmp_path):
             seen[case][name] = (res.stdout, res.stderr)
     for case, outputs in seen.items():
         assert outputs["python -m"] == outputs["run.py"] == outputs["gcode-exp"], (case, outputs)
-    assert seen["help"]["run.py"][0].startswith("run is powered by Hydra.") and "debug: fast, overfit" in \
-        seen["help"]["run.py"][0]
+    helped = seen["help"]["run.py"][0]
+    assert helped.startswith("gcode-exp: which G-code") and "debug: fast, overfit" in helped, helped
+    assert "task=eval ckpt_path=RUN/checkpoints/best.pt" in helped and "docs/SWEEPS.md" in helped, helped
     assert seen["refused"]["run.py"] == ("", "error: trainer.lr=abc: must be a number in (0, 1]\n")
 
 
@@ -167,3 +168,38 @@ def test_resolved_config_belongs_to_the_run(tmp_path):
     assert state(tmp_path) == "used"
     claim(tmp_path, make_cfg("overwrite=true"))
     assert not (tmp_path / "resolved_config.yaml").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    """trainer.progress: a tqdm bar (epoch k/N, steps, loss) where stderr is a terminal; none in a pipe."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    args = [sys.executable, str(ROOT / "run.py"), *tiny_args(tmp_path / "cache"), "model=multihead",
+            "trainer.max_epochs=2", "trainer.progress=true"]
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen([*args, f"hydra.run.dir={tmp_path / 'tty'}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=child, env={**os.environ, "WANDB_MODE": "offline"})
+    os.close(child)
+    seen = b""
+    while chunk := _read(main):
+        seen += chunk
+    assert proc.wait(timeout=120) == 0, seen.decode(errors="replace")[-2000:]
+    bars = [b for b in seen.decode(errors="replace").split("\r") if b.startswith("epoch 2/2:")]
+    assert bars and "loss=" in bars[-1] and "step" in bars[-1], seen[-2000:]
+
+    piped = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'pipe'}"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+    assert piped.returncode == 0 and "epoch 1/2" not in piped.stderr + piped.stdout, piped.stderr[-2000:]
+
+
+def _read(fd: int) -> bytes:
+    """What a pseudo-terminal has next; b"" once the process on its other side has exited."""
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return b""

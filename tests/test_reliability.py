@@ -485,7 +485,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(path, model={"w": torch.zeros(3)}, epoch=2)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["epoch"] == 1
+    assert torch.load(path, weights_only=True)["epoch"] == 1
     assert files_under(tmp_path) == [path]
 
 

@@ -58,7 +58,7 @@ def history(run: Path) -> list[dict]:
 
 
 def last_epoch(run: Path) -> int:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["epoch"]
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"]
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_resume_of_a_run_older_than_a_config_key(tmp_path, cache, interrupted_ru
     """A run started before `data.train_share` existed resumes with the key's default, not a refusal."""
     run = copy(interrupted_run, tmp_path)
     last = run / "checkpoints" / "last.pt"
-    blob = torch.load(last, weights_only=False)
+    blob = torch.load(last, weights_only=True)
     del blob["config"]["data"]["train_share"]
     torch.save(blob, last)
     ok(run_py(f"hydra.run.dir={run}", "trainer.max_epochs=2", "trainer.resume=true", cache=cache))
@@ -180,12 +180,12 @@ def test_resume_of_a_run_older_than_a_config_key(tmp_path, cache, interrupted_ru
 
 def test_resume_applies_a_changed_learning_rate(tmp_path, cache, interrupted_run):
     run = copy(interrupted_run, tmp_path)
-    old = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    old = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert {g["lr"] for g in old} == {0.001}
     res = ok(run_in(run, "trainer.max_epochs=2", "trainer.resume=true", "trainer.lr=0.0005", cache=cache))
     assert "resuming after epoch 1 from" in res.stdout
     assert "resume: trainer.lr changed to 0.0005" in (run / "run.log").read_text()
-    blob = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    blob = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert blob["epoch"] == 2 and {g["lr"] for g in blob["optimizer"]["param_groups"]} == {0.0005}
     assert blob["config"]["trainer"]["lr"] == 0.0005
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 2

@@ -28,15 +28,15 @@ from gcode_exp.data.dataset import (
     prepare,
     split_runs,
 )
-from gcode_exp.data.read import Run, find_recordings, run_name
+from gcode_exp.data.read import RecordedRun, find_recordings, run_name
 from tests.conftest import ROOT, SAMPLE, make_cfg, run_py
 
 SAMPLE_NAMES = sorted(run_name(p)[0] for p in SAMPLE.glob("*_aligned.csv*"))
 
 
-def fake_run(name: str, rows: int = 8) -> Run:
+def fake_run(name: str, rows: int = 8) -> RecordedRun:
     op = name.split("_")[0]
-    return Run(name, op, ["spindle"], np.zeros((rows, 1), np.float32), ["G1 X1"] * rows, 0, 0, 0)
+    return RecordedRun(name, op, ["spindle"], np.zeros((rows, 1), np.float32), ["G1 X1"] * rows, 0, 0, 0)
 
 
 def data_cfg(**kw) -> SimpleNamespace:
@@ -44,7 +44,7 @@ def data_cfg(**kw) -> SimpleNamespace:
                               **kw})
 
 
-def names(parts: dict[str, list[Run]]) -> dict[str, set[str]]:
+def names(parts: dict[str, list[RecordedRun]]) -> dict[str, set[str]]:
     return {k: {r.name for r in v} for k, v in parts.items()}
 
 

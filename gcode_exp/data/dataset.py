@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gcode_exp.data.read import DataError, Run, channel_group, find_recordings, read_run, run_name
+from gcode_exp.data.read import DataError, RecordedRun, channel_group, find_recordings, read_run, run_name
 from gcode_exp.data.vocab import BOS, EOS, PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ class Features:
 
 
 # --- splitting -----------------------------------------------------------------------------------
-def op_groups(runs: list[Run]) -> list[list[Run]]:
+def op_groups(runs: list[RecordedRun]) -> list[list[RecordedRun]]:
     """Runs grouped by operation type, in name order; operations with fewer than 3 files are pooled
     into one group, so that stratified splits of tiny samples still fill every part."""
-    by_op: dict[str, list[Run]] = {}
+    by_op: dict[str, list[RecordedRun]] = {}
     for run in sorted(runs, key=lambda r: r.name):
         by_op.setdefault(run.op, []).append(run)
     groups = [g for g in by_op.values() if len(g) >= 3]
@@ -86,7 +86,8 @@ def op_groups(runs: list[Run]) -> list[list[Run]]:
     return groups + [pool] if pool else groups
 
 
-def split_files(runs: list[Run], fractions: tuple[float, float, float], seed: int) -> dict[str, list[Run]]:
+def split_files(runs: list[RecordedRun], fractions: tuple[float, float, float],
+                seed: int) -> dict[str, list[RecordedRun]]:
     """Seeded split of whole files, stratified by operation type.
 
     Each operation with at least 3 files gives round(n * frac) files (at least 1) to val and test;
@@ -94,7 +95,7 @@ def split_files(runs: list[Run], fractions: tuple[float, float, float], seed: in
     """
     rng = random.Random(seed)
     groups = op_groups(runs)
-    out: dict[str, list[Run]] = {s: [] for s in SPLITS}
+    out: dict[str, list[RecordedRun]] = {s: [] for s in SPLITS}
     for group in groups:
         group = group[:]
         rng.shuffle(group)
@@ -122,7 +123,7 @@ def _fold_error(key: str, value, why: str) -> Exception:
     return ConfigError(f"{key}={value}: {why}")
 
 
-def carve_val(runs: list[Run], share: float, rng: random.Random) -> tuple[list[Run], list[Run]]:
+def carve_val(runs: list[RecordedRun], share: float, rng: random.Random) -> tuple[list[RecordedRun], list[RecordedRun]]:
     """(train, val) from one fold's training part, stratified like split_files: each operation with at
     least 3 files gives round(n * share) files (at least 1) to val; smaller ones are pooled."""
     groups = op_groups(runs)
@@ -138,14 +139,14 @@ def carve_val(runs: list[Run], share: float, rng: random.Random) -> tuple[list[R
     return train, val
 
 
-def fold_of_files(runs: list[Run], folds: int, seed: int) -> dict[str, int]:
+def fold_of_files(runs: list[RecordedRun], folds: int, seed: int) -> dict[str, int]:
     """Run name -> fold, k-fold stratified by operation: each operation's files, shuffled (seeded), are
     dealt to the folds in turn, continuing where the previous operation stopped, so fold sizes differ
     by at most one file and an operation with n <= k files has them in n different folds."""
     if folds > len(runs):
         raise _fold_error("data.folds", folds, f"more folds than the {len(runs)} usable files")
     rng = random.Random(seed)
-    by_op: dict[str, list[Run]] = {}
+    by_op: dict[str, list[RecordedRun]] = {}
     for run in sorted(runs, key=lambda r: r.name):
         by_op.setdefault(run.op, []).append(run)
     out, k = {}, 0
@@ -158,7 +159,7 @@ def fold_of_files(runs: list[Run], folds: int, seed: int) -> dict[str, int]:
     return out
 
 
-def split_runs(runs: list[Run], data_cfg) -> tuple[dict[str, list[Run]], dict]:
+def split_runs(runs: list[RecordedRun], data_cfg) -> tuple[dict[str, list[RecordedRun]], dict]:
     """The files of train/val/test under data.split_by=file|operation, data.folds and data.fold, and
     what was held out (`split` of data_summary.json). split_by=window is split_windows."""
     by, folds, fold, seed = data_cfg.split_by, data_cfg.folds or 0, data_cfg.fold, data_cfg.split_seed
@@ -194,13 +195,13 @@ def split_runs(runs: list[Run], data_cfg) -> tuple[dict[str, list[Run]], dict]:
     return {"train": fewer(train, getattr(data_cfg, "train_share", 1.0), seed), "val": val, "test": test}, info
 
 
-def fewer(train: list[Run], share: float, seed: int) -> list[Run]:
+def fewer(train: list[RecordedRun], share: float, seed: int) -> list[RecordedRun]:
     """`data.train_share` of the training files, per operation (at least one each), seeded; validation
     and test stay as they are, so runs with different shares measure how quality grows with data."""
     if share >= 1:
         return train
     rng, keep = random.Random(seed), []
-    by_op: dict[str, list[Run]] = {}
+    by_op: dict[str, list[RecordedRun]] = {}
     for run in sorted(train, key=lambda r: r.name):
         by_op.setdefault(run.op, []).append(run)
     for op in sorted(by_op):
@@ -210,14 +211,14 @@ def fewer(train: list[Run], share: float, seed: int) -> list[Run]:
     return keep
 
 
-def window_starts(run: Run, data_cfg) -> list[int]:
+def window_starts(run: RecordedRun, data_cfg) -> list[int]:
     """The starts of the windows build_split makes from this run (those holding a labelled row)."""
     n, w = len(run.lines), data_cfg.window
     labelled = np.concatenate([[0], np.cumsum([bool(t) for t in run.lines])])
     return [s for s in range(0, n - w + 1, data_cfg.stride) if labelled[s + w] > labelled[s]]
 
 
-def split_windows(runs: list[Run], data_cfg) -> tuple[dict[str, dict[str, set[int]]], dict]:
+def split_windows(runs: list[RecordedRun], data_cfg) -> tuple[dict[str, dict[str, set[int]]], dict]:
     """The leaky protocol: every window of every file, shuffled (data.split_seed) into train/val/test
     by data.split, or with data.folds=k dealt into k folds (data.fold's is test, val carved at random
     from the rest). Split -> run name -> window starts."""
@@ -248,7 +249,7 @@ def split_windows(runs: list[Run], data_cfg) -> tuple[dict[str, dict[str, set[in
     return out, {"split_by": "window", "folds": folds, "fold": fold}
 
 
-def covered_rows(run: Run, starts: set[int], window: int) -> Run:
+def covered_rows(run: RecordedRun, starts: set[int], window: int) -> RecordedRun:
     """The run cut to the rows its `starts` windows cover: what normalisation and vocabulary are fitted
     on under split_by=window (rows only val/test windows cover stay out of the fit)."""
     mask = np.zeros(len(run.lines), dtype=bool)
@@ -258,7 +259,7 @@ def covered_rows(run: Run, starts: set[int], window: int) -> Run:
 
 
 # --- features and windows -----------------------------------------------------------------------
-def fit_features(train: list[Run], groups: list[str], board_flags: bool, elapsed: bool = False) -> Features:
+def fit_features(train: list[RecordedRun], groups: list[str], board_flags: bool, elapsed: bool = False) -> Features:
     """Channel list (union over training files) and per-channel mean/std from training rows."""
     channels = sorted({c for r in train for c in r.columns if channel_group(c) in groups})
     if not channels:
@@ -282,7 +283,7 @@ def fit_features(train: list[Run], groups: list[str], board_flags: bool, elapsed
     return Features(channels=channels, boards=boards, mean=mean.tolist(), std=std.tolist(), elapsed=elapsed)
 
 
-def run_inputs(run: Run, feats: Features, first_row: int = 0) -> np.ndarray:
+def run_inputs(run: RecordedRun, feats: Features, first_row: int = 0) -> np.ndarray:
     """[rows, n_inputs] normalised inputs; channels the run lacks (or cells it lost) read as 0 = mean.
     `first_row`: the recording's row the run's first row is (live mode reads a recording in pieces)."""
     x = np.zeros((len(run.lines), feats.n_inputs), dtype=np.float32)
@@ -323,7 +324,7 @@ def encode_target(texts: list[str], vocab: Vocab, max_len: int) -> list[int]:
     return ids + [PAD] * (max_len - len(ids))
 
 
-def build_split(runs: list[Run], feats: Features, vocab: Vocab, data_cfg,
+def build_split(runs: list[RecordedRun], feats: Features, vocab: Vocab, data_cfg,
                 keep: dict[str, set[int]] | None = None) -> Split:
     """Window every run and stack the results; one code path for train, val, test and eval.
     `keep` (split_by=window): run name -> the window starts of this split; others are left out."""
@@ -387,9 +388,9 @@ def encode_rows(lines: list[str], vocab: Vocab, max_len: int) -> np.ndarray:
 
 
 # --- reading many files -----------------------------------------------------------------------------
-def read_runs(paths: list[Path], data_cfg) -> tuple[list[Run], list[dict]]:
+def read_runs(paths: list[Path], data_cfg) -> tuple[list[RecordedRun], list[dict]]:
     """Read files; with data.on_error=skip, unusable ones are skipped (warned and returned as records).
-    What a file's reading fixed by a rule is warned about here, once per file (Run.warnings)."""
+    What a file's reading fixed by a rule is warned about here, once per file (RecordedRun.warnings)."""
     runs, skipped = [], []
     by_name: dict[str, list[Path]] = {}
     for path in paths:  # `x_aligned.csv` beside `x_aligned.csv.gz`: which one is the run?
@@ -414,7 +415,7 @@ def read_runs(paths: list[Path], data_cfg) -> tuple[list[Run], list[dict]]:
     return runs, skipped
 
 
-def check_windows(run: Run, path: Path, data_cfg) -> None:
+def check_windows(run: RecordedRun, path: Path, data_cfg) -> None:
     """A file must give at least one window with a labelled row (the windows build_split makes)."""
     n, w, stride = len(run.lines), data_cfg.window, data_cfg.stride
     if n < w:
@@ -506,7 +507,7 @@ def load_cache(path: Path) -> Prepared | None:
             raise ValueError("not a gcode-exp cache file")
         if zlib.crc32(payload).to_bytes(4, "big") != head[len(CACHE_MAGIC) :]:
             raise ValueError("checksum mismatch: its bytes were damaged")
-        blob = torch.load(io.BytesIO(payload), weights_only=False)
+        blob = torch.load(io.BytesIO(payload), weights_only=True)  # data only: a cache runs no code
         return Prepared(
             splits={k: Split(**v) for k, v in blob["splits"].items()},
             vocab=Vocab.from_dict(blob["vocab"]),
@@ -547,7 +548,7 @@ def prepare(cfg) -> Prepared:
     oddities = {k: sum(getattr(r, k) for r in runs) for k in ("nonfinite_cells", "silent_rows", "unparsed_chunks")}
     listing = {"skipped_files": skipped, "ignored_files": ignored,
                "file_warnings": [{"file": Path(r.path).name, "warning": w} for r in runs for w in r.warnings]}
-    summary = summarize(splits, vocab, feats, listing, oddities, cfg)
+    summary = data_summary(splits, vocab, feats, listing, oddities, cfg)
     summary["split"] = split_info
     prepared = Prepared(splits=splits, vocab=vocab, features=feats, summary=summary)
     if cache:
@@ -555,7 +556,7 @@ def prepare(cfg) -> Prepared:
     return prepared
 
 
-def summarize(splits: dict[str, Split], vocab: Vocab, feats: Features, listing: dict, oddities: dict, cfg) -> dict:
+def data_summary(splits: dict[str, Split], vocab: Vocab, feats: Features, listing: dict, oddities: dict, cfg) -> dict:
     """The facts a reader checks first: which files went where, how many windows, vocabulary, channels.
     `listing`: skipped_files (unusable), ignored_files (not recordings), file_warnings (read by a rule)."""
     out = {

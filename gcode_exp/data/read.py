@@ -43,7 +43,7 @@ class DataError(GcodeExpError):
 
 
 @dataclass
-class Run:
+class RecordedRun:
     """One recording: sensor values (NaN where a cell was missing) and the executing G-code line."""
 
     name: str
@@ -77,7 +77,7 @@ def run_name(path: Path) -> tuple[str, str]:
     return name, (m.group("op") if m else name.split("_")[0])
 
 
-def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = True) -> Run:
+def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = True) -> RecordedRun:
     """Parse one run; raise DataError with a one-line reason for anything unusable. `labelled=False`
     (task=predict) accepts a recording without any gcode_string: what prediction is for."""
     path = Path(path)
@@ -127,7 +127,7 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = Tru
         notes.append(f"{path}: {unparsed} chunks of G-code text that are not words (a letter and a number) were "
                      f"dropped from the targets (first at row {row}: {lines[first][:60]!r})")
     name, op = run_name(path)
-    return Run(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite,
+    return RecordedRun(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite,
                silent_rows=int((~alive).sum()), unparsed_chunks=unparsed, path=str(path), warnings=notes, times=times)
 
 

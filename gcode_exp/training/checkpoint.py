@@ -23,8 +23,8 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise GcodeExpError(f"ckpt_path={path}: no such file")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors, numbers, strings and containers only: loading a checkpoint runs no code from it
+        blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise GcodeExpError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or any(k not in blob for k in REQUIRED):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
 from gcode_exp.data.dataset import Features, Prepared, Split, atomic_write
@@ -79,14 +80,23 @@ def scored_windows(tc) -> int:
     return tc.limit_batches * tc.batch_size
 
 
-def progress(epoch: int, step: int, total: int, loss: float) -> None:
-    """A one-line bar on a terminal; nothing in logs or pipes."""
-    if sys.stderr.isatty():
-        done = int(30 * step / max(total, 1))
-        sys.stderr.write(f"\repoch {epoch} [{'#' * done}{'.' * (30 - done)}] {step}/{total} loss {loss:.3f}")
-        sys.stderr.flush()
-        if step == total:
-            sys.stderr.write("\r" + " " * 80 + "\r")
+def rng_state(gen: torch.Generator) -> dict:
+    """Every random stream a resumed run must continue: the loop's generator, torch's, and CUDA's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"gen": gen.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(rng: dict, gen: torch.Generator) -> None:
+    gen.set_state(rng["gen"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def progress_bar(epoch: int, max_epochs: int, steps: int, on: bool) -> tqdm:
+    """Epoch k/N, steps, rate, ETA and the running loss on a terminal; nothing in logs or pipes."""
+    return tqdm(total=steps, desc=f"epoch {epoch}/{max_epochs}", unit="step", leave=False, dynamic_ncols=True,
+                disable=not (on and sys.stderr.isatty()))
 
 
 def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
@@ -136,8 +146,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         sched.base_lrs = [tc.lr] * len(opt.param_groups)  # the command line's optimiser settings win
         for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
             group.update(lr=tc.lr * factor(sched.last_epoch), weight_decay=tc.weight_decay)
-        gen.set_state(blob["rng"]["gen"])
-        torch.set_rng_state(blob["rng"]["torch"])
+        set_rng_state(blob["rng"], gen)
         state = blob["state"]
         log.info("resuming after epoch %d from %s", state["epoch"], ckpt_dir / "last.pt")
     aug = Augment.from_config(cfg.aug, data.features)
@@ -153,16 +162,17 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
             order = kept[torch.randperm(len(kept), generator=gen)]
         total, seen, n_steps = 0.0, 0, math.ceil(len(order) / tc.batch_size)
         epoch_batches = batches(train, cfg.data.window, tc.batch_size, order, aug, gen, trim=True, row_labels=rows)
-        step = 0
-        for step, batch in enumerate(epoch_batches, 1):
-            loss = train_step(model, opt, batch, device, cfg, sched)
-            total, seen = total + loss * len(batch[0]), seen + len(batch[0])
-            if tc.progress:
-                progress(epoch, step, n_steps, total / seen)
+        steps = 0
+        with progress_bar(epoch, tc.max_epochs, n_steps, tc.progress) as bar:
+            for batch in epoch_batches:
+                loss = train_step(model, opt, batch, device, cfg, sched)
+                total, seen, steps = total + loss * len(batch[0]), seen + len(batch[0]), steps + 1
+                bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
+                bar.update()
         train_sec = time.perf_counter() - t0
         val_metrics, _ = evaluate(model, val, data.vocab, cfg, device, with_lines=tc.monitor == "val/line_exact",
                                   limit=scored_windows(tc))
-        row = {"epoch": epoch, "train/loss": total / max(seen, 1), "steps": step, "sec": train_sec,
+        row = {"epoch": epoch, "train/loss": total / max(seen, 1), "steps": steps, "sec": train_sec,
                **{f"val/{k}": v for k, v in val_metrics.items()}}
         state["history"].append(row)
         score = row.get(tc.monitor, float("nan"))
@@ -181,7 +191,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         state["epoch"] = epoch
         save_checkpoint(ckpt_dir / "last.pt", model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
                         scheduler=sched.state_dict(),
-                        state=state, rng={"gen": gen.get_state(), "torch": torch.get_rng_state()}, **common)
+                        state=state, rng=rng_state(gen), **common)
         write_history(state["history"], run_dir / "history.csv")
         log.info("epoch %3d | train loss %.4f | val loss %.4f | %s %.4f | cmd %.3f | uniq %d | %.1fs",
                  epoch, row["train/loss"], row["val/loss"], tc.monitor, score, row["val/command_acc"],
