@@ -153,9 +153,10 @@ def write_outputs(cfg, run_dir: Path, metrics: dict, pred, target, vocab, histor
         plots.token_frequencies(pred, target, vocab, out / "token_frequencies.png")
         plots.command_recall(rows, out / "command_recall.png")
     write_json(metrics, run_dir / "metrics.json")
-    keys = ("overall_acc", "command_acc", "command_macro_recall", "token_macro_recall", "unique_tokens")
+    keys = ("line_exact", "overall_acc", "command_acc", "command_macro_recall", "token_macro_recall", "unique_tokens")
     for label, prefix in (("test", "test/"), ("majority reference", "majority/")):
-        log.info("%s: %s", label, " | ".join(f"{k} {metrics.get(prefix + k, float('nan')):.3f}" for k in keys))
+        shown = [k for k in keys if prefix + k in metrics]  # line_exact: not with trainer.line_exact=false
+        log.info("%s: %s", label, " | ".join(f"{k} {metrics[prefix + k]:.3f}" for k in shown))
 
 
 def objective(cfg, metrics: dict) -> float | None:

@@ -20,7 +20,8 @@ How `run_doc` runs a command, on tiny settings (conftest's TINY, 1 epoch, one to
   -> the embedded sample (a subset of that data), `$(hostname)-$$` -> `doc-host-1`, `$VAR` -> the
   entry's environment; an entry's `setup` gives its own (RELIABILITY.md's DIR, TMP and FOLDER, the
   interrupted RUN that `trainer.resume=true` continues);
-- `run.py` gets TINY_RUN (these win over the documented values: the command's options are kept, its
+- `run.py` gets TINY (`tiny_for`: without the token-model sizes where it runs the nearest model) and
+  TINY_RUN (these win over the documented values: the command's options are kept, its
   size is not), data.dir (the sample) and data.cache_dir (the session's) unless the command sets them,
   then the entry's `extra` (e.g. FEW_TRIALS), which win over everything.
 
@@ -51,11 +52,11 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, SAMPLE, TINY
+from tests.conftest import ROOT, SAMPLE, TINY, tiny_for
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN, COMPOSE, PG, CUDA, CI = "run", "compose-only", "postgres", "cuda", "ci"
-TINY_RUN = (*TINY, "trainer.line_exact=false", "hardware.threads=1")
+TINY_RUN = ("trainer.line_exact=false", "hardware.threads=1")  # beside TINY (tiny_for: the nearest model has no sizes)
 FEW_TRIALS = ("hydra.sweeper.n_trials=2",)  # an Optuna sweep runs 2 trials here, whatever the docs ask for
 BENCH_TINY = ("--steps", "2", *(o for o in TINY if o.startswith(("data.", "model.", "++model."))))
 PYTHON = re.compile(r"(?:^|&&\s*)(?:\S*/)?python3?\s")
@@ -111,6 +112,14 @@ def run_folder_as_the_readme_says(ran: Ran) -> None:
     for key in ("val/token_macro_recall", "test/command_acc", "majority/command_acc", "best_epoch", "epochs",
                 "sec_per_epoch", "collapsed"):
         assert key in m, f"metrics.json lacks {key}"
+    assert f"run folder: {ran.folder}" in ran.out, "the quick start must print where its run folder is"
+
+
+def beats_the_majority_line(ran: Ran) -> None:
+    """README, 'Quick start': the default ends with its test scores beside the majority reference's,
+    above it, and says where its run folder is."""
+    m = metrics(ran.folder)
+    assert m["test/line_exact"] > m["majority/line_exact"] + 0.3, (m["test/line_exact"], m["majority/line_exact"])
     assert f"run folder: {ran.folder}" in ran.out, "the quick start must print where its run folder is"
 
 
@@ -241,10 +250,11 @@ class Doc:
 
 
 def interrupted_copy(s: DocSession) -> dict[str, str]:
-    """RUN for `trainer.resume=true`: the quick start's run as an interrupted one (last.pt, no metrics.json)."""
+    """RUN for `trainer.resume=true`: the quick start's token-model run as an interrupted one (last.pt, no
+    metrics.json)."""
     copy = s.ws / "interrupted"
     if not copy.exists():
-        shutil.copytree(s.result(QUICK_START).folder, copy)
+        shutil.copytree(s.result(TOKEN_START).folder, copy)
         (copy / "metrics.json").unlink()
     return {"RUN": str(copy)}
 
@@ -277,8 +287,8 @@ def plain_csv(s: DocSession) -> dict[str, str]:
     return {"FILE.csv": str(path)}
 
 
-QUICK_START = ("python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python run.py model=multihead "
-               "aug=3x")
+QUICK_START = "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python run.py"
+TOKEN_START = ".venv/bin/python run.py model=multihead aug=3x"  # the quick start's token model: RUN of the tasks
 EXPERIMENTS = "python run.py -m experiment=baseline,augmented,multihead,multihead_aug"
 OPTUNA = "python run.py -m hparams_search=optuna"
 OPT1 = ("python run.py -m hparams_search=optuna hydra.sweeper.n_trials=2 trainer.max_epochs=2 hardware.threads=1 "
@@ -320,23 +330,25 @@ BEST = ("new_programs", "recommended")  # experiment=cv also runs the best token
 
 COMMANDS: dict[str, Doc] = {
     # README.md
-    QUICK_START: Doc(extra=("trainer.plots=true",), check=run_folder_as_the_readme_says),
+    QUICK_START: Doc(extra=("trainer.line_exact=true",), says=("majority reference: line_exact",),
+                     check=beats_the_majority_line),
+    TOKEN_START: Doc(extra=("trainer.plots=true",), check=run_folder_as_the_readme_says),
     "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest": Doc(kind=CI),
     ".venv/bin/python run.py data.dir=../shared/data/cnc_sensor_gcode": Doc(files=("metrics.json",)),
-    "python run.py --help": Doc(fast=True, says=("== Configuration groups ==",), check=help_lists_the_readme_groups),
+    "python run.py --help": Doc(fast=True, says=("== Groups (group=option) ==",), check=help_lists_the_readme_groups),
     "python run.py experiment=baseline": Doc(files=("metrics.json",)),
     "python run.py features=side_channel": Doc(files=("metrics.json",)),
     "python run.py model=multihead aug.oversample_factor=5 model.loss_weights.command=5.0 trainer.batch_size=16":
         Doc(files=("metrics.json",)),
     "python run.py task=prepare data.dir=DIR": Doc(files=("data_summary.json",), says=("train:", "test :")),
     "python run.py task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR":
-        Doc(needs=(QUICK_START,), files=("metrics.json",), check=eval_scores_the_checkpoint),
+        Doc(needs=(TOKEN_START,), files=("metrics.json",), check=eval_scores_the_checkpoint),
     "python run.py trainer.resume=true hydra.run.dir=RUN":
-        Doc(needs=(QUICK_START,), setup=interrupted_copy, extra=("trainer.max_epochs=2",), check=resumed_after_epoch_1),
+        Doc(needs=(TOKEN_START,), setup=interrupted_copy, extra=("trainer.max_epochs=2",), check=resumed_after_epoch_1),
     "python run.py task=predict ckpt_path=RUN/checkpoints/best.pt data.dir=DIR":
-        Doc(needs=(QUICK_START,), files=("metrics.json", "program.csv", "predictions")),
+        Doc(needs=(TOKEN_START,), files=("metrics.json", "program.csv", "predictions")),
     "python run.py task=predict predict.follow=true ckpt_path=RUN/checkpoints/best.pt data.path=FILE.csv":
-        Doc(needs=(QUICK_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
+        Doc(needs=(TOKEN_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
     "python run.py hardware=cuda": Doc(kind=CUDA, files=("metrics.json",), says=("on cuda",)),
     "python run.py debug=fast": Doc(files=("metrics.json",), check=few_batches),
     "python run.py debug=overfit": Doc(files=("metrics.json",), extra=("trainer.max_epochs=3",),
@@ -478,8 +490,8 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
     """Run one documented command in the session's scratch folder, as the table says."""
     text = doc.text or command
     subs = {"DIR": str(s.ws / "DIR"), **(doc.setup(s) if doc.setup else {})}
-    if QUICK_START in doc.needs and "RUN" not in subs:
-        subs["RUN"] = str(s.result(QUICK_START).folder)
+    if TOKEN_START in doc.needs and "RUN" not in subs:
+        subs["RUN"] = str(s.result(TOKEN_START).folder)
     for key, value in subs.items():
         text = re.sub(rf"\b{key}\b", value, text)
     if "multirun/<date>/<time>" in text:
@@ -512,7 +524,7 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
             argv[1] = str(ROOT / "run.py")
         given = {a.split("=")[0] for a in argv if "=" in a}
         argv += [o for o in (f"data.dir={SAMPLE}", f"data.cache_dir={s.ws / '.cache'}") if o.split("=")[0] not in given]
-        argv = merged(argv, TINY_RUN) if doc.kind != COMPOSE else argv
+        argv = merged(argv, (*tiny_for(argv[n_prog:]), *TINY_RUN)) if doc.kind != COMPOSE else argv
     argv = merged(argv, doc.extra)
 
     if doc.kind == COMPOSE:

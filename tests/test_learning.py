@@ -19,7 +19,7 @@ COMMAND_MARGIN = 0.10  # test/command_macro_recall likewise
 @pytest.mark.parametrize("model", [[], ["model=multihead", "aug=3x"]], ids=["default", "quick_start"])
 def test_default_model_beats_the_majority_reference_on_the_sample(tmp_path, model):
     """`python run.py` with the default config (whatever model it names: nearest, nothing trained), and
-    the README's quick start (`model=multihead aug=3x`) shortened to 5 epochs, on 32-row windows of
+    the README's quick-start token model (`model=multihead aug=3x`) shortened to 5 epochs, on 32-row windows of
     data/sample with the default seed.
 
     Measured for the quick start's token model (multihead + 3x + row head; 2 shared CPU cores,
