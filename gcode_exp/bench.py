@@ -84,7 +84,7 @@ def bench_model(cfg, data, steps: int) -> dict:
 def bench_nearest(cfg, data) -> dict:
     """Seconds to build the reference from the training split, and answer latency per window."""
     train, window = data.splits["train"], cfg.data.window
-    model = NearestModel(cfg.data.max_len, cfg.model)
+    model = NearestModel(cfg.model, max_len=cfg.data.max_len)
     fit_s = timed(lambda: model.fit_reference(train, data.features, window), 3)
     x1 = train.rows[train.starts[:1, None] + torch.arange(window)]
     big = train.rows[train.starts[:256, None] + torch.arange(window)]

@@ -141,6 +141,29 @@ def Nullable(rule: Rule) -> Rule:
     return Rule(f"{rule.what} or null", lambda v: v is None or rule.ok(v), rule.only_if, rule.optional)
 
 
+def _class(path: Any, base: str) -> type | None:
+    """The class `path` names if it imports and subclasses gcode_exp's `base` ("module:Class"), else None."""
+    import importlib
+
+    from hydra.utils import get_class
+
+    module, _, name = base.partition(":")
+    try:
+        cls = get_class(str(path))
+    except Exception:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, getattr(importlib.import_module(module), name)) else None
+
+
+def Importable(base: str, what: str, **kw) -> Rule:
+    """A `_target_`: the dotted path of a class that imports and subclasses `base`."""
+    return Rule(what, lambda v: _class(v, base) is not None, **kw)
+
+
+ENCODER = "gcode_exp.models.encoder:SensorEncoder"
+ENCODER_GIVEN = ("n_inputs", "window", "d_model", "layers", "dropout")  # what the token model passes an encoder
+
+
 def _split_ok(v: Any) -> bool:
     return isinstance(v, list) and len(v) == 3 and all(_is_num(f) and f > 0 for f in v) and abs(sum(v) - 1) < 1e-6
 
@@ -187,8 +210,11 @@ SCHEMA: dict[str, Rule] = {
     "vocab.name": Text(),
     "vocab.digits": Int(ge=1, le=6, note="10**digits buckets per parameter letter"),
     # model
+    "model._target_": Importable("torch.nn:Module", "an importable model class (conf/model/*.yaml)"),
     "model.name": OneOf("baseline", "multihead", "nearest"),
-    "model.encoder": OneOf("conv", "lstm", only_if=TOKEN_MODELS),
+    "model.encoder._target_": Importable(ENCODER, "an importable subclass of gcode_exp.models.encoder.SensorEncoder "
+                                         "(conf/model/encoder/*.yaml)", only_if=TOKEN_MODELS),
+    "model.encoder.kernel": Int(ge=1, optional=True, only_if=TOKEN_MODELS),  # the conv encoder's
     "model.d_model": Int(ge=1, only_if=TOKEN_MODELS),
     "model.enc_layers": Int(ge=1, only_if=TOKEN_MODELS),
     "model.dec_layers": Int(ge=1, only_if=TOKEN_MODELS),
@@ -300,7 +326,13 @@ def _warn(key: str, value: Any, why: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Refuse (ConfigError naming the key) or warn about a config before any file is read."""
     flat = _flatten(cfg)
+    if isinstance(flat.get("model.encoder"), str):  # the spelling of before the encoder group
+        raise _fail("model.encoder", flat["model.encoder"], f"the encoder is a config group: "
+                    f"model/encoder={flat['model.encoder']} (conf/model/encoder/)")
     for key, value in flat.items():
+        if key.startswith("model.encoder.") and key != "model.encoder._target_":
+            _check_encoder_key(flat, key)
+            continue
         if key not in SCHEMA:
             near = difflib.get_close_matches(key, list(SCHEMA), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
@@ -319,6 +351,21 @@ def validate(cfg: DictConfig) -> None:
         if not rule.ok(flat[key]):
             raise _fail(key, flat[key], f"must be {rule.what}")
     _check_rules(cfg, flat)
+
+
+def _check_encoder_key(flat: dict[str, Any], key: str) -> None:
+    """An encoder YAML's own keys are its class's keyword arguments (a user's encoder brings its own)."""
+    import inspect
+
+    cls = _class(flat.get("model.encoder._target_"), ENCODER)
+    if cls is None:
+        return  # the _target_ rule reports it
+    name, takes = key.rpartition(".")[2], inspect.signature(cls).parameters
+    if name in ENCODER_GIVEN:
+        raise _fail(key, flat[key], f"set by the model ({', '.join(ENCODER_GIVEN)} come from model.*)")
+    if name not in takes:
+        own = [p for p in takes if p not in ENCODER_GIVEN]
+        raise _fail(key, flat[key], f"unknown key: {cls.__name__} takes {', '.join(own) or 'no keys of its own'}")
 
 
 def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:

@@ -287,6 +287,25 @@ def plain_csv(s: DocSession) -> dict[str, str]:
     return {"FILE.csv": str(path)}
 
 
+def user_encoder(s: DocSession) -> dict[str, str]:
+    """README, 'Adding an encoder': its Python block as my_encoders.py and its YAML block as
+    my_conf/model/encoder/gru.yaml, in the working folder, exactly as shown."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Adding an encoder"):readme.index("## Speed")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    conf = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    (s.ws / "my_encoders.py").write_text(code)
+    (s.ws / "my_conf" / "model" / "encoder").mkdir(parents=True, exist_ok=True)
+    (s.ws / "my_conf" / "model" / "encoder" / "gru.yaml").write_text(conf)
+    return {}
+
+
+def trained_the_user_encoder(ran: Ran) -> None:
+    resolved = yaml.safe_load((ran.folder / "resolved_config.yaml").read_text())
+    assert resolved["model"]["encoder"] == {"_target_": "my_encoders.GRUEncoder", "stride": 2}, resolved["model"]
+    assert metrics(ran.folder)["epochs"] == 1
+
+
 QUICK_START = "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python run.py"
 TOKEN_START = ".venv/bin/python run.py model=multihead aug=3x"  # the quick start's token model: RUN of the tasks
 EXPERIMENTS = "python run.py -m experiment=baseline,augmented,multihead,multihead_aug"
@@ -355,6 +374,8 @@ COMMANDS: dict[str, Doc] = {
                                        check=one_batch_per_epoch),  # tests/test_debug_and_cli.py: the loss falls
     "python -m gcode_exp debug=fast": Doc(files=("metrics.json",), check=few_batches),
     "gcode-exp debug=fast data.dir=DIR": Doc(files=("metrics.json",), check=few_batches),
+    "python -m gcode_exp model=multihead model/encoder=gru hydra.searchpath=[file://my_conf]":
+        Doc(setup=user_encoder, files=("metrics.json",), check=trained_the_user_encoder),
     EXPERIMENTS: Doc(jobs=4, check=named_by_experiment),
     "python -m gcode_exp.summarize multirun/<date>/<time>":
         Doc(needs=(EXPERIMENTS,), files=SUMMARY, says=("4 run folders (4 finished)",), check=summary_rows(*FOUR)),

@@ -1,21 +1,24 @@
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
 from gcode_exp.data.vocab import BOS, EOS, UNK, Vocab
 from gcode_exp.models import build_model
+from tests.conftest import ROOT
 
 V = Vocab.build(["G1 X1 Y2", "G0 Z0.5", "G2 X2 Y1 R0.5", "M30", "X0 Y0"], digits=2)
-CFG = OmegaConf.create({
-    "name": "multihead", "encoder": "conv", "d_model": 32, "enc_layers": 2, "dec_layers": 1, "n_heads": 2,
-    "dropout": 0.0, "row_weight": 0.0,
-    "loss_weights": {"type": 1.0, "command": 3.0, "param_type": 1.0, "param_value": 1.0},
-})
+SMALL = ["model.d_model=32", "model.dec_layers=1", "model.n_heads=2", "model.dropout=0.0", "model.row_weight=0.0"]
+
+
+def model_cfg(name: str, encoder: str = "conv", *extra: str):
+    """The model config as conf/ composes it (its class and its encoder's are named there), small."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf")):
+        return compose("config", overrides=[f"model={name}", f"model/encoder={encoder}", *SMALL, *extra]).model
 
 
 def make(name: str, encoder: str = "conv"):
     torch.manual_seed(0)
-    return build_model(OmegaConf.merge(CFG, {"name": name, "encoder": encoder}), V, n_inputs=7, window=16, max_len=8)
+    return build_model(model_cfg(name, encoder), V, n_inputs=7, window=16, max_len=8)
 
 
 @pytest.mark.parametrize("name,encoder", [("baseline", "conv"), ("multihead", "conv"), ("multihead", "lstm")])
@@ -73,7 +76,7 @@ def test_row_head_labels_every_row_and_adds_its_loss(encoder):
 
     lines = torch.tensor([padded("G1 X1 Y2"), padded("G0 Z0.5")])
     torch.manual_seed(0)
-    cfg = OmegaConf.merge(CFG, {"encoder": encoder, "row_weight": 2.0})
+    cfg = model_cfg("multihead", encoder, "model.row_weight=2.0")
     model = build_model(cfg, V, n_inputs=7, window=16, max_len=8, lines=lines)
     # rows: line 1, line 0, a line that is no window's target, an unlabelled row (all PAD)
     row_targets = torch.stack([lines[1], lines[0], torch.tensor(padded("M30")), torch.zeros(8)]).short()
@@ -85,5 +88,5 @@ def test_row_head_labels_every_row_and_adds_its_loss(encoder):
     total, parts = model.loss(out, tokens[:, 1:], rows)
     tokens_only, _ = model.loss(out, tokens[:, 1:])
     assert total.item() == pytest.approx(tokens_only.item() + 2.0 * parts["rows"], rel=1e-5)
-    without = build_model(OmegaConf.merge(CFG, {"encoder": encoder}), V, n_inputs=7, window=16, max_len=8, lines=lines)
+    without = build_model(model_cfg("multihead", encoder), V, n_inputs=7, window=16, max_len=8, lines=lines)
     assert "rows" not in without(x, tokens[:, :-1]) and without.row_labels(row_targets) is None

@@ -43,7 +43,7 @@ def test_position_key_answers_with_the_line_of_most_rows_told_apart_by_text():
     train = split_of([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [11, 11, 11, 12, 12, 13, 13, 13, 13, 0],
                      [a, a, a, a, a, b, b, b, b, [PAD] * 8], window=10)
     feats = Features(channels=["posx", "posy", "posz"], boards=[], mean=[0.0] * 3, std=[1.0] * 3)
-    model = NearestModel(max_len=8, cfg=CFG)
+    model = NearestModel(CFG, max_len=8)
     model.fit_reference(train, feats, window=10)
     assert len(model.lines) == 3  # one per text, the unlabelled row left out
     # a test window at rows 0-8: 3 rows of text 11, 2 of 12, 4 of 13 -> text 13 has the most rows, although
@@ -70,7 +70,7 @@ def test_summary_key_finds_the_same_moment_of_a_training_run():
                   targets=torch.tensor([line(10 + k) for k in range(len(starts))]), files=["a"],
                   file_windows=[len(starts)], row_targets=torch.tensor(tokens).short(),
                   target_lengths=torch.zeros_like(starts), row_lines=texts)
-    model = NearestModel(max_len=8, cfg=CFG)
+    model = NearestModel(CFG, max_len=8)
     model.fit_reference(train, feats, window)
     assert model.mode.item() == 1  # summary: the inputs hold no work position
     # other sensor values, but the elapsed time of the third training window: its lines, row by row
@@ -86,7 +86,7 @@ def test_training_windows_are_answered_with_their_own_targets(tiny_cfg):
         cfg = tiny_cfg("model=nearest", f"features={features}")
         data = prepare(cfg)
         train = data.splits["train"]
-        model = NearestModel(cfg.data.max_len, cfg.model)
+        model = NearestModel(cfg.model, max_len=cfg.data.max_len)
         model.fit_reference(train, data.features, cfg.data.window)
         x = train.rows[train.starts[:, None] + torch.arange(cfg.data.window)]
         hit = (model.answer(x) == train.targets).all(1).float().mean().item()
@@ -98,7 +98,8 @@ def test_position_key_needs_position_inputs(tiny_cfg):
     cfg = tiny_cfg("model=nearest", "model.key=position", "features=side_channel")
     data = prepare(cfg)
     with pytest.raises(ConfigError, match="model.key=position"):
-        NearestModel(cfg.data.max_len, cfg.model).fit_reference(data.splits["train"], data.features, cfg.data.window)
+        model = NearestModel(cfg.model, max_len=cfg.data.max_len)
+        model.fit_reference(data.splits["train"], data.features, cfg.data.window)
 
 
 @pytest.mark.slow

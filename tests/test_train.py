@@ -55,3 +55,26 @@ def test_same_seed_same_metrics(tiny_cfg, tmp_path):
     drop = ("sec_per_epoch",)
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
     assert a["val/loss"] != c["val/loss"]
+
+
+def test_checkpoint_of_before_the_encoder_group_still_evaluates(tmp_path):
+    """A checkpoint written when configs did not name their classes (`model.encoder: conv`, no
+    `_target_`) evaluates through `python run.py task=eval`, to the same scores as today's."""
+    import torch
+
+    from tests.conftest import run_py
+
+    run = tmp_path / "run"
+    assert run_py("model=multihead", f"hydra.run.dir={run}", cache=tmp_path / "cache").returncode == 0
+    blob = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    model = dict(blob["config"]["model"])
+    del model["_target_"]
+    model["encoder"] = "conv"
+    torch.save({**blob, "config": {**blob["config"], "model": model}}, tmp_path / "old.pt")
+    scores = {}
+    for name in ("old.pt", "run/checkpoints/best.pt"):
+        out = tmp_path / f"eval-{name.split('/')[0]}"
+        res = run_py("task=eval", f"ckpt_path={tmp_path / name}", f"hydra.run.dir={out}", cache=tmp_path / "cache")
+        assert res.returncode == 0, res.stderr[-2000:]
+        scores[name] = json.loads((out / "metrics.json").read_text())["test/overall_acc"]
+    assert scores["old.pt"] == scores["run/checkpoints/best.pt"], scores

@@ -1,7 +1,10 @@
-"""Model zoo: `model.name` picks one. The token models share the encoder/decoder trunk in encoder.py;
-`nearest` (nearest.py) is the classical reference they are measured against."""
+"""Model zoo: `model._target_` (conf/model/*.yaml) names the class. The token models share the
+encoder/decoder trunk in encoder.py; `nearest` (nearest.py) is the classical reference they are
+measured against."""
 
 from __future__ import annotations
+
+from hydra.utils import get_class
 
 from gcode_exp.data.vocab import Vocab
 from gcode_exp.models.baseline import BaselineModel
@@ -9,15 +12,13 @@ from gcode_exp.models.encoder import TokenModel
 from gcode_exp.models.multihead import MultiHeadModel
 from gcode_exp.models.nearest import NearestModel
 
+__all__ = ["BaselineModel", "MultiHeadModel", "NearestModel", "TokenModel", "build_model"]
+
 
 def build_model(model_cfg, vocab: Vocab, n_inputs: int, window: int, max_len: int,
                 lines=None) -> TokenModel | NearestModel:
-    """`lines`: the distinct target lines of the training windows [n, max_len], for the row head.
-    A NearestModel is empty until `fit_reference` (or a checkpoint's state) fills it."""
-    if model_cfg.name == "baseline":
-        return BaselineModel(n_inputs, len(vocab), window, max_len, model_cfg, lines)
-    if model_cfg.name == "multihead":
-        return MultiHeadModel(n_inputs, vocab, window, max_len, model_cfg, lines)
-    if model_cfg.name == "nearest":
-        return NearestModel(max_len, model_cfg)
-    raise ValueError(f"model.name must be baseline, multihead or nearest, got {model_cfg.name!r}")
+    """The class `model._target_` names, built from the model config and the data's shapes. `lines`: the
+    distinct target lines of the training windows [n, max_len], for the row head. A NearestModel is
+    empty until `fit_reference` (or a checkpoint's state) fills it."""
+    cls = get_class(model_cfg._target_)
+    return cls(model_cfg, vocab=vocab, n_inputs=n_inputs, window=window, max_len=max_len, lines=lines)

@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcode_exp.data.vocab import PAD
+from gcode_exp.data.vocab import PAD, Vocab
 from gcode_exp.models.encoder import TokenModel
 
 
 class BaselineModel(TokenModel):
-    def __init__(self, n_inputs: int, vocab_size: int, window: int, max_len: int, cfg, lines=None):
-        super().__init__(n_inputs, vocab_size, window, max_len, cfg, lines)
-        self.head = nn.Linear(cfg.d_model, vocab_size)
+    def __init__(self, cfg, vocab: Vocab, n_inputs: int, window: int, max_len: int, lines=None):
+        super().__init__(cfg, vocab, n_inputs, window, max_len, lines)
+        self.head = nn.Linear(cfg.d_model, len(vocab))
 
     def heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"token": self.head(h)}

@@ -4,47 +4,63 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import nn
+
+from gcode_exp.data.vocab import Vocab
 
 
 class SensorEncoder(nn.Module):
-    """[B, window, n_inputs] -> memory [B, steps, d_model].
+    """[B, window, n_inputs] -> memory [B, steps, d_model]: rows projected to d_model, a subclass's
+    `over_time`, a learnt position per step, layer norm.
 
-    `conv`: strided temporal convolutions, each halving the time axis (64 rows -> 16 steps with 2
-    layers); `lstm`: a bidirectional LSTM over all rows. The conv encoder is the default because it
-    trains ~1.8x faster on CPU (docs/RESULTS.md, `python -m gcode_exp.bench`); the LSTM's accuracy on
-    the real data has not been compared yet.
-    """
+    An encoder is a subclass and a YAML file naming it (`conf/model/encoder/*.yaml`, `_target_`); the
+    token model builds it with `hydra.utils.instantiate`, passing n_inputs, window, d_model, layers and
+    dropout, and the YAML's own keys (README, "Adding an encoder")."""
 
-    def __init__(self, n_inputs: int, window: int, d_model: int, layers: int, kind: str, dropout: float):
+    def __init__(self, n_inputs: int, window: int, d_model: int, steps: int):
         super().__init__()
-        self.kind = kind
         self.proj = nn.Linear(n_inputs, d_model)
-        if kind == "conv":
-            self.body = nn.Sequential(
-                *[
-                    nn.Sequential(nn.Conv1d(d_model, d_model, 5, stride=2, padding=2), nn.GELU(), nn.Dropout(dropout))
-                    for _ in range(layers)
-                ]
-            )
-            steps = window
-            for _ in range(layers):
-                steps = (steps + 1) // 2
-        elif kind == "lstm":
-            self.body = nn.LSTM(d_model, d_model // 2, layers, batch_first=True, bidirectional=True, dropout=dropout)
-            steps = window
-        else:
-            raise ValueError(f"model.encoder must be conv or lstm, got {kind!r}")
         self.pos = nn.Parameter(torch.zeros(steps, d_model))
         self.norm = nn.LayerNorm(d_model)
 
+    def over_time(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, window, d_model] -> [B, steps, d_model]."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj(x)
-        if self.kind == "conv":
-            h = self.body(h.transpose(1, 2)).transpose(1, 2)
-        else:
-            h, _ = self.body(h)
+        h = self.over_time(self.proj(x))
         return self.norm(h + self.pos[: h.shape[1]])
+
+
+class ConvEncoder(SensorEncoder):
+    """Strided temporal convolutions, each halving the time axis (64 rows -> 16 steps with 2 layers).
+    The default: it trains ~1.8x faster on CPU than the LSTM (`python -m gcode_exp.bench`)."""
+
+    def __init__(self, n_inputs: int, window: int, d_model: int, layers: int, dropout: float, kernel: int = 5):
+        steps = window
+        for _ in range(layers):
+            steps = (steps + 1) // 2
+        super().__init__(n_inputs, window, d_model, steps)
+        self.body = nn.Sequential(*[
+            nn.Sequential(nn.Conv1d(d_model, d_model, kernel, stride=2, padding=kernel // 2), nn.GELU(),
+                          nn.Dropout(dropout))
+            for _ in range(layers)
+        ])
+
+    def over_time(self, h: torch.Tensor) -> torch.Tensor:
+        return self.body(h.transpose(1, 2)).transpose(1, 2)
+
+
+class LSTMEncoder(SensorEncoder):
+    """A bidirectional LSTM over all rows (one step per row)."""
+
+    def __init__(self, n_inputs: int, window: int, d_model: int, layers: int, dropout: float):
+        super().__init__(n_inputs, window, d_model, window)
+        self.body = nn.LSTM(d_model, d_model // 2, layers, batch_first=True, bidirectional=True, dropout=dropout)
+
+    def over_time(self, h: torch.Tensor) -> torch.Tensor:
+        return self.body(h)[0]
 
 
 class TokenDecoder(nn.Module):
@@ -76,11 +92,14 @@ class TokenModel(nn.Module):
     tried (docs/RESULTS.md).
     """
 
-    def __init__(self, n_inputs: int, vocab_size: int, window: int, max_len: int, cfg, lines: torch.Tensor | None):
+    def __init__(self, cfg, vocab: Vocab, n_inputs: int, window: int, max_len: int, lines: torch.Tensor | None):
         super().__init__()
         self.window = window
-        self.encoder = SensorEncoder(n_inputs, window, cfg.d_model, cfg.enc_layers, cfg.encoder, cfg.dropout)
-        self.decoder = TokenDecoder(vocab_size, max_len, cfg.d_model, cfg.dec_layers, cfg.n_heads, cfg.dropout)
+        # the one class the config names (validate checked it is a SensorEncoder), nothing else it could call
+        self.encoder = instantiate(cfg.encoder, n_inputs=n_inputs, window=window, d_model=cfg.d_model,
+                                   layers=cfg.enc_layers, dropout=cfg.dropout,
+                                   _execution_whitelist_=str(cfg.encoder._target_))
+        self.decoder = TokenDecoder(len(vocab), max_len, cfg.d_model, cfg.dec_layers, cfg.n_heads, cfg.dropout)
         use_rows = cfg.row_weight > 0 and lines is not None and len(lines) > 1
         self.row_weight = float(cfg.row_weight)
         self.register_buffer("lines", lines.long() if use_rows else torch.zeros(0, max_len, dtype=torch.long))

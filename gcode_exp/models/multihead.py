@@ -15,8 +15,8 @@ from gcode_exp.models.encoder import TokenModel
 
 
 class MultiHeadModel(TokenModel):
-    def __init__(self, n_inputs: int, vocab: Vocab, window: int, max_len: int, cfg, lines=None):
-        super().__init__(n_inputs, len(vocab), window, max_len, cfg, lines)
+    def __init__(self, cfg, vocab: Vocab, n_inputs: int, window: int, max_len: int, lines=None):
+        super().__init__(cfg, vocab, n_inputs, window, max_len, lines)
         s = vocab.structure()
         n_cmd, n_letter, n_bucket = len(vocab.commands), len(vocab.letters), vocab.n_buckets
         d = cfg.d_model

@@ -38,7 +38,9 @@ def row_keys(x: torch.Tensor, columns: torch.Tensor, motion_weight: float) -> to
 class NearestModel(nn.Module):
     """Reference keys and answers from the training split (buffers, so a checkpoint carries them)."""
 
-    def __init__(self, max_len: int, cfg):
+    def __init__(self, cfg, max_len: int, **shapes):
+        """`shapes` (vocab, n_inputs, window, lines: what build_model gives every model) are not needed:
+        the reference is filled by `fit_reference`."""
         super().__init__()
         self.cfg, self.max_len = cfg, max_len
         for name in ("keys", "line_ids", "lines", "columns", "mean", "std"):

@@ -12,6 +12,12 @@ from gcode_exp.data.dataset import atomic_torch_save
 
 FORMAT = "gcode-exp/1"
 REQUIRED = ("format", "model", "vocab", "features", "config", "epoch", "majority_line")
+# checkpoints written before the model and encoder configs named their classes (`_target_`)
+OLD_MODELS = {"baseline": "gcode_exp.models.baseline.BaselineModel",
+              "multihead": "gcode_exp.models.multihead.MultiHeadModel",
+              "nearest": "gcode_exp.models.nearest.NearestModel"}
+OLD_ENCODERS = {"conv": {"_target_": "gcode_exp.models.encoder.ConvEncoder", "kernel": 5},
+                "lstm": {"_target_": "gcode_exp.models.encoder.LSTMEncoder"}}
 
 
 def save_checkpoint(path: Path, **blob) -> None:
@@ -29,4 +35,17 @@ def load_checkpoint(path: str | Path) -> dict:
         raise GcodeExpError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or any(k not in blob for k in REQUIRED):
         raise GcodeExpError(f"ckpt_path={path}: not a gcode-exp checkpoint (format {FORMAT})")
+    blob["config"] = upgraded(blob["config"])
     return blob
+
+
+def upgraded(config: dict) -> dict:
+    """A checkpoint's config in today's spelling, so that an older checkpoint evaluates, predicts and
+    resumes as before: the model and encoder classes it was built with, named (`_target_`)."""
+    model = config.get("model")
+    if isinstance(model, dict) and model.get("name") in OLD_MODELS:
+        model = {"_target_": OLD_MODELS[model["name"]], **model}
+        if isinstance(model.get("encoder"), str) and model["encoder"] in OLD_ENCODERS:
+            model["encoder"] = dict(OLD_ENCODERS[model["encoder"]])
+        config = {**config, "model": model}
+    return config
