@@ -31,6 +31,7 @@ SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
 RUN_FILES = ("metrics.json", "history.csv", "per_class.csv", "vocab.json", "data_summary.json", "error.txt",
              "run.log", "optuna_trial.json", "checkpoints", "plots", "predictions", "program.csv", ".hydra",
              "resolved_config.yaml", "wandb")
+REPLACED = ".replaced"  # overwrite=true: the earlier run's files, until the new run has finished
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
@@ -79,7 +80,8 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
     """Refuse, with one line, any command that would change what an earlier command left in `run_dir`.
 
     Allowed: an empty or new folder; `trainer.resume=true` (train only) on an interrupted run;
-    anything with `overwrite=true`, which first removes the earlier run's files (and only those)."""
+    anything with `overwrite=true`, which moves the earlier run's files (and only those) aside, to be
+    removed when the new run finishes, or put back if it fails."""
     if run_dir.exists() and not run_dir.is_dir():
         raise GcodeExpError(f"{run_dir}: the run folder is a file; choose another hydra.run.dir")
     now = state(run_dir) if run_dir.is_dir() else "empty"
@@ -87,12 +89,15 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
     if cfg.overwrite:
         if resume:
             raise GcodeExpError("overwrite=true and trainer.resume=true contradict each other: choose one")
-        for name in RUN_FILES:
-            path = run_dir / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+        ckpt = cfg.get("ckpt_path") if cfg.task in ("eval", "predict") else None
+        if ckpt and run_dir.resolve() in Path(ckpt).resolve().parents:
+            raise GcodeExpError(f"ckpt_path={ckpt}: inside the run folder overwrite=true would replace; "
+                                "choose another hydra.run.dir (or copy the checkpoint out first)")
+        _remove(run_dir / REPLACED)  # a crashed earlier overwrite's: the run it replaced is the one to keep now
+        for name in RUN_FILES:  # kept aside until the new run finishes; put back if it fails (`record`)
+            if (run_dir / name).exists() or (run_dir / name).is_symlink():
+                (run_dir / REPLACED).mkdir(exist_ok=True)
+                (run_dir / name).rename(run_dir / REPLACED / name)
         return
     if resume:
         if now == "interrupted":  # refuse another model/data/seed now, not after .hydra/ and run.log are written
@@ -132,14 +137,38 @@ def record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None) -> Iter
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
+    finished = False
     try:
         yield
+        finished = True
     except BaseException as e:
         write_error(run_dir, e)
         raise
     finally:
         root.removeHandler(handler)
         handler.close()
+        _settle_replaced(run_dir, finished)
+
+
+def _settle_replaced(run_dir: Path, finished: bool) -> None:
+    """overwrite=true: drop the earlier run's files once the new run finished; if it did not, remove
+    what it wrote and put the earlier run back as it was (nothing lost to a failed overwrite)."""
+    aside = run_dir / REPLACED
+    if not aside.is_dir():
+        return
+    if not finished:
+        for name in RUN_FILES:
+            _remove(run_dir / name)
+        for path in aside.iterdir():
+            path.rename(run_dir / path.name)
+    _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def write_error(run_dir: Path, error: BaseException) -> None:

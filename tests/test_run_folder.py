@@ -147,6 +147,22 @@ def test_overwrite_replaces_a_finished_run_and_leaves_nothing_of_it(tmp_path, ca
     assert "overwrite=true" in (run / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["data.dir={bad}"], "{bad}/x_001.csv: missing column 'gcode_string'"),
+    (["task=eval", "ckpt_path={run}/checkpoints/best.pt"], "ckpt_path={run}/checkpoints/best.pt: inside the run"),
+], ids=["failing-run", "its-own-checkpoint"])
+def test_failed_overwrite_leaves_the_earlier_run_byte_for_byte(tmp_path, cache, finished_run, args, message):
+    """overwrite=true replaces a run only once the new one has finished: a new run that fails, or one
+    that would read the checkpoint it replaces, leaves the earlier run as it was."""
+    run, bad = copy(finished_run, tmp_path), tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x_001.csv").write_text("a,b\n1,2\n")
+    before = hashes(run)
+    line = one_error_line(run_in(run, "overwrite=true", *(a.format(run=run, bad=bad) for a in args), cache=cache))
+    assert line.startswith(message.format(run=run, bad=bad)), line
+    assert hashes(run) == before and not (run / ".replaced").exists()
+
+
 def test_resume_with_another_model_is_refused_naming_the_key(tmp_path, cache, interrupted_run):
     run = copy(interrupted_run, tmp_path)
     before = hashes(run)
