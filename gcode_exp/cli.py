@@ -6,9 +6,12 @@ output folders (outputs/, multirun/) are relative to the working folder, as with
 
 from __future__ import annotations
 
+import difflib
+import io
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -50,10 +53,73 @@ def sweep_ready(argv: list[str]) -> list[str]:
             else a for a in argv]
 
 
+class HeldStderr(io.TextIOBase):
+    """stderr while Hydra composes the config, held back: Hydra reports a bad override in several lines
+    (exit 1), which `main` turns into one `error:` line (exit 2). Passed on from the job's start on."""
+
+    def __init__(self, real) -> None:
+        self.real, self.held, self.passing = real, [], False
+
+    def write(self, text: str) -> int:
+        if self.passing:
+            return self.real.write(text)
+        self.held.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.passing:
+            self.real.flush()
+
+    def isatty(self) -> bool:
+        return self.real.isatty()
+
+    def pass_on(self) -> None:
+        self.passing = True
+        self.real.write("".join(self.held))
+        self.held = []
+
+
+def one_line(hydra_error: str, argv: list[str]) -> str:
+    """Hydra's message about a bad override, as one line that names the override."""
+    from gcode_exp.config import SCHEMA
+
+    lines = [line.strip() for line in hydra_error.splitlines() if line.strip()]
+    given = {a.lstrip("+~").split("=", 1)[0]: a.lstrip("+~") for a in argv if "=" in a}
+    text = " ".join(lines)
+    if (m := re.search(r"Could not override '([^']+)'", text)) and "not in struct" in text:
+        key = m.group(1)
+        rule = SCHEMA.get(key)
+        if rule is not None and rule.only_if:
+            return f"{given.get(key, key)}: not a key of this config (only with {rule.only_if})"
+        near = difflib.get_close_matches(key, list(SCHEMA), n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        return f"{given.get(key, key)}: unknown key{hint} (gcode_exp/config.py SCHEMA lists every key)"
+    if m := re.search(r"Could not find '([^']+)/([^'/]+)'", text):
+        group, option = m.groups()
+        start = next((i for i, line in enumerate(lines) if line.startswith("Available options")), len(lines))
+        end = next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))
+        options = ", ".join(lines[start + 1 : end])
+        return f"{group}={option}: no such option of {group}" + (f"; options: {options}" if options else "")
+    kept = [line for line in lines if not line.startswith(("full_key:", "object_type=", "Set the environment"))]
+    return "; ".join(kept[: next((i for i, line in enumerate(kept) if line.startswith("Config search")), None)])
+
+
 def main() -> None:
     """The entry point of run.py, `python -m gcode_exp` and the `gcode-exp` command."""
     sys.argv = sweep_ready(sys.argv)
-    app()
+    held = sys.stderr = HeldStderr(sys.stderr)
+    try:
+        app()
+    except SystemExit as e:
+        if not held.passing and e.code == 1 and held.held:  # Hydra refused the command line
+            print(f"error: {one_line(''.join(held.held), sys.argv[1:])}", file=held.real)
+            held.held = []
+            sys.exit(2)
+        raise
+    finally:
+        sys.stderr = held.real
+        if not held.passing:
+            held.pass_on()
 
 
 @hydra.main(config_path=CONF, config_name="config")
@@ -61,6 +127,9 @@ def app(cfg: DictConfig) -> float | None:
     from gcode_exp import run_folder, tasks
     from gcode_exp.sweeps import record_optuna_trial
 
+    if isinstance(sys.stderr, HeldStderr):  # the command line composed: the job speaks for itself now
+        sys.stderr.pass_on()
+        sys.stderr = sys.stderr.real
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,6 +196,23 @@ def test_run_py_refuses_bad_config_in_one_line(override, key, tmp_path):
     assert not cache.exists()  # no data file was read
     written = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
     assert written <= HYDRA_FILES | {"error.txt"}, written
+
+
+@pytest.mark.parametrize("override,line", [
+    ("trainer.max_epoch=1", "trainer.max_epoch=1: unknown key; did you mean trainer.max_epochs?"),
+    ("model.d_model=64", "model.d_model=64: not a key of this config (only with model.name=baseline|multihead)"),
+    ("model=transformer", "model=transformer: no such option of model; options: baseline, multihead, nearest"),
+    ("data.window=[1", "Error when parsing index"),
+], ids=["typo", "other-model", "no-option", "syntax"])
+def test_hydra_refusals_are_one_line_too(override, line, tmp_path):
+    """What Hydra refuses while composing (it prints several lines, exit 1) reads like our own errors:
+    one line naming the override, exit 2, no folder."""
+    run_dir = tmp_path / "run"  # not run_py: its tiny token-model sizes would give model.d_model a place
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), override, f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(f"error: {line}"), result.stderr
+    assert not run_dir.exists()
 
 
 @pytest.mark.slow
