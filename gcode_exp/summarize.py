@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import re
@@ -29,7 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from gcode_exp.sweeps import TRIAL_FILE, same_params
+from gcode_exp import GcodeExpError
+from gcode_exp.run_folder import RUN_FILES
+from gcode_exp.sweeps import TRIAL_FILE, display_url, same_params
 
 METRICS = ("unique_tokens", "command_acc", "overall_acc", "type_acc", "param_type_acc", "command_macro_recall",
            "token_macro_recall", "token_coverage", "line_exact")
@@ -71,12 +74,21 @@ class Group:
 
 def find_runs(paths: list[Path]) -> list[RunResult]:
     """Every run folder under the paths. A damaged file of a run is skipped with a warning naming it:
-    without its config the run is left out; with a damaged metrics.json it is listed as failed."""
+    without its config the run is left out; with a damaged metrics.json it is listed as failed. A job
+    that failed before its config was recorded (error.txt, no .hydra/config.yaml) is listed as failed.
+    A path holding no run folder at all (a typo, a data folder) is an error: no table is written there."""
     runs = []
     for root in paths:
-        for cfg_file in sorted(root.rglob(".hydra/config.yaml"), key=natural_key):
-            folder = cfg_file.parent.parent
-            config = read_part(cfg_file, load_config, dict)
+        configs = {f.parent.parent for f in root.rglob(".hydra/config.yaml")}
+        early = {f.parent for f in root.rglob("error.txt") if f.parent not in configs and failed_early(f.parent)}
+        if not configs | early:
+            raise GcodeExpError(f"{root}: no run folders in it")
+        for folder in sorted(configs | early, key=natural_key):
+            if folder in early:
+                runs.append(RunResult(folder=folder, config={}, overrides=[], metrics=None,
+                                      error=first_line(folder / "error.txt"), trial=read_trial(folder)))
+                continue
+            config = read_part(folder / ".hydra" / "config.yaml", load_config, dict)
             if config is None:
                 continue
             overrides = read_part(folder / ".hydra" / "overrides.yaml", lambda text: yaml.safe_load(text) or [], list)
@@ -91,25 +103,46 @@ def find_runs(paths: list[Path]) -> list[RunResult]:
                 overrides=overrides or [],
                 metrics=metrics,
                 error=error,
-                trial=read_part(folder / TRIAL_FILE, json.loads, dict),
+                trial=read_trial(folder),
             ))
     return runs
 
 
-def read_part(path: Path, parse: Callable[[str], object], kind: type) -> object | None:
+def failed_early(folder: Path) -> bool:
+    """A job folder that holds error.txt and only files a job writes, but no config: the job failed
+    before it recorded one (a refused config in a sweep). A data folder's stray error.txt is not one."""
+    return (folder / "error.txt").is_file() and all(p.name in RUN_FILES for p in folder.iterdir())
+
+
+def read_part(path: Path, parse: Callable[[str], object], kind: type,
+              check: Callable[[object], str | None] | None = None) -> object | None:
     """A run folder's file parsed, or None if there is none. A damaged one (cut short by a full disk,
-    edited by hand, not UTF-8) is skipped with a warning naming it: one bad folder never stops a table."""
+    edited by hand, not UTF-8, or lacking what `check` asks for) is skipped with a warning naming it:
+    one bad folder never stops a table."""
     if not path.is_file():
         return None
     try:
         value = parse(path.read_text())
-        if isinstance(value, kind):
+        why = f"not a {'mapping' if kind is dict else 'list'}" if not isinstance(value, kind) else (
+            check(value) if check else None)
+        if why is None:
             return value
-        why = f"not a {'mapping' if kind is dict else 'list'}"
     except Exception as e:
         why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
     print(f"warning: {path}: damaged, skipped ({why})", file=sys.stderr)
     return None
+
+
+def read_trial(folder: Path) -> dict | None:
+    """optuna_trial.json (gcode_exp/sweeps.py): a trial number, and the study's name and the parameters."""
+    def check(trial: dict) -> str | None:
+        if not isinstance(trial.get("trial"), int) or isinstance(trial.get("trial"), bool):
+            return "no trial number"
+        if not isinstance(trial.get("study", ""), str) or not isinstance(trial.get("params", {}), dict):
+            return "study not a name or params not a mapping"
+        return None
+
+    return read_part(folder / TRIAL_FILE, json.loads, dict, check)
 
 
 def first_line(path: Path) -> str | None:
@@ -294,22 +327,22 @@ def compare(runs: list[RunResult], a: str, b: str) -> list[dict]:
     names = sorted({str(r.config.get("name", "?")) for r in finished})
     for name in (a, b):
         if name not in names:
-            raise SystemExit(f"error: --compare {a} {b}: no finished run is named {name} "
-                             f"(approaches: {', '.join(names) or 'none'})")
+            raise GcodeExpError(f"--compare {a} {b}: no finished run is named {name} "
+                                f"(approaches: {', '.join(names) or 'none'})")
     sides: dict[str, dict[str, RunResult]] = {a: {}, b: {}}
     for r in finished:
         name = str(r.config.get("name", "?"))
         if name in sides:
             key = pair_key(r)
             if key in sides[name]:
-                raise SystemExit(f"error: --compare {a} {b}: {sides[name][key].folder} and {r.folder} are both "
-                                 f"{name} on the same data, fold and seed (other settings differ?): compare one "
-                                 "sweep at a time")
+                raise GcodeExpError(f"--compare {a} {b}: {sides[name][key].folder} and {r.folder} are both "
+                                    f"{name} on the same data, fold and seed (other settings differ?): compare one "
+                                    "sweep at a time")
             sides[name][key] = r
     keys = [k for k in sides[a] if k in sides[b]]
     if not keys:
-        raise SystemExit(f"error: --compare {a} {b}: no fold and seed on which both ran (pairs need the same data, "
-                         "features, fold and seed)")
+        raise GcodeExpError(f"--compare {a} {b}: no fold and seed on which both ran (pairs need the same data, "
+                            "features, fold and seed)")
     rows = []
     for m in METRICS:
         diffs = []
@@ -341,7 +374,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(groups: list[Group], path: Path) -> None:
+def chart(groups: list[Group]) -> bytes:
+    """summary.png's bytes: the test metrics of each group, mean ± sd."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,8 +394,52 @@ def chart(groups: list[Group], path: Path) -> None:
     ax.set(ylim=(0, 1), ylabel="test", title="approaches on unseen runs (mean ± sd over folds x seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()
+
+
+def study_names(storage: str) -> list[str]:
+    """The studies an existing Optuna storage holds. Read only: a URL that names no database file, or a
+    database without Optuna's tables, is refused, never created (Optuna would create either)."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(storage)
+        shown = display_url(storage)
+    except Exception:
+        raise GcodeExpError(f"--storage {storage}: not a database URL (sqlite:///FILE, postgresql://USER@HOST/DB)"
+                            ) from None
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise GcodeExpError(f"--storage {shown}: an in-memory database holds no study; name the database file")
+        file = Path(url.database)
+        if not file.is_file():
+            why = "is a folder" if file.is_dir() else "no such file"
+            raise GcodeExpError(f"--storage {shown}: {why} (summarize reads a study's database, never creates one)")
+    try:
+        engine = sqlalchemy.create_engine(storage)
+        try:
+            tables = sqlalchemy.inspect(engine).get_table_names()
+        finally:
+            engine.dispose()
+        if "studies" not in tables:
+            raise GcodeExpError(f"--storage {shown}: not an Optuna storage (no 'studies' table)")
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        return sorted(optuna.study.get_all_study_names(storage=storage))
+    except GcodeExpError:
+        raise
+    except Exception as e:
+        raise GcodeExpError(f"--storage {shown}: cannot read it ({_first(e)})") from None
+
+
+def _first(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
 def study_trials(storage: str, study: str, runs: list[RunResult]) -> list[dict]:
@@ -372,7 +450,11 @@ def study_trials(storage: str, study: str, runs: list[RunResult]) -> list[dict]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    loaded = optuna.load_study(study_name=study, storage=storage)
+    try:
+        loaded = optuna.load_study(study_name=study, storage=storage)
+    except Exception as e:
+        raise GcodeExpError(f"--study {study}: cannot be read from --storage {display_url(storage)} ({_first(e)})"
+                            ) from None
     out = []
     for t in loaded.trials:
         folder = t.user_attrs.get("folder")
@@ -405,8 +487,8 @@ def best_results(paths: list[Path]) -> list[str]:
     lines = []
     for root in paths:
         for f in sorted(root.rglob("optimization_results.yaml"), key=natural_key):
-            res = yaml.safe_load(f.read_text()) or {}
-            if "best_value" in res:
+            res = read_part(f, lambda text: yaml.safe_load(text) or {}, dict)
+            if res and "best_value" in res:
                 lines.append(f"- {f.parent}: best value {_num(res['best_value'])}, params {res.get('best_params')}")
     return lines
 
@@ -421,26 +503,52 @@ def _num(value) -> str | float:
     return "-" if value is None else value
 
 
-def pick_study(storage: str, runs: list[RunResult]) -> str:
-    """The study to read when --study is not given: the one the run folders name, or the storage's only one."""
-    import optuna
-
+def pick_study(names: list[str], study: str | None, runs: list[RunResult]) -> str:
+    """The study to read among the storage's `names`: --study, else the one the run folders name, else
+    the storage's only one."""
+    holds = f"the storage holds {', '.join(names) or 'no studies'}"
+    if study is not None:
+        if study not in names:
+            raise GcodeExpError(f"--study {study}: no such study ({holds})")
+        return study
     named = sorted({r.trial["study"] for r in runs if r.trial and r.trial.get("study")})
     if len(named) == 1:
+        if named[0] not in names:
+            raise GcodeExpError(f"--study: the run folders name study {named[0]}, which is not in the storage "
+                                f"({holds})")
         return named[0]
-    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
     if len(names) == 1:
         return names[0]
-    raise SystemExit(f"error: name the study with --study (storage holds: {', '.join(names) or 'no studies'})")
+    raise GcodeExpError(f"--study: name the study ({holds})")
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def csv_text(rows: list[dict]) -> str:
+    buffer = io.StringIO(newline="")
     keys = list(dict.fromkeys(k for row in rows for k in row))  # trials of other studies may add columns
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, restval="")
-        if keys:
-            writer.writeheader()
-        writer.writerows(rows)
+    writer = csv.DictWriter(buffer, fieldnames=keys, restval="")
+    if keys:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_all(files: dict[Path, str | bytes]) -> None:
+    """Write every output, or refuse before writing any: a name taken by a folder (or anything but a
+    file) is an error naming it. Each file is written whole (temp file, then rename)."""
+    for path in files:
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            what = "a folder" if path.is_dir() else "not a file (a broken link?)"
+            raise GcodeExpError(f"{path}: is {what}; move it away to write the summary")
+    from gcode_exp.data.dataset import atomic_write
+
+    for path, content in files.items():
+        try:
+            if isinstance(content, bytes):
+                atomic_write(path, lambda tmp, c=content: Path(tmp).write_bytes(c))
+            else:
+                atomic_write(path, lambda tmp, c=content: Path(tmp).write_text(c, newline=""))
+        except OSError as e:
+            raise GcodeExpError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 
 def statistics_of(trials: list[dict]) -> str:
@@ -451,16 +559,39 @@ def statistics_of(trials: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """The command: bad input (a path, --storage, --study, --compare, an output name taken by a folder)
+    is one line on stderr, `error: <path or option>: <what is wrong>`, exit code 2, and nothing written."""
     ap = argparse.ArgumentParser(description="Comparison table from gcode-exp run folders.")
+    ap.error = lambda message: ap.exit(2, f"error: {message} (see --help)\n")  # type: ignore[method-assign]
     ap.add_argument("paths", nargs="+", type=Path, help="sweep folders or single run folders")
     ap.add_argument("--storage", help="Optuna storage URL (sqlite:///..., postgresql://...)")
     ap.add_argument("--study", help="Optuna study name (default: the one the run folders name)")
     ap.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
                     help="paired difference A - B over the folds and seeds both ran (approach names; repeatable)")
     args = ap.parse_args(argv)
+    try:
+        return summarize(args)
+    except GcodeExpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise Refused(f"error: {e}") from None
+
+
+class Refused(SystemExit):
+    """Exit code 2 once the one-line error is printed; its str() is that line, for callers in-process."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(2)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def summarize(args: argparse.Namespace) -> list[dict]:
     missing = [str(p) for p in args.paths if not p.is_dir()]
     if missing:
-        ap.exit(2, f"error: not a folder: {', '.join(missing)}\n")
+        raise GcodeExpError(f"{', '.join(missing)}: not a folder")
+    names = study_names(args.storage) if args.storage else []  # a bad storage refused before any work
     runs = find_runs(args.paths)
     only_shared_keys(runs)
     groups = group_runs(runs)
@@ -484,7 +615,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         text += "\nOptuna sweeps (optimization_results.yaml):\n\n" + "\n".join(best) + "\n"
     trials: list[dict] = []
     if args.storage:
-        study = args.study or pick_study(args.storage, runs)
+        study = pick_study(names, args.study, runs)
         trials = study_trials(args.storage, study, runs)
         states = statistics_of(trials)
         text += f"\nOptuna study `{study}` ({states}):\n\n" + markdown(trials)
@@ -493,18 +624,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         text += "\nOptuna trials recorded in the run folders (add --storage URL for the whole study):\n\n"
         text += markdown(trials)
     out = args.paths[0]
-    (out / "summary.md").write_text(text)
-    write_csv(rows, out / "summary.csv")
-    written = ["summary.csv", "summary.md"]
+    files: dict[Path, str | bytes] = {out / "summary.csv": csv_text(rows), out / "summary.md": text}
     if trials:
-        write_csv(trials, out / "trials.csv")
-        written.append("trials.csv")
+        files[out / "trials.csv"] = csv_text(trials)
     if compared:
-        write_csv(compared, out / "compare.csv")
-        written.append("compare.csv")
+        files[out / "compare.csv"] = csv_text(compared)
     if groups:
-        chart(groups, out / "summary.png")
-        written.append("summary.png")
+        files[out / "summary.png"] = chart(groups)
+    write_all(files)
+    written = [p.name for p in files]
     print(text, end="")
     print(f"\n{len(runs)} run folders ({len(runs) - len(others)} finished); wrote {', '.join(written)} in {out}")
     return rows

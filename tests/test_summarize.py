@@ -2,12 +2,16 @@
 
 import csv
 import json
+import shutil
+import subprocess
+import sys
 
 import optuna
 import pytest
 
 from gcode_exp import summarize
 from gcode_exp.sweeps import TRIAL_FILE, display_url, same_params
+from tests.conftest import ROOT, SAMPLE
 
 PARAMS = {"aug.oversample_factor": 3, "model.loss_weights.command": 2.718281828459045}
 
@@ -113,8 +117,10 @@ def test_storage_with_several_studies_needs_a_name(tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     for name in ("one", "two"):
         optuna.create_study(study_name=name, storage=storage)
-    with pytest.raises(SystemExit, match="one, two"):
+    make_run(tmp_path / "0_demo", metrics={"test/command_acc": 0.5})
+    with pytest.raises(SystemExit, match="one, two") as e:
         summarize.main([str(tmp_path), "--storage", storage])
+    assert e.value.code == 2
     summarize.main([str(tmp_path), "--storage", storage, "--study", "two"])
     assert "Optuna study `two` (0 trials" in (tmp_path / "summary.md").read_text()
 
@@ -130,3 +136,124 @@ def test_display_url_hides_the_password_and_anchors_sqlite(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert display_url("postgresql://user:secret@db:5432/optuna") == "postgresql://user:***@db:5432/optuna"
     assert display_url("sqlite:///optuna.db") == f"sqlite:///{tmp_path.resolve() / 'optuna.db'}"
+
+
+# --- bad input on the command line: one line on stderr naming the file or option, exit 2, nothing written ---
+
+
+def summarize_cmd(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gcode_exp.summarize", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def files_under(folder) -> list:
+    return sorted(p for p in folder.rglob("*"))
+
+
+def refused(ran: subprocess.CompletedProcess, line: str) -> None:
+    """Exit code 2 and exactly `line` on stderr (no traceback), nothing on stdout."""
+    assert (ran.returncode, ran.stderr.splitlines(), ran.stdout) == (2, [line], ""), ran.stderr
+
+
+def test_a_folder_without_run_folders_is_refused_and_nothing_written(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data = tmp_path / "data"  # a data folder: recordings, notes, a stray error.txt, no run folder
+    data.mkdir()
+    shutil.copy(next(SAMPLE.glob("*.csv.gz")), data)
+    (data / "notes.txt").write_text("x")
+    (data / "error.txt").write_text("not a job's")
+    before = files_under(tmp_path)
+    refused(summarize_cmd(empty), f"error: {empty}: no run folders in it")
+    refused(summarize_cmd(data), f"error: {data}: no run folders in it")
+    make_run(tmp_path / "sweep" / "0_demo", metrics={"test/command_acc": 0.5})
+    refused(summarize_cmd(tmp_path / "sweep", empty), f"error: {empty}: no run folders in it")  # any path
+    assert files_under(tmp_path) == sorted([*before, *files_under(tmp_path / "sweep"), tmp_path / "sweep"])
+    refused(summarize_cmd(tmp_path / "nope"), f"error: {tmp_path / 'nope'}: not a folder")
+
+
+def test_jobs_that_failed_before_their_config_are_listed_as_failed(tmp_path):
+    for n, why in enumerate(("model.d_model=32: unknown key", "data.window=0: must be a whole number >= 1")):
+        job = tmp_path / f"{n}_nearest-3x-v2"
+        job.mkdir()
+        (job / "error.txt").write_text(why + "\nmore\n")
+    ran = summarize_cmd(tmp_path)
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+    assert "2 run folders (0 finished)" in ran.stdout
+    text = (tmp_path / "summary.md").read_text()
+    assert f"- {tmp_path / '0_nearest-3x-v2'}: failed: model.d_model=32: unknown key\n" in text
+    assert f"- {tmp_path / '1_nearest-3x-v2'}: failed: data.window=0: must be a whole number >= 1\n" in text
+
+
+def test_a_trial_file_without_a_trial_number_is_warned_about_and_skipped(tmp_path):
+    run = make_run(tmp_path / "0_optuna", name="optuna", metrics={"test/command_acc": 0.5})
+    (run / TRIAL_FILE).write_text("{}")
+    ran = summarize_cmd(tmp_path)
+    assert ran.returncode == 0
+    assert ran.stderr.splitlines() == [f"warning: {run / TRIAL_FILE}: damaged, skipped (no trial number)"]
+    assert "| optuna |" in (tmp_path / "summary.md").read_text()  # an ordinary run, not a trial
+    assert not (tmp_path / "trials.csv").exists()
+
+
+def test_a_damaged_optimization_results_file_is_warned_about_and_skipped(tmp_path):
+    make_run(tmp_path / "0_optuna", name="optuna", metrics={"test/command_acc": 0.5})
+    damaged = tmp_path / "optimization_results.yaml"
+    damaged.write_text("best_value: [unclosed\n")
+    ran = summarize_cmd(tmp_path)
+    assert ran.returncode == 0 and "Traceback" not in ran.stderr
+    assert [line.split(" (")[0] for line in ran.stderr.splitlines()] == [f"warning: {damaged}: damaged, skipped"]
+    assert "Optuna sweeps" not in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["missing folder", "new file", "not a url", "in memory", "text file", "no tables"])
+def test_a_bad_storage_is_refused_and_never_created(tmp_path, case):
+    make_run(tmp_path / "0_demo", metrics={"test/command_acc": 0.5})
+    db = tmp_path / "x.db"
+    if case == "text file":
+        db.write_text("not a database")
+    if case == "no tables":
+        make_table = f"import sqlite3; sqlite3.connect({str(db)!r}).execute('create table t(x)')"
+        subprocess.run([sys.executable, "-c", make_table], check=True)
+    url, why = {
+        "missing folder": ("sqlite:////nonexistent/dir/x.db", "no such file (summarize reads a study's database, "
+                                                               "never creates one)"),
+        "new file": (f"sqlite:///{db}", "no such file (summarize reads a study's database, never creates one)"),
+        "not a url": ("notaurl", "not a database URL (sqlite:///FILE, postgresql://USER@HOST/DB)"),
+        "in memory": ("sqlite://", "an in-memory database holds no study; name the database file"),
+        "text file": (f"sqlite:///{db}",
+                      "cannot read it (DatabaseError: (sqlite3.DatabaseError) file is not a database)"),
+        "no tables": (f"sqlite:///{db}", "not an Optuna storage (no 'studies' table)"),
+    }[case]
+    before = {p: p.read_bytes() for p in files_under(tmp_path) if p.is_file()}
+    refused(summarize_cmd(tmp_path, "--storage", url), f"error: --storage {url}: {why}")
+    assert {p: p.read_bytes() for p in files_under(tmp_path) if p.is_file()} == before  # no db, no summary
+
+
+def test_a_study_not_in_the_storage_is_refused(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for name in ("one", "two"):
+        optuna.create_study(study_name=name, storage=storage)
+    make_run(tmp_path / "0_demo", metrics={"test/command_acc": 0.5})
+    before = files_under(tmp_path)
+    refused(summarize_cmd(tmp_path, "--storage", storage, "--study", "nosuch"),
+            "error: --study nosuch: no such study (the storage holds one, two)")
+    refused(summarize_cmd(tmp_path, "--storage", storage),
+            "error: --study: name the study (the storage holds one, two)")
+    assert files_under(tmp_path) == before
+
+
+def test_an_output_name_taken_by_a_folder_is_refused_before_any_write(tmp_path):
+    make_run(tmp_path / "0_demo", metrics={"test/command_acc": 0.5})
+    (tmp_path / "summary.md").mkdir()
+    before = files_under(tmp_path)
+    refused(summarize_cmd(tmp_path),
+            f"error: {tmp_path / 'summary.md'}: is a folder; move it away to write the summary")
+    assert files_under(tmp_path) == before  # summary.csv and summary.png not written either
+
+
+def test_compare_errors_exit_2_with_one_line(tmp_path):
+    make_run(tmp_path / "0_demo", metrics={"test/command_acc": 0.5})
+    before = files_under(tmp_path)
+    refused(summarize_cmd(tmp_path, "--compare", "demo", "nosuch"),
+            "error: --compare demo nosuch: no finished run is named nosuch (approaches: demo)")
+    assert files_under(tmp_path) == before
