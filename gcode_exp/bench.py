@@ -5,28 +5,42 @@ augmentation + step) against the bare step on pre-built tensors, per token model
 window at batch 1 and 256, and live mode's cost per new window (greedy decoding at batch 1); for the
 default nearest-reference model, the seconds to build its reference and its latency; cold vs cached
 `prepare`; epoch time of the multi-head model at 1x/2x/4x the data; peak memory.
+
+Hydra overrides apply to every model timed; a model key (`model.d_model=32`, `model/encoder=lstm`) only
+to the models that have it (the token models' sizes mean nothing to nearest). Bad input (data folder,
+override, --steps, --out) is refused before any timing, with one line on stderr, `error: <file or key>:
+<what is wrong>`, and exit code 2; --out is written whole or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 
+from gcode_exp import GcodeExpError
+from gcode_exp.config import validate
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
-from gcode_exp.data.dataset import prepare
+from gcode_exp.data.dataset import atomic_write, prepare
 from gcode_exp.data.vocab import BOS
 from gcode_exp.models import NearestModel
 from gcode_exp.training.loop import new_model, train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# what is timed: the default (nearest, nothing trained) and the token models, each composed with these
+MODELS = {"nearest": [], "baseline": ["model=baseline", "aug=3x"], "multihead": ["model=multihead", "aug=3x"],
+          "new_programs": ["experiment=new_programs"]}
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -105,20 +119,129 @@ def bench_scaling(cfg, data) -> dict:
     return out
 
 
+def model_key(override: str) -> str | None:
+    """The model key an override sets (`model.d_model` for `++model.d_model=32`, `model.encoder` for
+    `model/encoder=lstm`); None for any other override."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key.replace("/", ".") if key.startswith(("model.", "model/")) else None
+
+
+def has_key(cfg: DictConfig, key: str) -> bool:
+    missing = object()
+    return OmegaConf.select(cfg, key, default=missing) is not missing
+
+
+def hydra_reason(e: HydraException) -> str:
+    """Hydra's message in one line: its first lines, the options it lists, without the search path."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    cut = next((i for i, line in enumerate(lines) if line.startswith(("Config search path", "See https"))), len(lines))
+    lines = lines[:cut]
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Error when parsing") and len(lines) > 1:  # its index counts the bench's own overrides
+        return f"cannot be parsed: {lines[1]}"
+    if any(line.startswith("Available options") for line in lines):
+        at = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        return f"{' '.join(lines[:at])} (options: {', '.join(lines[at + 1:])})"
+    return " ".join(lines[:2])
+
+
+def compose_checked(base: list[str], user: list[str]) -> DictConfig:
+    """conf/ composed with `base` then the user's overrides; Hydra's refusal names the override at fault."""
+    def attempt(overrides: list[str]) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF)):
+            return compose("config", overrides=overrides)
+
+    try:
+        return attempt([*base, *user])
+    except HydraException as e:
+        for o in user:  # the first override refused on its own; else the combination
+            try:
+                attempt([*base, o])
+            except HydraException as alone:
+                raise GcodeExpError(f"{o}: {hydra_reason(alone)}") from None
+        raise GcodeExpError(f"{' '.join(user)}: {hydra_reason(e)}") from None
+
+
+def configs(data_dir: str, overrides: list[str]) -> dict[str, DictConfig]:
+    """The validated config of each model timed (MODELS). A model key goes only to the models that have it;
+    one that none has, or an override choosing the model itself, is refused."""
+    for o in overrides:
+        if o.lstrip("+~").split("=", 1)[0] == "model":
+            raise GcodeExpError(f"{o}: the bench times {', '.join(MODELS)} itself; give their keys as "
+                                "model.KEY=VALUE (each goes to the models that have it)")
+    shared = [o for o in overrides if model_key(o) is None]
+    plain = {name: compose_checked([f"data.dir={data_dir}", *extra], shared) for name, extra in MODELS.items()}
+    if plain["nearest"].model.name != "nearest":  # an experiment that picks a model
+        chosen = [o for o in shared if o.lstrip("+~").startswith("experiment=")] or shared
+        raise GcodeExpError(f"{' '.join(chosen)}: sets model={plain['nearest'].model.name}; the bench times "
+                            f"{', '.join(MODELS)} itself")
+    scoped = [o for o in overrides if model_key(o) is not None]
+    for o in scoped:
+        if not any(has_key(cfg, model_key(o)) for cfg in plain.values()):
+            known = sorted({f"model.{k}" for cfg in plain.values() for k in cfg.model})
+            near = difflib.get_close_matches(model_key(o), known, n=1)
+            raise GcodeExpError(f"{o}: no model the bench times ({', '.join(MODELS)}) has the key {model_key(o)}"
+                                + (f"; did you mean {near[0]}?" if near else ""))
+    out = {}
+    for name, cfg in plain.items():
+        mine = [o.lstrip("+") for o in scoped if has_key(cfg, model_key(o))]  # `++model.x=1`: set, as it exists
+        out[name] = compose_checked([f"data.dir={data_dir}", *MODELS[name], *shared], mine) if mine else cfg
+        validate(out[name])
+    return out
+
+
+def check_out(path: Path) -> None:
+    """--out can be written: its folder exists and takes a file (tried with a temp file, then removed)."""
+    if path.is_dir():
+        raise GcodeExpError(f"--out={path}: is a folder; name a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise GcodeExpError(f"--out={path}: its folder {folder} " + ("is a file" if folder.exists() else
+                                                                      "does not exist"))
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise GcodeExpError(f"--out={path}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+def prepared(cfg):
+    """`prepare`, its error naming the data folder where the message does not already."""
+    try:
+        return prepare(cfg)
+    except GcodeExpError as e:
+        folder = str(cfg.data.dir)
+        raise (e if str(e).startswith(folder) else GcodeExpError(f"{folder}: {e}")) from None
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """The command; bad input is one line on stderr and exit code 2 (SystemExit), before any timing."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.error = lambda message: ap.exit(2, f"error: {message} (see --help)\n")  # type: ignore[method-assign]
     ap.add_argument("--data-dir", default="data/sample")
     ap.add_argument("--steps", type=int, default=30, help="training steps timed per model")
     ap.add_argument("--out", default="bench.json")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.d_model=64")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.d_model=64 (token models only)")
     args = ap.parse_args(argv)
-    with initialize_config_dir(config_dir=str(CONF)):
-        cfg = compose("config", overrides=[f"data.dir={args.data_dir}", *args.overrides])
-    with tempfile.TemporaryDirectory() as cache:
+    try:
+        return bench(args)
+    except (GcodeExpError, KeyboardInterrupt) as e:
+        print(f"error: {str(e) or type(e).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def bench(args: argparse.Namespace) -> dict:
+    if args.steps < 1:
+        raise GcodeExpError(f"--steps={args.steps}: must be a whole number >= 1")
+    check_out(Path(args.out))
+    cfgs = configs(args.data_dir, args.overrides)
+    cfg = cfgs["nearest"]
+    with tempfile.TemporaryDirectory() as cache:  # a private cache: cold, then cached; nothing left behind
         cfg.data.cache_dir = cache
-        cold = timed(lambda: prepare(cfg))
-        cached = timed(lambda: prepare(cfg), 3)
-    data = prepare(cfg)
+        cold = timed(lambda: prepared(cfg))
+        cached = timed(lambda: prepared(cfg), 3)
+        data = prepared(cfg)
+    new_data = prepared(cfgs["new_programs"])  # its own features; refused here, not after the timings
     result = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "data_dir": args.data_dir,
@@ -128,17 +251,13 @@ def main(argv: list[str] | None = None) -> dict:
         "prepare_speedup": cold / cached,
         "models": {},
     }
-    token_models = {"baseline": ["model=baseline", "aug=3x"], "multihead": ["model=multihead", "aug=3x"],
-                    "new_programs": ["experiment=new_programs"]}
-    for name, extra in token_models.items():
-        with initialize_config_dir(config_dir=str(CONF)):
-            mcfg = compose("config", overrides=[f"data.dir={args.data_dir}", *args.overrides, *extra])
-        result["models"][name] = bench_model(mcfg, data if name != "new_programs" else prepare(mcfg), args.steps)
+    for name in ("baseline", "multihead", "new_programs"):
+        mcfg = cfgs[name]
+        result["models"][name] = bench_model(mcfg, data if name != "new_programs" else new_data, args.steps)
         if name == "multihead":
             result["epoch_s_by_data_size"] = bench_scaling(mcfg, data)
     result["nearest"] = bench_nearest(cfg, data)  # the default model
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"{result['machine']}; data {args.data_dir}: {result['train_windows']} train windows")
     print(f"prepare: cold {cold:.2f} s, cached {cached:.3f} s ({cold / cached:.0f}x)")
     heads = ("params", "bare w/s", "pipe w/s", "pipe/bare", "b1 ms", "b256 ms/w", "live ms")
@@ -153,6 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
     s = result["epoch_s_by_data_size"]
     print("epoch seconds at 1x/2x/4x data: " + " / ".join(f"{v:.2f}" for v in s.values())
           + f" (4x/1x = {s['4x'] / s['1x']:.2f})")
+    text = json.dumps(result, indent=1)
+    try:
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+    except OSError as e:  # the folder went away during the run: the table above is printed all the same
+        raise GcodeExpError(f"--out={args.out}: cannot write it ({e.strerror or e})") from None
     print(f"peak memory {result['peak_rss_mb']:.0f} MB; JSON in {args.out}")
     return result
 
