@@ -44,25 +44,43 @@ def state(run_dir: Path) -> str:
     return "used" if any((run_dir / name).exists() for name in RUN_FILES) else "empty"
 
 
-# what an interrupted run's own config decides when it is resumed (its experiment, not the trainer's knobs)
+# what a checkpoint's own config decides: of an interrupted run when resumed (its experiment, not the
+# trainer's knobs); of the model task=eval and task=predict read recordings for (all but the data's place)
 RESUMED_GROUPS = ("model", "vocab", "features", "data", "aug", "seed", "name")
+USERS_DATA = ("dir", "pattern", "on_error", "max_nonfinite", "cache_dir", "path")  # eval/predict: the command's
 
 
 def resumed_config(cfg: DictConfig, run_dir: Path, explicit: list[str] | None) -> DictConfig:
-    """`trainer.resume=true` on an interrupted run: its own model, data, vocabulary, features,
-    augmentation and seed (from checkpoints/last.pt), so that a default changed since it started never
-    stops it. Keys set on the command line (`explicit`, Hydra's task overrides) are kept, so that
-    `check_resumable` refuses them if they differ. None: nothing is known to be explicit, nothing taken."""
-    last = run_dir / "checkpoints" / "last.pt"
-    if explicit is None or cfg.task != "train" or not cfg.trainer.resume or not last.is_file():
+    """The settings a checkpoint decides, taken from it, so that a default changed since it was written
+    never changes what it does, and the run folder records what ran:
+
+    - `trainer.resume=true` on an interrupted run: its own model, data, vocabulary, features,
+      augmentation and seed (from checkpoints/last.pt). Keys set on the command line (`explicit`,
+      Hydra's task overrides) are kept, so that `check_resumable` refuses them if they differ.
+    - `task=eval` and `task=predict`: the same from `ckpt_path`, but the data's place (data.dir,
+      pattern, path, ...) from the command; a command-line key that would read the recordings another
+      way than the model was trained is refused, naming it.
+
+    None: nothing is known to be explicit, nothing taken."""
+    if explicit is None:
         return cfg
+    if cfg.task == "train" and cfg.trainer.resume:
+        path, scoring = run_dir / "checkpoints" / "last.pt", False
+    elif cfg.task in ("eval", "predict") and cfg.get("ckpt_path"):
+        path, scoring = Path(str(cfg.ckpt_path)), True
+    else:
+        return cfg
+    if not path.is_file():
+        return cfg  # claim, or the job, reports it
     from gcode_exp.training.checkpoint import load_checkpoint
 
     try:
-        old = load_checkpoint(last)["config"]
+        old = load_checkpoint(path)["config"]
     except GcodeExpError:
-        return cfg  # claim reports the damaged checkpoint
+        return cfg  # claim, or the job, reports the damaged checkpoint
     keys = [o.lstrip("+~").split("=")[0] for o in explicit]
+    if scoring:
+        _refuse_changed(cfg, OmegaConf.create(old), keys)
     out = cfg.copy()
     with open_dict(out):
         for group in RESUMED_GROUPS:
@@ -73,7 +91,29 @@ def resumed_config(cfg: DictConfig, run_dir: Path, explicit: list[str] | None) -
                 out[group] = OmegaConf.merge(cfg[group], old[group]) if same_kind else old[group]
                 for key, value in kept.items():
                     OmegaConf.update(out, key, value, force_add=True)
+        if scoring:
+            for key in USERS_DATA:
+                if key in cfg.data:
+                    out.data[key] = cfg.data[key]
     return out
+
+
+def _refuse_changed(cfg: DictConfig, old: DictConfig, keys: list[str]) -> None:
+    """task=eval/predict: a command-line key the checkpoint decides, set to another value than it has."""
+    for key in keys:
+        group = key.split(".")[0]
+        if group not in ("model", "vocab", "features", "data") or (group == "data" and key[5:] in USERS_DATA):
+            continue  # the run's label, seed and augmentation change nothing in what a trained model answers
+        mine, theirs = (f"{key}.name", f"{key}.name") if key == group and group != "seed" else (key, key)
+        now, then = OmegaConf.select(cfg, mine), OmegaConf.select(old, theirs, default="<absent>")
+        if then != "<absent>" and now != then:
+            shown = OmegaConf.select(cfg, key) if key == mine else now
+            raise GcodeExpError(f"{key}={_text(shown)}: task={cfg.task} reads recordings the way the checkpoint "
+                                f"was trained ({theirs}={_text(then)}); drop it")
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def claim(run_dir: Path, cfg: DictConfig) -> None:

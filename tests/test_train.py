@@ -78,3 +78,24 @@ def test_checkpoint_of_before_the_encoder_group_still_evaluates(tmp_path):
         assert res.returncode == 0, res.stderr[-2000:]
         scores[name] = json.loads((out / "metrics.json").read_text())["test/overall_acc"]
     assert scores["old.pt"] == scores["run/checkpoints/best.pt"], scores
+
+
+def test_eval_and_predict_read_recordings_as_the_checkpoint_was_trained(tmp_path):
+    """The checkpoint decides the model, features, vocabulary and windows: a command-line key that says
+    otherwise is refused by name (not silently ignored), and the run folder records the checkpoint's."""
+    import yaml
+
+    from tests.conftest import run_py
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert run_py("features=side_channel", f"hydra.run.dir={run}", cache=cache).returncode == 0
+    ckpt = f"ckpt_path={run / 'checkpoints' / 'best.pt'}"
+    for task in ("eval", "predict"):
+        res = run_py(f"task={task}", ckpt, "features=all", f"hydra.run.dir={tmp_path / task}-refused", cache=cache)
+        assert res.returncode == 2 and res.stderr.strip() == (
+            f"error: features=all: task={task} reads recordings the way the checkpoint was trained "
+            "(features.name=side_channel); drop it"), res.stderr
+        out = tmp_path / task
+        assert run_py(f"task={task}", ckpt, f"hydra.run.dir={out}", cache=cache).returncode == 0
+        resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
+        assert resolved["features"]["name"] == "side_channel" and resolved["model"]["name"] == "nearest"
