@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from gcode_exp.data.dataset import Features, prepare, run_inputs
+from gcode_exp.data.dataset import Features, prepare, run_inputs, same_recording_twice
 from gcode_exp.data.read import RUN_NAME, DataError, RecordedRun, channel_group, list_runs, read_run, run_name
 from gcode_exp.data.vocab import BOS, COMMAND, EOS, NUMERIC, PARAMETER, Vocab, parse_line
 from gcode_exp.models import NearestModel
@@ -323,8 +323,12 @@ def predict_job(cfg, run_dir: Path) -> dict:
     if cfg.predict.follow:
         return follow(cfg, run_dir, pred)
     recordings, skipped = [], []
-    for path in list_runs(cfg.data.dir, cfg.data.pattern):
+    paths = list_runs(cfg.data.dir, cfg.data.pattern)
+    twice = same_recording_twice(paths)
+    for path in paths:
         try:
+            if path in twice:
+                raise DataError(twice[path])
             rec = read_recording(path, cfg.data.max_nonfinite)
             check_channels(path, rec.run.columns, pred.feats)
             if len(rec.times) < pred.window:

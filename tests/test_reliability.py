@@ -546,6 +546,22 @@ def test_truncated_real_checkpoint_is_refused(tmp_path, trained):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b["model"].pop(sorted(b["model"])[0]),  # a tensor the model has is missing
+     "its weights do not fit the model its config describes (Error(s) in loading state_dict for"),
+    (lambda b: b["features"].update(foo=1), "a damaged checkpoint (TypeError reading its features and vocabulary)"),
+], ids=["weights-vs-config", "features"])
+def test_damaged_parts_of_a_real_checkpoint_are_one_line(tmp_path, trained, damage, message):
+    """A checkpoint that loads but whose parts do not fit together: one line naming it, exit 2."""
+    blob = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    damage(blob)
+    bad = tmp_path / "bad.pt"
+    torch.save(blob, bad)
+    line = one_error_line(cli(tmp_path, "task=eval", f"ckpt_path={bad}", f"data.dir={SAMPLE}"))
+    assert line.startswith(f"ckpt_path={bad}: {message}"), line
+
+
+@pytest.mark.slow
 def test_eval_folder_whose_channels_do_not_match_the_checkpoint(tmp_path, trained, frame):
     other = tmp_path / "other"
     other.mkdir()
@@ -555,6 +571,20 @@ def test_eval_folder_whose_channels_do_not_match_the_checkpoint(tmp_path, traine
     with pytest.raises(DataError, match=re.escape(message)):
         tasks.run(make_cfg(*FAST, "task=eval", f"ckpt_path={ckpt}", f"data.dir={other}"), tmp_path / "eval")
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_predict_refuses_the_same_recording_twice_as_training_does(tmp_path, trained, frame):
+    """task=predict reads the folder by the same rule as train and eval: `x.csv` beside `x.csv.gz` is
+    one recording twice, refused naming both (not predicted twice, one output overwriting the other)."""
+    folder = good_folder(tmp_path / "data", frame, n=1)
+    twin = folder / "pocket_101_aligned.csv.gz"
+    twin.write_bytes(gzip.compress((folder / "pocket_101_aligned.csv").read_bytes()))
+    message = f"{folder / 'pocket_101_aligned.csv'}, {twin}: the same recording twice"
+    with pytest.raises(DataError, match=re.escape(message)):
+        tasks.run(make_cfg(*FAST, "task=predict", f"ckpt_path={trained / 'checkpoints' / 'best.pt'}",
+                           f"data.dir={folder}"), tmp_path / "predict")
+    assert not (tmp_path / "predict" / "program.csv").exists()
 
 
 @pytest.mark.slow

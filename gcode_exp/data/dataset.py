@@ -392,15 +392,11 @@ def read_runs(paths: list[Path], data_cfg) -> tuple[list[RecordedRun], list[dict
     """Read files; with data.on_error=skip, unusable ones are skipped (warned and returned as records).
     What a file's reading fixed by a rule is warned about here, once per file (RecordedRun.warnings)."""
     runs, skipped = [], []
-    by_name: dict[str, list[Path]] = {}
-    for path in paths:  # `x_aligned.csv` beside `x_aligned.csv.gz`: which one is the run?
-        by_name.setdefault(run_name(path)[0], []).append(path)
+    twice = same_recording_twice(paths)
     for path in paths:
         try:
-            name = run_name(path)[0]
-            if len(by_name[name]) > 1:
-                raise DataError(f"{', '.join(map(str, by_name[name]))}: the same recording twice (each reads as "
-                                f"run '{name}'); keep one")
+            if path in twice:
+                raise DataError(twice[path])
             run = read_run(path, data_cfg.max_nonfinite)
             check_windows(run, path, data_cfg)
             runs.append(run)
@@ -413,6 +409,15 @@ def read_runs(paths: list[Path], data_cfg) -> tuple[list[RecordedRun], list[dict
         for note in run.warnings:
             log.warning("%s", note)
     return runs, skipped
+
+
+def same_recording_twice(paths: list[Path]) -> dict[Path, str]:
+    """`x_aligned.csv` beside `x_aligned.csv.gz`: which one is the run? Each such path -> why it is refused."""
+    by_name: dict[str, list[Path]] = {}
+    for path in paths:
+        by_name.setdefault(run_name(path)[0], []).append(path)
+    return {path: f"{', '.join(map(str, same))}: the same recording twice (each reads as run '{name}'); keep one"
+            for name, same in by_name.items() if len(same) > 1 for path in same}
 
 
 def check_windows(run: RecordedRun, path: Path, data_cfg) -> None:

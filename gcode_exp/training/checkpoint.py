@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from gcode_exp import GcodeExpError
-from gcode_exp.data.dataset import atomic_torch_save
+from gcode_exp.data.dataset import Features, atomic_torch_save
+from gcode_exp.data.vocab import Vocab
 
 FORMAT = "gcode-exp/1"
 REQUIRED = ("format", "model", "vocab", "features", "config", "epoch", "majority_line")
@@ -35,7 +36,13 @@ def load_checkpoint(path: str | Path) -> dict:
         raise GcodeExpError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or any(k not in blob for k in REQUIRED):
         raise GcodeExpError(f"ckpt_path={path}: not a gcode-exp checkpoint (format {FORMAT})")
-    blob["config"] = upgraded(blob["config"])
+    try:  # what every reader rebuilds from it: a damaged part is named here, not met as a bug later
+        Features(**blob["features"])
+        Vocab.from_dict(blob["vocab"])
+    except Exception as e:
+        raise GcodeExpError(f"ckpt_path={path}: a damaged checkpoint ({type(e).__name__} reading its "
+                            "features and vocabulary)") from None
+    blob["config"], blob["path"] = upgraded(blob["config"]), str(path)
     return blob
 
 

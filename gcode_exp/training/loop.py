@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from gcode_exp import GcodeExpError
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
 from gcode_exp.data.dataset import Features, Prepared, Split, atomic_write
 from gcode_exp.data.vocab import BOS, Vocab
@@ -40,8 +41,6 @@ def pick_device(hw_cfg) -> torch.device:
     if want == "auto":
         want = next(d for d in ("cuda", "mps", "cpu") if has[d])
     if not has.get(want, False):
-        from gcode_exp import GcodeExpError
-
         raise GcodeExpError(f"hardware.device={want}: no such device on this machine (try hardware=auto)")
     return torch.device(want)
 
@@ -219,8 +218,6 @@ def new_model(cfg, data: Prepared) -> tuple[TokenModel | NearestModel, torch.Ten
 def check_resumable(old: dict, cfg) -> None:
     """Resuming must continue the same experiment: a changed model, data, vocabulary, feature set or seed
     is refused with the keys that differ. Also called by run_folder.claim, before the folder is touched."""
-    from gcode_exp import GcodeExpError
-
     new = OmegaConf.to_container(cfg, resolve=True)
     known = OmegaConf.create(old)  # a key the run's config lacks is newer than the run: not a change
     fixed = [k for k in diff_keys(old, new) if (k.split(".")[0] in ("model", "vocab", "features", "seed")
@@ -294,6 +291,11 @@ def load_model(blob: dict, device) -> tuple[TokenModel | NearestModel, Vocab]:
     cfg = OmegaConf.create(blob["config"])
     vocab = Vocab.from_dict(blob["vocab"])
     n_inputs = Features(**blob["features"]).n_inputs
-    model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len, blob.get("lines"))
-    model.load_state_dict(blob["model"])
+    try:
+        model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len, blob.get("lines"))
+        model.load_state_dict(blob["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GcodeExpError(f"ckpt_path={blob.get('path', '?')}: its weights do not fit the model its config "
+                            f"describes ({first[:200]})") from None
     return model.to(device).eval(), vocab
