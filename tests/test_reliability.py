@@ -326,6 +326,19 @@ def test_folder_of_only_non_recordings_names_them(tmp_path, frame):
         prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path))
 
 
+def test_recording_without_a_motor_channel_is_refused_as_eval_refuses_it(tmp_path, frame):
+    """Training reads a file lacking spindle and x_motor no more than eval would: refused naming the
+    file and the channels; with data.on_error=skip, skipped and listed."""
+    folder = good_folder(tmp_path / "data", frame, n=4)
+    short = folder / "pocket_104_aligned.csv"
+    frame.drop(columns=["spindle", "x_motor"]).to_csv(short, index=False)
+    message = f"{short}: lacks channels the other recordings have: spindle, x_motor"
+    with pytest.raises(DataError, match=re.escape(message)):
+        prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path))
+    data = prepare(make_cfg(f"data.dir={folder}", "data.on_error=skip", tmp=tmp_path))
+    assert [s["file"] for s in data.summary["skipped_files"]] == [short.name]
+
+
 def test_same_recording_twice_is_an_error_naming_both(tmp_path, frame, caplog):
     folder = good_folder(tmp_path / "data", frame, n=4)
     csv_path = folder / "pocket_101_aligned.csv"

@@ -29,7 +29,7 @@ from gcode_exp.data.read import DataError, RecordedRun, channel_group, find_reco
 from gcode_exp.data.vocab import BOS, EOS, PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 6  # bump when what is cached changes
+CACHE_VERSION = 7  # bump when what is cached changes
 ELAPSED_SCALE = 1000.0  # features.elapsed: rows per unit of the elapsed input (~4 min at 3.9 Hz)
 CACHE_MAGIC = b"gcode-exp cache\n"  # then the CRC-32 of the rest (4 bytes, big-endian), then a torch.save payload
 SPLITS = ("train", "val", "test")
@@ -420,6 +420,26 @@ def same_recording_twice(paths: list[Path]) -> dict[Path, str]:
             for name, same in by_name.items() if len(same) > 1 for path in same}
 
 
+def with_every_channel(runs: list[RecordedRun], skipped: list[dict], groups: list[str],
+                       data_cfg) -> list[RecordedRun]:
+    """A recording without a controller or motor channel the others have is refused, as task=eval and
+    task=predict refuse it (an input read as its mean would be a guess); data.on_error=skip skips it.
+    IMU boards may be absent: their presence flag says so."""
+    wanted = {c for r in runs for c in r.columns if channel_group(c) in groups and channel_group(c) != "boards"}
+    kept = []
+    for r in runs:
+        missing = sorted(wanted - set(r.columns))
+        if not missing:
+            kept.append(r)
+            continue
+        error = DataError(f"{r.path}: lacks channels the other recordings have: {', '.join(missing[:5])}")
+        if data_cfg.on_error != "skip":
+            raise error
+        log.warning("skipping %s", error)
+        skipped.append({"file": Path(r.path).name, "error": str(error)})
+    return kept
+
+
 def check_windows(run: RecordedRun, path: Path, data_cfg) -> None:
     """A file must give at least one window with a labelled row (the windows build_split makes)."""
     n, w, stride = len(run.lines), data_cfg.window, data_cfg.stride
@@ -540,6 +560,7 @@ def prepare(cfg) -> Prepared:
             log.warning("%s", WINDOW_WARNING)
         return cached
     runs, skipped = read_runs(paths, cfg.data)
+    runs = with_every_channel(runs, skipped, list(cfg.features.groups), cfg.data)
     if cfg.data.split_by == "window":  # every file in every split; each split keeps its own windows
         keep, split_info = split_windows(runs, cfg.data)
         parts = {name: [r for r in runs if r.name in keep[name]] for name in SPLITS}
