@@ -16,6 +16,7 @@ import contextlib
 import logging
 import shutil
 import sys
+import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,9 +260,15 @@ class Guard(Callback):
 
 
 def _not_a_folder(folder: Path) -> str | None:
-    """Why `folder` cannot be made a folder (it, or a parent, is a file), or None."""
+    """Why `folder` cannot be made (or written) a folder: it, or a parent, is a file, or the nearest
+    existing one refuses a new file (permissions, a read-only disk); None if it can."""
     for p in (folder, *folder.parents):
         if p.is_dir():
+            try:
+                tempfile.TemporaryFile(dir=p).close()
+            except OSError as e:
+                where = "folder" if p == folder else f"folder's parent {p}"
+                return f"{where} cannot be written ({e.strerror or type(e).__name__})"
             return None
         if p.exists() or p.is_symlink():
             return "folder is a file" if p == folder else f"folder's parent {p} is a file"

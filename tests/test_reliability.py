@@ -749,6 +749,24 @@ def test_cli_unreadable_recording_one_line(tmp_path, frame):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("inside", [True, False], ids=["run-folder-inside", "the-folder-itself"])
+def test_cli_run_folder_that_cannot_be_written_one_line(tmp_path, inside):
+    """A read-only place for the run folder: refused before anything is read or written (Hydra would
+    give a PermissionError traceback)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    run = locked / "run" if inside else locked
+    res = subprocess.run([*file_modes_apply(), sys.executable, str(ROOT / "run.py"), f"hydra.run.dir={run}",
+                          f"data.cache_dir={tmp_path / 'cache'}", *FAST], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    where = f"folder's parent {locked}" if inside else "folder"
+    assert one_error_line(res) == (f"{run}: the run {where} cannot be written (Permission denied); "
+                                   "choose another hydra.run.dir")
+    assert not (tmp_path / "cache").exists() and list(locked.iterdir()) == []
+
+
+@pytest.mark.slow
 def test_cli_run_folder_path_that_is_a_file(tmp_path):
     (tmp_path / "run").write_text("a file where the run folder should be")
     line = one_error_line(cli(tmp_path, "task=prepare"))
