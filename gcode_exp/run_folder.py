@@ -245,6 +245,12 @@ class Guard(Callback):
         if earlier and not (config.get("overwrite") or OmegaConf.select(config, "trainer.resume")):
             _refuse(f"{sweep_dir} already holds an earlier sweep ({earlier}); pass overwrite=true to replace "
                     "it, trainer.resume=true to continue its interrupted jobs, or choose another hydra.sweep.dir")
+        if earlier and config.get("overwrite"):  # the earlier sweep waits aside until a job of this one works
+            _remove(sweep_dir / REPLACED)
+            for path in sorted(sweep_dir.iterdir()):
+                if path.name in SWEEP_FILES or (path.is_dir() and path.name != REPLACED and state(path) != "empty"):
+                    (sweep_dir / REPLACED).mkdir(exist_ok=True)
+                    path.rename(sweep_dir / REPLACED / path.name)
         self.before = _job_files(sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
@@ -255,7 +261,14 @@ class Guard(Callback):
         # a job that ran (re)wrote its run.log or error.txt; one that failed left a new error.txt
         ran = {Path(f).parent for f in self.before.keys() | now.keys() if self.before.get(f) != now.get(f)}
         failed = {Path(f).parent for f, t in now.items() if f.endswith("error.txt") and self.before.get(f) != t}
-        if ran and ran == failed:
+        all_failed = bool(ran) and ran == failed
+        aside = sweep_dir / REPLACED
+        if aside.is_dir():  # overwrite=true: the earlier sweep goes if a job worked, else it comes back
+            for path in aside.iterdir() if all_failed else ():
+                _remove(sweep_dir / path.name)
+                path.rename(sweep_dir / path.name)
+            _remove(aside)
+        if all_failed:
             _refuse(f"all {len(failed)} jobs of the sweep failed: see error.txt in each job folder of {sweep_dir}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -235,6 +236,24 @@ def test_multirun_into_an_earlier_sweep_folder_is_refused_at_once(tmp_path, cach
     ok(run_py("-m", "task=prepare", "seed=2,3", "overwrite=true", f"hydra.sweep.dir={sweep}", cache=cache))
     assert "seed=2,3" in (sweep / "multirun.yaml").read_text()
     assert "seed: 3" in (sweep / "1_nearest-3x-v2" / ".hydra" / "config.yaml").read_text()
+
+
+def test_sweep_overwrite_replaces_the_whole_earlier_sweep_once_a_job_works(tmp_path, cache):
+    """overwrite=true into a sweep folder: the earlier sweep's job folders go (none left to mix into
+    summaries) when a job of the new one works; when every new job fails, they come back as they were."""
+    sweep, bad = tmp_path / "s", tmp_path / "bad"
+    ok(run_py("-m", "task=prepare", "seed=0,1", f"hydra.sweep.dir={sweep}", cache=cache))
+    ok(run_py("-m", "task=prepare", "model=baseline", "overwrite=true", f"hydra.sweep.dir={sweep}", cache=cache))
+    assert sorted(os.listdir(sweep)) == ["0_baseline-3x-v2", "multirun.yaml"]
+
+    before = hashes(sweep)
+    bad.mkdir()
+    (bad / "x_001.csv").write_text("a,b\n1,2\n")
+    failed = run_py("-m", "task=prepare", "seed=5", "overwrite=true", f"data.dir={bad}", f"hydra.sweep.dir={sweep}",
+                    cache=cache)
+    assert failed.returncode == 2
+    assert {k: v for k, v in hashes(sweep).items() if not k.startswith("0_nearest")} == before
+    assert not (sweep / ".replaced").exists()
 
 
 def test_multirun_into_a_sweep_folder_that_is_a_file_is_one_line(tmp_path, cache):
