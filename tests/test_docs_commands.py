@@ -332,10 +332,11 @@ REAL_TOKEN_MODEL = ("mkdir -p multirun/real-token-model && python run.py -m hpar
                     "hydra.sweep.dir=multirun/real-token-model/call1")
 REAL_CV = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
            "trainer.max_epochs=25 hydra.sweep.dir=multirun/real-cv")
-REAL_FAMILY = ("python run.py -m experiment=new_programs,recommended data.dir=../shared/data/cnc_sensor_gcode "
+SIX = "experiment=baseline,augmented,multihead,multihead_aug,new_programs,recommended"
+REAL_FAMILY = (f"python run.py -m {SIX} data.dir=../shared/data/cnc_sensor_gcode "
                "features=all,side_channel data.split_by=operation 'data.fold=range(3)' trainer.max_epochs=25 "
                "hydra.sweep.dir=multirun/real-family")
-REAL_WINDOW = ("python run.py -m experiment=multihead_aug,recommended data.dir=../shared/data/cnc_sensor_gcode "
+REAL_WINDOW = (f"python run.py -m {SIX} data.dir=../shared/data/cnc_sensor_gcode "
                "features=all,side_channel data.split_by=window data.folds=5 'data.fold=range(5)' "
                "trainer.max_epochs=25 hydra.sweep.dir=multirun/real-window")
 CV_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode features=side_channel "
@@ -455,11 +456,11 @@ COMMANDS: dict[str, Doc] = {
         Doc(needs=(REAL_CV,), files=(*SUMMARY, "compare.csv"), check=summary_rows(*FOUR, *BEST),
             says=("12 run folders (12 finished)", "Paired comparison recommended - new_programs")),
     REAL_FAMILY: Doc(extra=("experiment=new_programs", "features=side_channel"), jobs=3, check=held_out_families),
-    REAL_WINDOW: Doc(extra=("data.fold=0", "features=side_channel"), jobs=2,
+    REAL_WINDOW: Doc(extra=("data.fold=0", "features=side_channel"), jobs=6,
                      says=("data.split_by=window: windows of one recording",)),
     "python -m gcode_exp.summarize multirun/real-cv multirun/real-window multirun/real-family":
         Doc(needs=(REAL_CV, REAL_WINDOW, REAL_FAMILY), files=SUMMARY,
-            says=("17 run folders (17 finished)", "window 5-fold", "file 5-fold", "operation")),
+            says=("21 run folders (21 finished)", "window 5-fold", "file 5-fold", "operation")),
     CV_DEFAULT: Doc(extra=("data.fold=0,1",), jobs=2),  # 2 of the 5 folds here
     WINDOW_DEFAULT: Doc(extra=("data.fold=0,1",), jobs=2, says=("data.split_by=window: windows of one recording",)),
     "python -m gcode_exp.summarize multirun/real-cv-default multirun/real-window-default":
