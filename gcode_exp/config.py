@@ -253,6 +253,7 @@ SCHEMA: dict[str, Rule] = {
     "trainer.stop_on_collapse": Bool(),
     "trainer.resume": Bool(),
     "trainer.line_exact": Bool(),
+    "trainer.profile_steps": Int(ge=0, note="0: off"),
     "trainer.progress": Bool(),
     "trainer.plots": Bool(),
     # predict (task=predict, gcode_exp/predict.py)

@@ -121,7 +121,7 @@ def test_the_three_entry_points_say_the_same(tmp_path):
     for case, outputs in seen.items():
         assert outputs["python -m"] == outputs["run.py"] == outputs["gcode-exp"], (case, outputs)
     helped = seen["help"]["run.py"][0]
-    assert helped.startswith("gcode-exp: which G-code") and "debug: fast, overfit" in helped, helped
+    assert helped.startswith("gcode-exp: which G-code") and "debug: fast, overfit, profile" in helped, helped
     assert "task=eval ckpt_path=RUN/checkpoints/best.pt" in helped and "docs/SWEEPS.md" in helped, helped
     assert seen["refused"]["run.py"] == ("", "error: trainer.lr=abc: must be a number in (0, 1]\n")
 

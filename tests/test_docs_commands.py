@@ -131,6 +131,13 @@ def help_lists_the_readme_groups(ran: Ran) -> None:
     assert listed == table, f"--help lists {listed}, the README's table says {table}"
 
 
+def profiled_steps(ran: Ran) -> None:
+    """README, 'Debugging': a Chrome trace of the profiled training steps, and the operator table logged."""
+    trace = json.loads((ran.folder / "profile" / "trace.json").read_text())
+    assert sum(e.get("name", "").startswith("ProfilerStep") for e in trace["traceEvents"]) == 5
+    assert "profile of 5 training steps" in ran.out
+
+
 def few_batches(ran: Ran) -> None:
     """README, 'Debugging and running from anywhere': debug=fast trains 2 batches of one epoch, in a run
     folder under the working folder, with the resolved config."""
@@ -373,6 +380,7 @@ COMMANDS: dict[str, Doc] = {
     "python run.py debug=fast": Doc(files=("metrics.json",), check=few_batches),
     "python run.py debug=overfit": Doc(files=("metrics.json",), extra=("trainer.max_epochs=3",),
                                        check=one_batch_per_epoch),  # tests/test_debug_and_cli.py: the loss falls
+    "python run.py debug=profile": Doc(files=("metrics.json", "profile/trace.json"), check=profiled_steps),
     "python -m gcode_exp debug=fast": Doc(files=("metrics.json",), check=few_batches),
     "gcode-exp debug=fast data.dir=DIR": Doc(files=("metrics.json",), check=few_batches),
     "python -m gcode_exp model=multihead model/encoder=gru hydra.searchpath=[file://my_conf]":

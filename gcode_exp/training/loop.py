@@ -92,6 +92,30 @@ def set_rng_state(rng: dict, gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+class NoProfiler:
+    def step(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def profiled(steps: int, out: Path, device: torch.device):
+    """trainer.profile_steps > 0: the PyTorch profiler over the first `steps` training steps (the first
+    one a warm-up), its trace in out/trace.json and its costliest operators in the log. 0: a no-op."""
+    if steps <= 0:
+        yield NoProfiler()
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out.mkdir(parents=True, exist_ok=True)
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=max(steps - 1, 1), repeat=1),
+                 record_shapes=True) as prof:
+        yield prof
+    prof.export_chrome_trace(str(out / "trace.json"))
+    log.info("profile of %d training steps: %s\n%s", max(steps - 1, 1), out / "trace.json",
+             prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def progress_bar(epoch: int, max_epochs: int, steps: int, on: bool) -> tqdm:
     """Epoch k/N, steps, rate, ETA and the running loss on a terminal; nothing in logs or pipes."""
     return tqdm(total=steps, desc=f"epoch {epoch}/{max_epochs}", unit="step", leave=False, dynamic_ncols=True,
@@ -162,12 +186,14 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         total, seen, n_steps = 0.0, 0, math.ceil(len(order) / tc.batch_size)
         epoch_batches = batches(train, cfg.data.window, tc.batch_size, order, aug, gen, trim=True, row_labels=rows)
         steps = 0
-        with progress_bar(epoch, tc.max_epochs, n_steps, tc.progress) as bar:
+        with progress_bar(epoch, tc.max_epochs, n_steps, tc.progress) as bar, \
+                profiled(tc.profile_steps if epoch == 1 else 0, run_dir / "profile", device) as prof:
             for batch in epoch_batches:
                 loss = train_step(model, opt, batch, device, cfg, sched)
                 total, seen, steps = total + loss * len(batch[0]), seen + len(batch[0]), steps + 1
                 bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
                 bar.update()
+                prof.step()
         train_sec = time.perf_counter() - t0
         val_metrics, _ = evaluate(model, val, data.vocab, cfg, device, with_lines=tc.monitor == "val/line_exact",
                                   limit=scored_windows(tc))
