@@ -362,6 +362,7 @@ COMMANDS: dict[str, Doc] = {
     TOKEN_START: Doc(extra=("trainer.plots=true",), check=run_folder_as_the_readme_says),
     "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest": Doc(kind=CI),
     ".venv/bin/python run.py data.dir=../shared/data/cnc_sensor_gcode": Doc(files=("metrics.json",)),
+    "python run.py data.dir=../shared/data/cnc_sensor_gcode": Doc(files=("metrics.json",)),  # RESULTS, Speed
     "python run.py --help": Doc(fast=True, says=("== Groups (group=option) ==",), check=help_lists_the_readme_groups),
     "python run.py experiment=baseline": Doc(files=("metrics.json",)),
     "python run.py features=side_channel": Doc(files=("metrics.json",)),
