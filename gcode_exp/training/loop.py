@@ -194,6 +194,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
                 bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
                 bar.update()
                 prof.step()
+            bar.refresh()  # the epoch's final loss shows even when the whole epoch beat tqdm's redraw interval
         train_sec = time.perf_counter() - t0
         val_metrics, _ = evaluate(model, val, data.vocab, cfg, device, with_lines=tc.monitor == "val/line_exact",
                                   limit=scored_windows(tc))
