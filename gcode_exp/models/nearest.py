@@ -99,7 +99,7 @@ class NearestModel(nn.Module):
         return self.lines[most_rows(self.row_lines(x), none=len(self.lines))]
 
     @torch.no_grad()
-    def row_lines(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def row_lines(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """[B, W] each row's line (index into `lines`; len(lines): none): the nearest training row's, or
         the same row of the nearest training window's."""
         if KEYS[int(self.mode)] == "summary":
