@@ -199,6 +199,7 @@ SCHEMA: dict[str, Rule] = {
     "data.on_error": OneOf("raise", "skip"),
     "data.path": Nullable(Text()),  # task=predict predict.follow=true: the recording being written
     "data.cache_dir": Nullable(Rule("a folder or empty (no cache)", lambda v: isinstance(v, str))),
+    "data.workers": Int(ge=0, note="0: one per core"),
     # features
     "features.name": Text(),
     "features.groups": Rule(f"a non-empty list of distinct groups from {', '.join(FEATURE_GROUPS)}",
