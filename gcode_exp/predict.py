@@ -163,8 +163,8 @@ def position_weights(window: int) -> np.ndarray:
 class RowVote:
     line: str
     p: float
-    runner_up: str  # "" when every window covering the row agrees
-    runner_up_p: float
+    runner_up: str  # the second answer, from the distribution `p` comes from; "" when it gives no other any
+    runner_up_p: float  # <= p
 
 
 def vote(n_rows: int, guesses: list[Guess], window: int) -> list[RowVote]:
@@ -190,7 +190,12 @@ def vote(n_rows: int, guesses: list[Guess], window: int) -> list[RowVote]:
 def row_head_answers(votes: list[RowVote], guesses: list[Guess], lines: list[str], window: int) -> list[RowVote]:
     """Where the model has a row head, it names each row's line itself: its probabilities averaged over
     the windows covering the row (weighted like the vote). A row it gives to a training line takes that
-    line; a row it calls "another line" keeps the window vote's answer, the decoder's, which can be new."""
+    line; a row it calls "another line" keeps the window vote's answer, the decoder's, which can be new.
+
+    `p` and the runner-up's `p` come from one distribution, so runner_up_p <= p and their sum <= 1: the
+    row head's where it names the line, the vote's where the vote's answer stands. The runner-up is the
+    head's next most probable class; its "another line" class is named by the decoder's line where that
+    is not a training line (and passed over where it names none); "" where no other class has any."""
     if not guesses or guesses[0].rows is None:
         return votes
     k = position_weights(window)[:, None]
@@ -198,14 +203,23 @@ def row_head_answers(votes: list[RowVote], guesses: list[Guess], lines: list[str
     for g in guesses:
         total[g.start : g.start + window] += k * g.rows
     total /= np.maximum(total.sum(1, keepdims=True), 1e-12)
+    known = set(lines)
     out = []
     for v, probs in zip(votes, total):
-        best = int(probs.argmax())
+        order = np.argsort(-probs, kind="stable")  # ties: the earlier class
+        best = int(order[0])
         if best == len(lines):
             out.append(v)
-        else:  # the runner-up: the window vote's answer where it differs
-            other = v.line != lines[best]
-            out.append(RowVote(lines[best], float(probs[best]), v.line if other else "", v.p if other else 0.0))
+            continue
+        runner_up, runner_up_p = "", 0.0
+        for j in order[1:]:
+            if probs[j] <= 0:
+                break
+            name = lines[j] if j < len(lines) else (v.line if v.line and v.line not in known else "")
+            if name:
+                runner_up, runner_up_p = name, float(probs[j])
+                break
+        out.append(RowVote(lines[best], float(probs[best]), runner_up, runner_up_p))
     return out
 
 

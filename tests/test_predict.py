@@ -67,16 +67,36 @@ def test_vote_ties_go_to_the_line_voted_first():
 
 def test_row_head_names_rows_it_knows_and_leaves_the_rest_to_the_vote():
     # 2 training lines + "another line"; window 4, windows at rows 0 and 2 (6 rows)
-    first = np.array([[0.9, 0.05, 0.05]] * 2 + [[0.1, 0.1, 0.8]] * 2)   # rows 0-1: line A; 2-3: another
+    first = np.array([[0.9, 0.02, 0.08]] * 2 + [[0.1, 0.1, 0.8]] * 2)   # rows 0-1: line A; 2-3: another
     second = np.array([[0.1, 0.1, 0.8]] * 2 + [[0.05, 0.9, 0.05]] * 2)  # rows 2-3: another; 4-5: line B
     guesses = [Guess(0, "G1 X9", 0.6, first), Guess(2, "G1 X9", 0.6, second)]
     votes = vote(6, guesses, 4)
     rows = row_head_answers(votes, guesses, ["G1 X1", "G1 X2"], 4)
     assert [r.line for r in rows] == ["G1 X1", "G1 X1", "G1 X9", "G1 X9", "G1 X2", "G1 X2"]
-    assert rows[0].p == pytest.approx(0.9) and rows[0].runner_up == "G1 X9"  # the decoder's answer, second
+    # second: the head's "another line" (0.08), which the decoder names; its p is the head's, not the vote's
+    assert (rows[0].p, rows[0].runner_up, rows[0].runner_up_p) == (pytest.approx(0.9), "G1 X9", pytest.approx(0.08))
     assert rows[2] == votes[2]  # "another line": the decoder's vote stands, new lines stay possible
     no_head = [Guess(0, "G1 X9", 0.6), Guess(2, "G1 X9", 0.6)]
     assert row_head_answers(votes, no_head, ["G1 X1", "G1 X2"], 4) == votes
+
+
+def test_runner_up_comes_from_the_distribution_p_comes_from():
+    # the head unsure between three training lines (0.4, 0.35, 0.2; 0.05 another line), the decoder sure
+    # (0.95) of a line it does not know: the runner-up is the head's second line, never the vote's 0.95
+    unsure = np.array([[0.4, 0.35, 0.2, 0.05]] * 4)
+    guesses = [Guess(0, "G1 X9", 0.95, unsure)]
+    rows = row_head_answers(vote(4, guesses, 4), guesses, ["G1 X1", "G1 X2", "G1 X3"], 4)
+    assert {(r.line, r.p, r.runner_up, r.runner_up_p) for r in rows} == {("G1 X1", 0.4, "G1 X2", 0.35)}
+    # "another line" second, but the decoder names a training line: that class has no name, the next counts
+    other = np.array([[0.6, 0.1, 0.0, 0.3]] * 4)
+    guesses = [Guess(0, "G1 X1", 0.9, other)]
+    rows = row_head_answers(vote(4, guesses, 4), guesses, ["G1 X1", "G1 X2", "G1 X3"], 4)
+    assert (rows[0].runner_up, rows[0].runner_up_p) == ("G1 X2", pytest.approx(0.1))
+    # the head certain (one-hot, as the nearest model's rows): no runner-up, whatever the windows decoded
+    sure = np.array([[0.0, 1.0, 0.0, 0.0]] * 4)
+    guesses = [Guess(0, "G1 X9", 0.7, sure), Guess(0, "G1 X3", 0.7, sure)]
+    rows = row_head_answers(vote(4, guesses, 4), guesses, ["G1 X1", "G1 X2", "G1 X3"], 4)
+    assert {(r.line, r.p, r.runner_up, r.runner_up_p) for r in rows} == {("G1 X2", 1.0, "", 0.0)}
 
 
 def test_reconstruction_merges_repeats_and_marks_low_confidence():
@@ -160,6 +180,7 @@ def test_predict_writes_rows_program_gcode_and_metrics(trained):
     assert len(rows) == sum(1 for s in source if s["spindle"] != "")  # one per sensor row (silent rows dropped)
     assert rows[0]["time"] == source[0]["t_console"] and rows[0]["true_line"] == source[0]["gcode_string"]
     assert all(0.0 <= float(row["p"]) <= 1.0 and row["line"] for row in rows)
+    runner_up_is_second(rows)  # the nearest model: its row answers are certain here, p 1 and no runner-up
     gcode = (out / "predictions" / "face_003.gcode").read_text().splitlines()
     body = [line for line in gcode if not line.startswith(";")]
     assert body and all(" ; t=" in line for line in body)
@@ -171,6 +192,29 @@ def test_predict_writes_rows_program_gcode_and_metrics(trained):
     ops = {"adaptive", "adaptive150025", "damageadaptive", "damageface", "damagepocket", "face", "face150025",
            "pocket", "pocket150025"}
     assert all(row["program"] in ops and 0 < float(row["p"]) <= 1 for row in programs.values())
+
+
+def runner_up_is_second(rows: list[dict]) -> None:
+    """The runner-up and its p come from the distribution p comes from: at most p, the two sum to <= 1."""
+    for row in rows:
+        p, q = float(row["p"]), float(row["runner_up_p"])
+        assert q <= p and p + q <= 1.0 + 1e-3 and row["runner_up"] != row["line"], row
+        assert (row["runner_up"] == "") == (q == 0.0), row
+
+
+def test_token_model_reports_its_runner_up_below_p(trained):
+    """A multi-head model with a row head, 1 epoch: unsure rows, whose runner-up the head names."""
+    ws = trained["ws"]
+    r = run_py(f"hydra.run.dir={ws / 'train_mh'}", "model=multihead", cache=trained["cache"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = ws / "pred_mh"
+    r = predict_py({**trained, "ckpt": ws / "train_mh" / "checkpoints" / "best.pt"}, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("face_003", "pocket_016"):
+        with open(out / "predictions" / f"{name}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert any(row["runner_up"] for row in rows)
+        runner_up_is_second(rows)
 
 
 def test_unlabelled_recording_is_predicted_not_scored(trained):
