@@ -332,8 +332,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
     """Offline: every recording of data.dir; live (predict.follow=true): data.path as it is written."""
     blob = load_checkpoint(cfg.ckpt_path)
     pred = Predictor(blob, cfg.hardware, cfg.predict.batch_size)
-    out = run_dir / "predictions"
-    out.mkdir(exist_ok=True)
+    out = run_dir / "predictions"  # made once there is something to write: a failed run leaves none
     if cfg.predict.follow:
         return follow(cfg, run_dir, pred)
     recordings, skipped = [], []
@@ -360,6 +359,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
     majority_op = max(sorted(counts), key=lambda op: sum(counts[op].values())) if counts else ""
     totals: Counter = Counter()
     programs = []
+    out.mkdir(exist_ok=True)
     for rec in recordings:
         run = rec.run
         guesses = pred.guess(run_inputs(run, pred.feats), window_starts(len(run.lines), pred.window, pred.stride))
@@ -445,16 +445,19 @@ def tail_rows(path: Path, poll_s: float, idle_s: float) -> Iterator[list[list[st
 def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
     """Read data.path while it grows; decode each window as soon as its last row arrived (the same
     windows as offline: starts 0, stride, ...), print each newly recognised line with the time of the
-    window's centre row. Ends at idle_s without growth or on Ctrl-C, with a summary line."""
+    window's centre row. Ends at idle_s without growth or on Ctrl-C, with a summary line.
+
+    predictions/<run>.live.csv gets a row per window, flushed as they come; it is created with the first
+    one, so a recording that fails before any window (missing, broken, too short) leaves no file; one that
+    fails later keeps the whole rows written so far (the lines already printed)."""
     path = Path(cfg.data.path)
     header: list[str] | None = None
     cols: list[int] = []
     buf_values, buf_times = [], []  # rows from `base` on
     base = next_start = n_rows = windows = printed = 0
     last_line, why = None, "end of input"
-    live = open(run_dir / "predictions" / f"{run_name(path)[0]}.live.csv", "w", newline="")
-    writer = csv.writer(live)
-    writer.writerow(("time", "start_row", "line", "p"))
+    live_path = run_dir / "predictions" / f"{run_name(path)[0]}.live.csv"
+    live = writer = None
     try:
         for rows in tail_rows(path, cfg.predict.poll_s, cfg.predict.idle_s):
             if rows is None:
@@ -482,7 +485,13 @@ def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
             run = RecordedRun(name=path.name, op="", columns=columns, values=np.stack(buf_values),
                               lines=[""] * len(buf_values), nonfinite_cells=0, silent_rows=0, unparsed_chunks=0,
                               path=str(path))
-            for g in pred.guess(run_inputs(run, pred.feats, first_row=base), [s - base for s in ready]):
+            guesses = pred.guess(run_inputs(run, pred.feats, first_row=base), [s - base for s in ready])
+            if live is None:
+                live_path.parent.mkdir(exist_ok=True)
+                live = open(live_path, "w", newline="")
+                writer = csv.writer(live)
+                writer.writerow(("time", "start_row", "line", "p"))
+            for g in guesses:
                 windows += 1
                 t = buf_times[g.start + pred.window // 2]
                 writer.writerow((t, g.start + base, g.line, f"{g.p:.4g}"))
@@ -496,7 +505,8 @@ def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
     except KeyboardInterrupt:
         why = "interrupted"
     finally:
-        live.close()
+        if live is not None:
+            live.close()
     if windows == 0 and why == "end of input":
         raise DataError(f"{path}: {n_rows} rows, fewer than one window (data.window={pred.window})")
     print(f"live: {n_rows} rows, {windows} windows, {printed} lines recognised ({why})", flush=True)

@@ -257,6 +257,7 @@ def test_bad_input_is_one_line(trained, case, says):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and says in errors[0] and "Traceback" not in r.stderr
     assert case == "not_a_checkpoint" or "face_003_aligned.csv" in errors[0]
+    assert not (trained["ws"] / f"out_{case}" / "predictions").exists()  # nothing predicted, no folder for it
 
 
 class Reader(threading.Thread):
@@ -334,3 +335,49 @@ def test_live_mode_ends_cleanly_on_ctrl_c(trained):
         code = proc.wait(timeout=60)
     assert code == 0, proc.stderr.read()[-2000:]
     assert any(line.startswith("live: ") and "(interrupted)" in line for line in reader.lines), reader.lines[-3:]
+
+
+@pytest.mark.parametrize("case, says", [
+    ("missing", "no such file (data.path)"),
+    ("no_sensors", "lacks channels the checkpoint was trained on"),
+    ("short", "10 rows, fewer than one window"),
+])
+def test_live_mode_that_fails_before_any_window_leaves_no_predictions(trained, case, says):
+    """A live run that fails is one line, exit 2, and leaves no header-only predictions/<run>.live.csv."""
+    path = trained["ws"] / f"live_{case}.csv"
+    if case == "no_sensors":
+        path.write_text("t_console,gcode_string\n10:00:00.0,G1 X1\n")
+    elif case == "short":
+        path.write_text("".join(sample_rows("face_003")[:11]))
+    out = trained["ws"] / f"live_fail_{case}"
+    r = predict_py(trained, out, "predict.follow=true", f"data.path={path}", "predict.idle_s=1", "predict.poll_s=0.1")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and says in errors[0] and str(path) in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert not (out / "predictions").exists()  # neither the file nor its folder
+    assert (out / "error.txt").is_file() and not (out / "metrics.json").exists()
+
+
+def test_live_mode_that_fails_later_keeps_the_whole_rows_written(trained):
+    """A bad row after some windows: exit 2 naming the row; the live CSV holds the windows already
+    printed, every row whole, none from the bad row on."""
+    rows = sample_rows("face_003")
+    path = trained["ws"] / "live_bad_row.csv"
+    path.write_text("".join(rows[:101]))  # header + 100 rows: windows up to row 100
+    out = trained["ws"] / "live_fail_later"
+    cmd = predict_cmd(trained, out, "predict.follow=true", f"data.path={path}", "predict.idle_s=30",
+                      "predict.poll_s=0.1")
+    with live_process(cmd) as (proc, reader):
+        header = next(csv.reader([rows[0]]))
+        bad = next(csv.reader([rows[101]]))
+        bad[header.index("x_motor")] = "12,5"
+        with open(path, "a", newline="") as f:
+            csv.writer(f).writerow(bad)
+        code = proc.wait(timeout=60)
+        stderr = proc.stderr.read()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2 and errors == [f"error: {path}: row 102: a sensor column holds a non-numeric value"], stderr
+    with open(out / "predictions" / "live_bad_row.live.csv", newline="") as f:
+        written = list(csv.reader(f))
+    assert written[0] == ["time", "start_row", "line", "p"] and len(written) > 1
+    assert all(len(row) == 4 and int(row[1]) + 32 <= 100 for row in written[1:]), written
