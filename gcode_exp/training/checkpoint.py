@@ -25,25 +25,37 @@ def save_checkpoint(path: Path, **blob) -> None:
     atomic_torch_save({"format": FORMAT, **blob}, path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load and check a checkpoint; a missing file or a foreign one is a one-line error."""
+def load_checkpoint(path: str | Path, source: str | None = None) -> dict:
+    """Load and check a checkpoint; a missing file or a foreign one is a one-line error, which begins
+    with `source`, where the path came from (default: `ckpt_path=PATH`, what the user typed)."""
     path = Path(path)
+    where = source or f"ckpt_path={path}"
+    if path.is_dir():
+        raise GcodeExpError(f"{where}: {folder_hint(path) if source is None else 'a folder, not a checkpoint file'}")
     if not path.is_file():
-        raise GcodeExpError(f"ckpt_path={path}: no such file")
+        raise GcodeExpError(f"{where}: no such file")
     try:  # tensors, numbers, strings and containers only: loading a checkpoint runs no code from it
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise GcodeExpError(f"ckpt_path={path}: not a readable checkpoint ({type(e).__name__})") from None
+        raise GcodeExpError(f"{where}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or any(k not in blob for k in REQUIRED):
-        raise GcodeExpError(f"ckpt_path={path}: not a gcode-exp checkpoint (format {FORMAT})")
+        raise GcodeExpError(f"{where}: not a gcode-exp checkpoint (format {FORMAT})")
     try:  # what every reader rebuilds from it: a damaged part is named here, not met as a bug later
         Features(**blob["features"])
         Vocab.from_dict(blob["vocab"])
     except Exception as e:
-        raise GcodeExpError(f"ckpt_path={path}: a damaged checkpoint ({type(e).__name__} reading its "
+        raise GcodeExpError(f"{where}: a damaged checkpoint ({type(e).__name__} reading its "
                             "features and vocabulary)") from None
     blob["config"], blob["path"] = upgraded(blob["config"]), str(path)
     return blob
+
+
+def folder_hint(path: Path) -> str:
+    """`ckpt_path=` names a folder: say so, and name the checkpoint it holds (a run folder's best.pt)."""
+    for inside in (path / "checkpoints" / "best.pt", path / "best.pt"):
+        if inside.is_file():
+            return f"a folder, not a checkpoint file; did you mean ckpt_path={inside}?"
+    return "a folder, not a checkpoint file (a run folder holds its best as checkpoints/best.pt)"
 
 
 def upgraded(config: dict) -> dict:
