@@ -145,7 +145,12 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
             from gcode_exp.training.checkpoint import load_checkpoint
             from gcode_exp.training.loop import check_resumable
 
-            check_resumable(load_checkpoint(run_dir / "checkpoints" / "last.pt")["config"], cfg)
+            try:  # named as what the user asked for: ckpt_path is not theirs here
+                old = load_checkpoint(run_dir / "checkpoints" / "last.pt",
+                                      source=f"trainer.resume=true: cannot resume {run_dir}: checkpoints/last.pt")
+            except GcodeExpError as e:
+                raise GcodeExpError(f"{e}; pass overwrite=true to start the run afresh") from None
+            check_resumable(old["config"], cfg)
             return
         why = {"finished": "it already finished (metrics.json)", "empty": "it holds no checkpoints/last.pt",
                "used": "it holds no checkpoints/last.pt"}[now]
