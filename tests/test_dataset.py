@@ -1,4 +1,6 @@
+import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from gcode_exp.data.dataset import (
 )
 from gcode_exp.data.read import RecordedRun, read_run
 from gcode_exp.data.vocab import BOS, EOS, PAD, Vocab
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, make_cfg
 
 
 def fake_run(name: str, op: str, value: float = 0.0, rows: int = 8) -> RecordedRun:
@@ -149,3 +151,67 @@ def test_concurrent_builders_share_one_intact_cache(tmp_path):
     assert sizes[0] == sizes[1] > 0
     assert len(list(tmp_path.glob("*.pt"))) == 1 and not list(tmp_path.glob(".*tmp"))
     assert _prepare_in_child(overrides) == sizes[0]  # the file left behind loads
+
+
+# --- the per-recording cache, parallel reading, memory-mapped prepared data (issue 16) ------------
+def _same_prepared(a, b) -> None:
+    assert a.vocab.tokens == b.vocab.tokens and a.features == b.features
+    for name in ("train", "val", "test"):
+        sa, sb = a.splits[name], b.splits[name]
+        assert sa.files == sb.files
+        for key in ("rows", "starts", "targets", "row_targets", "row_lines"):
+            assert torch.equal(getattr(sa, key), getattr(sb, key)), (name, key)
+
+
+def test_adding_a_recording_reads_only_that_file(tmp_path, monkeypatch):
+    """The folder grows by one file: the others come from their cache entries, and the result is
+    exactly what a cold read of the whole folder gives (split, normalisation, vocabulary refitted)."""
+    import shutil
+
+    from gcode_exp.data import dataset
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    names = sorted(p.name for p in SAMPLE.glob("*.csv*"))
+    for name in names[:-1]:
+        shutil.copy(SAMPLE / name, folder / name)
+    cached = [f"data.dir={folder}", f"data.cache_dir={tmp_path / 'cache'}", "data.workers=1"]
+    prepare(make_cfg(*cached))
+    shutil.copy(SAMPLE / names[-1], folder / names[-1])
+    read = []
+    real = dataset.read_run
+    monkeypatch.setattr(dataset, "read_run", lambda path, *a: read.append(Path(path).name) or real(path, *a))
+    grown = prepare(make_cfg(*cached))
+    assert read == [names[-1]]
+    _same_prepared(grown, prepare(make_cfg(f"data.dir={folder}", "data.cache_dir=", "data.workers=1")))
+
+
+def test_parallel_reading_gives_the_same_data(tmp_path):
+    one = prepare(make_cfg("data.cache_dir=", "data.workers=1"))
+    _same_prepared(one, prepare(make_cfg("data.cache_dir=", "data.workers=2")))
+
+
+def test_damaged_recording_entry_is_read_again(tmp_path, caplog):
+    cfg = make_cfg(f"data.cache_dir={tmp_path}", "data.workers=1")
+    first = prepare(cfg)
+    entry = sorted((tmp_path / "recordings").glob("*.pt"))[0]
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    entry.write_bytes(bytes(data))
+    for top in tmp_path.glob("*.pt*"):  # no prepared data: the recordings are read again
+        top.unlink()
+    with caplog.at_level(logging.WARNING):
+        again = prepare(cfg)
+    assert f"ignoring unreadable cache {entry} (checksum mismatch: its bytes were damaged)" in caplog.text
+    _same_prepared(first, again)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_cached_data_is_mapped_from_disk_not_copied(tmp_path):
+    """A cache hit maps the prepared tensors from the cache file: the process holds no copy of them."""
+    cfg = make_cfg(f"data.cache_dir={tmp_path}")
+    prepare(cfg)
+    hit = prepare(cfg)
+    (entry,) = tmp_path.glob("*.pt")
+    assert str(entry) in Path("/proc/self/maps").read_text()
+    assert hit.splits["train"].rows.sum().isfinite()  # and reads like any tensor

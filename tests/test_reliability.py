@@ -26,7 +26,7 @@ import torch
 
 from gcode_exp import GcodeExpError, summarize, tasks
 from gcode_exp.config import ConfigError, validate
-from gcode_exp.data.dataset import load_cache, prepare, read_runs
+from gcode_exp.data.dataset import load_prepared, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs, read_run
 from gcode_exp.data.vocab import parse_line
 from gcode_exp.training.checkpoint import load_checkpoint, save_checkpoint
@@ -255,7 +255,7 @@ def test_damaged_cache_file_is_rebuilt_not_trusted(tmp_path, frame, caplog, dama
     """A flipped byte in the middle of the tensors would load without complaint: the checksum catches it."""
     cfg = make_cfg(f"data.dir={good_folder(tmp_path / 'data', frame)}", tmp=tmp_path)
     first = prepare(cfg).summary
-    (cache,) = files_under(tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("*.pt")  # the prepared data; recordings/ holds each file's table
     data = bytearray(cache.read_bytes())
     if damage == "truncated":
         del data[1000:]
@@ -263,11 +263,11 @@ def test_damaged_cache_file_is_rebuilt_not_trusted(tmp_path, frame, caplog, dama
         data[len(data) // 2] ^= 0x01
     cache.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        assert load_cache(cache) is None
+        assert load_prepared(cache) is None
         again = prepare(cfg).summary
     assert f"ignoring unreadable cache {cache} (checksum mismatch: its bytes were damaged)" in caplog.text
     assert again == first
-    assert load_cache(cache).summary == first  # whole again
+    assert load_prepared(cache).summary == first  # whole again
 
 
 # --- folder mess: names that are not recordings, twins, odd tables, G-code number forms (issue 6) ---------
@@ -520,6 +520,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     ("model=multihead model.n_heads=3", "model.d_model=32: must be divisible by model.n_heads=3"),
     ("aug.shift=100", "aug.shift=100"),
     ("task=eval", "ckpt_path: task=eval needs ckpt_path"),
+    ("task=eval trainer.resume=true", "trainer.resume=true: only task=train resumes an interrupted run; task=eval "
+                                      "reads a trained checkpoint: pass ckpt_path=RUN/checkpoints/best.pt instead"),
 ])
 def test_validate_names_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -784,6 +786,63 @@ def test_cli_run_folder_path_that_is_a_file(tmp_path):
 def test_cli_bad_config_names_the_key_before_any_work(tmp_path, args, message):
     assert one_error_line(cli(tmp_path, *args)) == message
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "data_summary.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["eval", "predict"])
+def test_cli_resume_with_eval_or_predict_says_only_training_resumes(tmp_path, trained, task):
+    """`task=eval trainer.resume=true` without ckpt_path: why it cannot, not only that ckpt_path is missing;
+    with ckpt_path it scores the checkpoint, with a warning that trainer.resume is ignored."""
+    line = one_error_line(cli(tmp_path, f"task={task}", "trainer.resume=true"))
+    assert line == (f"trainer.resume=true: only task=train resumes an interrupted run; task={task} reads a trained "
+                    "checkpoint: pass ckpt_path=RUN/checkpoints/best.pt instead")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "data_summary.json").exists()
+    ok = cli(tmp_path / "with_ckpt", f"task={task}", "trainer.resume=true", f"data.dir={SAMPLE}",
+             f"ckpt_path={trained / 'checkpoints' / 'best.pt'}")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert f"config: trainer.resume=true: ignored with task={task} (only task=train resumes a run)" in ok.stdout
+
+
+@pytest.mark.slow
+def test_cli_ckpt_path_that_is_a_folder_names_the_checkpoint_inside(tmp_path, trained):
+    """`ckpt_path=RUN` (the run folder, or its checkpoints/): not "no such file", but the best.pt to pass."""
+    best = trained / "checkpoints" / "best.pt"
+    for folder in (trained, trained / "checkpoints"):
+        tmp = tmp_path / folder.name
+        line = one_error_line(cli(tmp, "task=eval", f"ckpt_path={folder}", f"data.dir={SAMPLE}"))
+        assert line == f"ckpt_path={folder}: a folder, not a checkpoint file; did you mean ckpt_path={best}?"
+        assert not (tmp / "run" / "metrics.json").exists() and not (tmp / "cache").exists()
+    line = one_error_line(cli(tmp_path, "task=predict", f"ckpt_path={SAMPLE}", f"data.dir={SAMPLE}"))
+    assert line == f"ckpt_path={SAMPLE}: a folder, not a checkpoint file (a run folder holds its best as " \
+        "checkpoints/best.pt)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["cut", "text", "folder"])
+def test_cli_resume_of_a_damaged_last_pt_names_the_run_not_ckpt_path(tmp_path, trained, damage):
+    """An interrupted run (last.pt, no metrics.json) whose last.pt is damaged: the message is about the
+    run `trainer.resume=true` cannot resume, never about a ckpt_path the user did not give; nothing changes."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "metrics.json").unlink()
+    last = run / "checkpoints" / "last.pt"
+    if damage == "cut":
+        last.write_bytes(last.read_bytes()[:20000])
+    elif damage == "text":
+        last.write_text("not a checkpoint")
+    else:
+        last.unlink()
+        last.mkdir()
+    before = {p: p.read_bytes() for p in files_under(run)}
+    line = one_error_line(cli(tmp_path, "trainer.resume=true", f"data.dir={SAMPLE}"))
+    why = {"cut": "not a readable checkpoint (", "text": "not a readable checkpoint (UnpicklingError)",
+           "folder": "a folder, not a checkpoint file"}[damage]
+    assert line.startswith(f"trainer.resume=true: cannot resume {run}: checkpoints/last.pt: {why}"), line
+    assert line.endswith("; pass overwrite=true to start the run afresh") and "ckpt_path" not in line, line
+    assert {p: p.read_bytes() for p in files_under(run)} == before
+    if damage == "cut":  # the advice works
+        again = cli(tmp_path, "overwrite=true", f"data.dir={SAMPLE}")
+        assert again.returncode == 0 and (run / "metrics.json").is_file(), again.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -21,11 +21,12 @@ from gcode_exp import summarize
 from gcode_exp.config import ConfigError, validate
 from gcode_exp.data.dataset import (
     WINDOW_WARNING,
-    _digest,
     covered_rows,
     family,
+    file_hashes,
     fold_of_files,
     prepare,
+    prepared_key,
     split_runs,
 )
 from gcode_exp.data.read import RecordedRun, find_recordings, run_name
@@ -180,15 +181,17 @@ def test_window_protocol_fits_on_the_rows_training_windows_cover():
 
 def test_split_settings_are_in_the_cache_key_and_defaults_keep_old_keys():
     paths, _ = find_recordings(str(SAMPLE), "*.csv*")
+    hashes = file_hashes(paths)
     base = make_cfg()
     old = make_cfg()
     with open_dict(old):
-        for key in ("split_by", "folds", "fold"):
+        for key in ("split_by", "folds", "fold", "workers"):
             del old.data[key]
-    assert _digest(paths, base) == _digest(paths, old)  # caches made before these keys stay valid
-    assert _digest(paths, make_cfg("data.folds=null")) == _digest(paths, base)
-    keys = {_digest(paths, make_cfg(*o)) for o in ([], ["data.folds=5"], ["data.folds=5", "data.fold=1"],
-                                                    ["data.split_by=operation"], ["data.split_by=window"])}
+    assert prepared_key(paths, hashes, base) == prepared_key(paths, hashes, old)  # older configs keep their key
+    assert prepared_key(paths, hashes, make_cfg("data.folds=null")) == prepared_key(paths, hashes, base)
+    assert prepared_key(paths, hashes, make_cfg("data.workers=1")) == prepared_key(paths, hashes, base)
+    keys = {prepared_key(paths, hashes, make_cfg(*o)) for o in ([], ["data.folds=5"], ["data.folds=5", "data.fold=1"],
+                                                                ["data.split_by=operation"], ["data.split_by=window"])}
     assert len(keys) == 5
 
 

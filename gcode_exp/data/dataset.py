@@ -9,31 +9,42 @@ a window's target, and a window with no labelled row at all is dropped.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
-import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gcode_exp.data.cache import (
+    CACHE_VERSION,
+    DamagedEntry,
+    atomic_torch_save,  # noqa: F401  (re-exported: other modules import the atomic writers from here)
+    atomic_write,  # noqa: F401
+    file_hashes,
+    load_entry,
+    recording_entry,
+    save_entry,
+    writable_folder,
+)
 from gcode_exp.data.read import DataError, RecordedRun, channel_group, find_recordings, read_run, run_name
 from gcode_exp.data.vocab import BOS, EOS, PAD, UNK, Vocab
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 7  # bump when what is cached changes
 ELAPSED_SCALE = 1000.0  # features.elapsed: rows per unit of the elapsed input (~4 min at 3.9 Hz)
-CACHE_MAGIC = b"gcode-exp cache\n"  # then the CRC-32 of the rest (4 bytes, big-endian), then a torch.save payload
 SPLITS = ("train", "val", "test")
 SPLIT_DEFAULTS = {"split_by": "file", "folds": 0, "fold": 0, "train_share": 1.0}  # left out of the cache key
+NOT_IN_KEY = ("dir", "cache_dir", "workers")  # data keys that do not change the prepared data
+POOL_CONTEXT = None  # the platform's default start method for the reading processes
 WINDOW_WARNING = ("data.split_by=window: windows of one recording are shuffled across train, val and test and "
                   "overlap their neighbours, so these numbers measure memorised recordings, not generalisation "
                   "to a new run (kept only to measure that inflation)")
@@ -388,16 +399,25 @@ def encode_rows(lines: list[str], vocab: Vocab, max_len: int) -> np.ndarray:
 
 
 # --- reading many files -----------------------------------------------------------------------------
-def read_runs(paths: list[Path], data_cfg) -> tuple[list[RecordedRun], list[dict]]:
-    """Read files; with data.on_error=skip, unusable ones are skipped (warned and returned as records).
-    What a file's reading fixed by a rule is warned about here, once per file (RecordedRun.warnings)."""
-    runs, skipped = [], []
+def read_runs(paths: list[Path], data_cfg, cache: Path | None = None,
+              hashes: dict[Path, str] | None = None) -> tuple[list[RecordedRun], list[dict]]:
+    """Read files, `data.workers` processes at once; with a `cache` folder, a file read before (same
+    bytes) is loaded from it instead, and newly read files are added once every file passed. With
+    data.on_error=skip, unusable files are skipped (warned and returned as records). What a file's
+    reading fixed by a rule is warned about here, once per file (RecordedRun.warnings)."""
     twice = same_recording_twice(paths)
+    if cache and hashes is None:
+        hashes = file_hashes(paths)
+    entries = {p: recording_entry(cache, p, hashes[p], data_cfg.max_nonfinite) for p in paths} if cache else {}
+    known = {p: run for p in paths if p not in twice and (run := load_recording(entries.get(p))) is not None}
+    unread = [p for p in paths if p not in twice and p not in known]
+    fresh = dict(zip(unread, read_files(unread, data_cfg.max_nonfinite, data_cfg.get("workers", 0)), strict=True))
+    runs, skipped = [], []
     for path in paths:
         try:
-            if path in twice:
-                raise DataError(twice[path])
-            run = read_run(path, data_cfg.max_nonfinite)
+            run = known.get(path) or fresh.get(path) or DataError(twice[path])
+            if isinstance(run, DataError):
+                raise run
             check_windows(run, path, data_cfg)
             runs.append(run)
         except DataError as e:
@@ -408,7 +428,49 @@ def read_runs(paths: list[Path], data_cfg) -> tuple[list[RecordedRun], list[dict
             continue
         for note in run.warnings:
             log.warning("%s", note)
+    for path, run in fresh.items():
+        if cache and isinstance(run, RecordedRun):
+            save_recording(run, entries[path])
     return runs, skipped
+
+
+def read_files(paths: list[Path], max_nonfinite: float, workers: int) -> list[RecordedRun | DataError]:
+    """Each file read, or why it cannot be; in a pool of processes when there is more than one file."""
+    n = min(workers or cores(), len(paths))
+    if n <= 1 or multiprocessing.current_process().daemon:  # a pool's worker may not start processes
+        return [read_or_error(p, max_nonfinite) for p in paths]
+    with ProcessPoolExecutor(n, mp_context=POOL_CONTEXT) as pool:
+        return list(pool.map(read_or_error, paths, repeat(max_nonfinite)))
+
+
+def cores() -> int:
+    """CPU cores this process may use (a container's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def read_or_error(path: Path, max_nonfinite: float) -> RecordedRun | DataError:
+    try:
+        return read_run(path, max_nonfinite)
+    except DataError as e:
+        return e
+
+
+def save_recording(run: RecordedRun, entry: Path) -> None:
+    """One recording's parsed table into the cache; a failed write only costs a later re-read."""
+    try:
+        save_entry({**vars(run), "values": torch.from_numpy(run.values)}, entry)
+    except OSError as e:
+        log.debug("cache entry %s not written: %s", entry, e)
+
+
+def load_recording(entry: Path | None) -> RecordedRun | None:
+    """A recording's parsed table from the cache (values mapped from disk), None if absent or damaged."""
+    try:
+        blob = load_entry(entry) if entry else None
+    except (DamagedEntry, OSError) as e:
+        log.warning("ignoring unreadable cache %s (%s); reading the recording again", entry, e)
+        return None
+    return None if blob is None else RecordedRun(**{**blob, "values": blob["values"].numpy()})
 
 
 def same_recording_twice(paths: list[Path]) -> dict[Path, str]:
@@ -461,44 +523,22 @@ class Prepared:
     summary: dict
 
 
-def _digest(paths: list[Path], cfg) -> str:
-    """The cache key: the folder read, as spelled and resolved (a cache hit's summary and messages name
-    exactly the folder this run read), the data config and every file's name and bytes. A file that
-    cannot be read keys by its error, which read_run reports."""
+def prepared_key(paths: list[Path], hashes: dict[Path, str], cfg) -> str:
+    """The prepared dataset's cache key: the folder read, as spelled and resolved (a cache hit's summary
+    and messages name exactly the folder this run read), the data config and every file's name and bytes."""
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
-    keys = {k: cfg.data[k] for k in cfg.data if k not in ("dir", "cache_dir")
+    keys = {k: cfg.data[k] for k in cfg.data if k not in NOT_IN_KEY
             and not (k in SPLIT_DEFAULTS and (cfg.data[k] or 0) == SPLIT_DEFAULTS[k])}  # older caches stay valid
     h.update(json.dumps([keys, dict(cfg.vocab), dict(cfg.features)], sort_keys=True, default=str).encode())
     h.update(f"{Path(cfg.data.dir)}\0{Path(cfg.data.dir).resolve()}".encode())
     for p in paths:
-        h.update(p.name.encode())
-        try:
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-        except OSError as e:
-            h.update(repr(e).encode())
+        h.update(f"{p.name}\0{hashes[p]}".encode())
     return h.hexdigest()[:24]
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(temp path)` in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_cache(prepared: Prepared, cfg, path: Path) -> None:
-    """The prepared data behind a checksum. A cache that cannot be written (a read-only folder, a
-    file in the way) is a warning: this run goes on without it."""
+def save_prepared(prepared: Prepared, cfg, path: Path) -> None:
+    """The prepared data, split by split, as one memory-mappable entry. A cache that cannot be written
+    (disk full) is a warning: this run goes on without it."""
     from omegaconf import OmegaConf
 
     blob = {
@@ -508,47 +548,37 @@ def save_cache(prepared: Prepared, cfg, path: Path) -> None:
         "summary": prepared.summary,
         "config": OmegaConf.to_container(cfg.data),
     }
-    buffer = io.BytesIO()
-    torch.save(blob, buffer)
-    payload = buffer.getvalue()
-    data = CACHE_MAGIC + zlib.crc32(payload).to_bytes(4, "big") + payload
     try:
-        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        save_entry(blob, path)
     except OSError as e:
-        folder = Path(cfg.data.cache_dir)
-        why = "not a folder" if folder.exists() and not folder.is_dir() else e.strerror or str(e)
-        log.warning("data.cache_dir=%s: cannot write the cache (%s): cache turned off for this run", folder, why)
+        log.warning("data.cache_dir=%s: cannot write the cache (%s): cache turned off for this run",
+                    cfg.data.cache_dir, e.strerror or e)
 
 
-def load_cache(path: Path) -> Prepared | None:
-    """The cached data, or None if there is none; a damaged file (checksum, format) is warned about,
-    never trusted, and rebuilt by the caller."""
+def load_prepared(path: Path) -> Prepared | None:
+    """The cached data, its tensors mapped from disk, or None if there is none; a damaged entry is
+    warned about, never trusted, and rebuilt by the caller."""
     try:
-        if not path.is_file():
-            return None
-        with open(path, "rb") as f:
-            head, payload = f.read(len(CACHE_MAGIC) + 4), f.read()  # bytes, not slices: no copy of the payload
-        if not head.startswith(CACHE_MAGIC):
-            raise ValueError("not a gcode-exp cache file")
-        if zlib.crc32(payload).to_bytes(4, "big") != head[len(CACHE_MAGIC) :]:
-            raise ValueError("checksum mismatch: its bytes were damaged")
-        blob = torch.load(io.BytesIO(payload), weights_only=True)  # data only: a cache runs no code
-        return Prepared(
-            splits={k: Split(**v) for k, v in blob["splits"].items()},
-            vocab=Vocab.from_dict(blob["vocab"]),
-            features=Features(**blob["features"]),
-            summary=blob["summary"],
-        )
-    except Exception as e:
+        blob = load_entry(path)
+    except (DamagedEntry, OSError) as e:
         log.warning("ignoring unreadable cache %s (%s); rebuilding it", path, e)
         return None
+    if blob is None:
+        return None
+    return Prepared(
+        splits={k: Split(**v) for k, v in blob["splits"].items()},
+        vocab=Vocab.from_dict(blob["vocab"]),
+        features=Features(**blob["features"]),
+        summary=blob["summary"],
+    )
 
 
 def prepare(cfg) -> Prepared:
     """Read, split, fit and window the data of `cfg.data.dir`, or load it from the cache."""
     paths, ignored = find_recordings(cfg.data.dir, cfg.data.pattern)
-    cache = Path(cfg.data.cache_dir) / f"{_digest(paths, cfg)}.pt" if cfg.data.cache_dir else None
-    cached = load_cache(cache) if cache else None
+    hashes = file_hashes(paths) if cfg.data.cache_dir else {}
+    cache = Path(cfg.data.cache_dir) / f"{prepared_key(paths, hashes, cfg)}.pt" if cfg.data.cache_dir else None
+    cached = load_prepared(cache) if cache else None
     if cached is not None:
         log.info("data cache hit: %s", cache)
         for s in cached.summary["skipped_files"]:  # the warnings of the run that built it, again
@@ -559,7 +589,8 @@ def prepare(cfg) -> Prepared:
         if cfg.data.split_by == "window":
             log.warning("%s", WINDOW_WARNING)
         return cached
-    runs, skipped = read_runs(paths, cfg.data)
+    folder = writable_folder(cfg.data.cache_dir)
+    runs, skipped = read_runs(paths, cfg.data, folder, hashes)
     runs = with_every_channel(runs, skipped, list(cfg.features.groups), cfg.data)
     if cfg.data.split_by == "window":  # every file in every split; each split keeps its own windows
         keep, split_info = split_windows(runs, cfg.data)
@@ -577,8 +608,8 @@ def prepare(cfg) -> Prepared:
     summary = data_summary(splits, vocab, feats, listing, oddities, cfg)
     summary["split"] = split_info
     prepared = Prepared(splits=splits, vocab=vocab, features=feats, summary=summary)
-    if cache:
-        save_cache(prepared, cfg, cache)
+    if folder:
+        save_prepared(prepared, cfg, cache)
     return prepared
 
 

@@ -92,6 +92,10 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = Tru
     values = np.empty((len(frame), len(columns)), dtype=np.float32)
     for j, col in enumerate(columns):
         raw = frame[col]
+        if pd.api.types.is_numeric_dtype(raw.dtype) and not pd.api.types.is_bool_dtype(raw.dtype):
+            with np.errstate(over="ignore"):  # parsed as numbers already: no text cell to report
+                values[:, j] = raw.to_numpy(dtype=np.float64, na_value=np.nan)
+            continue
         numeric = pd.to_numeric(raw, errors="coerce")
         text = raw.notna() & numeric.isna()
         if text.any():

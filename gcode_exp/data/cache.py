@@ -1,0 +1,111 @@
+"""Files on disk that spare work: atomic writes, and the two data caches.
+
+The cache holds one entry per recording (its parsed table, keyed by the file's bytes, so adding a
+file to a folder reads only that file) and one per prepared dataset (keyed by every file and the
+data config). Entries are `torch.save` files loaded with `mmap=True`: their tensors stay in the page
+cache and are read as windows are gathered, so a process does not copy the dataset into its own
+memory. Beside each entry, `<entry>.sum` holds its size and CRC-32 and is written last: an entry
+without it, or whose bytes no longer match it, is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 8  # bump when what is cached changes
+
+
+class DamagedEntry(ValueError):
+    """A cache entry whose bytes cannot be trusted (the message says why)."""
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(temp path)` in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def writable_folder(cache_dir: str | None) -> Path | None:
+    """The cache folder if this run can write into it; otherwise None, after one warning."""
+    if not cache_dir:
+        return None
+    folder = Path(cache_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        return folder
+    except OSError as e:
+        why = "not a folder" if folder.exists() and not folder.is_dir() else e.strerror or str(e)
+        log.warning("data.cache_dir=%s: cannot write the cache (%s): cache turned off for this run", folder, why)
+        return None
+
+
+def file_hashes(paths: list[Path]) -> dict[Path, str]:
+    """SHA-256 of each file's bytes; a file that cannot be read keys by its error (read_run reports it)."""
+    out = {}
+    for p in paths:
+        try:
+            out[p] = hashlib.sha256(p.read_bytes()).hexdigest()
+        except OSError as e:
+            out[p] = f"unreadable: {e!r}"
+    return out
+
+
+def recording_entry(folder: Path, path: Path, file_hash: str, max_nonfinite: float) -> Path:
+    """Where one recording's parsed table is kept: keyed by its bytes, its path (messages name it) and
+    the reading rule that may refuse it."""
+    key = hashlib.sha256(f"v{CACHE_VERSION}\0{os.path.abspath(path)}\0{file_hash}\0{max_nonfinite}".encode())
+    return folder / "recordings" / f"{key.hexdigest()[:24]}.pt"
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def save_entry(obj: dict, path: Path) -> None:
+    """The entry, then its checksum file: the entry counts only once both are written."""
+    atomic_torch_save(obj, path)
+    stamp = f"{path.stat().st_size} {_crc(path)}\n"
+    atomic_write(path.with_name(path.name + ".sum"), lambda tmp: Path(tmp).write_text(stamp))
+
+
+def load_entry(path: Path) -> dict | None:
+    """The entry with its tensors memory-mapped (copy-on-write), None if there is none; DamagedEntry
+    if its bytes do not match its checksum or do not load."""
+    stamp = path.with_name(path.name + ".sum")
+    if not (path.is_file() and stamp.is_file()):
+        return None
+    try:
+        size, crc = (int(v) for v in stamp.read_text().split())
+    except ValueError:
+        raise DamagedEntry("unreadable checksum file") from None
+    if path.stat().st_size != size or _crc(path) != crc:
+        raise DamagedEntry("checksum mismatch: its bytes were damaged")
+    try:
+        return torch.load(path, mmap=True, weights_only=True)  # data only: a cache runs no code
+    except Exception as e:
+        raise DamagedEntry(f"does not load: {e}") from None
