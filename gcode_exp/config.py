@@ -418,6 +418,11 @@ def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
     elif objective is not None:  # gcode_exp.tasks.objective: only a training run returns a number to optimise
         _warn("optimized_metric", objective, f"ignored with task={task} (only task=train returns an objective)")
 
+    if task != "train" and get("trainer.resume"):  # only training resumes; eval/predict read a checkpoint
+        if task in ("eval", "predict") and not get("ckpt_path"):
+            raise _fail("trainer.resume", True, f"only task=train resumes an interrupted run; task={task} reads "
+                        "a trained checkpoint: pass ckpt_path=RUN/checkpoints/best.pt instead")
+        _warn("trainer.resume", True, f"ignored with task={task} (only task=train resumes a run)")
     if get("task") in ("eval", "predict") and not get("ckpt_path"):
         raise ConfigError(f"ckpt_path: task={get('task')} needs ckpt_path=PATH to a checkpoint (checkpoints/best.pt)")
     if get("task") not in ("eval", "predict") and get("ckpt_path"):
