@@ -267,6 +267,7 @@ SCHEMA: dict[str, Rule] = {
     "hardware.device": OneOf("auto", "cpu", "cuda", "mps"),
     "hardware.amp": Bool(),
     "hardware.threads": Int(ge=0, note="0: torch's default"),
+    "hardware.distributed": Bool(),  # hardware=ddp; its rules need torchrun's env: gcode_exp/distributed.py setup
     # logger
     "logger.name": OneOf("none", "wandb"),
     "logger.project": Text(only_if="logger.name=wandb"),

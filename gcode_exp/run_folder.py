@@ -7,13 +7,15 @@ interrupted run byte for byte as it was.
 
 `Guard` (a Hydra callback, conf/config.yaml) covers what Hydra itself does before `main` runs: it
 creates hydra.run.dir and writes a sweep's multirun.yaml, and it ends a sweep whose every job failed
-with exit code 0 (run.py returns NaN per failed job so that a sweep goes on).
+with exit code 0 (run.py returns NaN per failed job so that a sweep goes on). Under torchrun
+(hardware=ddp) it also makes the processes agree on one run folder, which rank 0 alone writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -22,9 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from gcode_exp import GcodeExpError
+from gcode_exp import GcodeExpError, distributed
 
 # files Hydra writes into a sweep folder (the basic sweeper, the Optuna sweeper)
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
@@ -218,7 +220,9 @@ def _remove(path: Path) -> None:
 
 
 def write_error(run_dir: Path, error: BaseException) -> None:
-    """error.txt: the one-line reason of a user-facing failure, the whole traceback of a bug."""
+    """error.txt: the one-line reason of a user-facing failure, the whole traceback of a bug (rank 0's)."""
+    if not distributed.is_main():
+        return
     if isinstance(error, (GcodeExpError, KeyboardInterrupt)):
         detail = str(error) or type(error).__name__
     else:
@@ -238,11 +242,19 @@ class Guard(Callback):
         self.before: dict[str, int] | None = None  # `_job_files` when the sweep started
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if distributed.launched_world() > 1 and not distributed.wanted(config):
+            _refuse("hardware.distributed=false: torchrun started several processes, which would each train "
+                    "alone; pass hardware=ddp", quiet=os.environ.get("RANK") != "0")
+        if distributed.wanted(config):
+            return _shared_run_dir(config)
         run_dir = Path(config.hydra.run.dir)
         if why := _not_a_folder(run_dir):
             _refuse(f"{run_dir}: the run {why}; choose another hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if distributed.launched_world() > 1:
+            _refuse("a sweep (-m) does not run under torchrun: start one torchrun per run",
+                    quiet=os.environ.get("RANK") != "0")
         sweep_dir = Path(config.hydra.sweep.dir)
         if why := _not_a_folder(sweep_dir):
             _refuse(f"{sweep_dir}: the sweep {why}; choose another hydra.sweep.dir")
@@ -275,6 +287,28 @@ class Guard(Callback):
             _remove(aside)
         if all_failed:
             _refuse(f"all {len(failed)} jobs of the sweep failed: see error.txt in each job folder of {sweep_dir}")
+
+
+def _shared_run_dir(config: DictConfig) -> None:
+    """hardware=ddp: one run folder for all of torchrun's processes. hydra.run.dir holds `${now:...}` to the
+    microsecond, which processes started apart resolve differently, and a run id from torchrun's env is
+    not unique (TORCHELASTIC_RUN_ID is `none` unless --standalone or --rdzv-id sets it). So rank 0
+    resolves the folder, checks and creates it, and sends its path to the others, which take it before
+    Hydra creates anything (theirs is then rank 0's, already there); if rank 0 refuses it, all stop."""
+    try:
+        distributed.start(config.hardware)
+    except (RuntimeError, ValueError) as e:
+        _refuse(f"hardware=ddp: cannot join torchrun's process group ({str(e).strip().splitlines()[0]})")
+    run_dir, why = Path(config.hydra.run.dir), None
+    if distributed.is_main():
+        why = _not_a_folder(run_dir)
+        if why is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+    shared = distributed.from_main(None if why else str(run_dir))
+    if shared is None:
+        _refuse(f"{run_dir}: the run {why}; choose another hydra.run.dir", quiet=not distributed.is_main())
+    with read_write(config.hydra.run):
+        config.hydra.run.dir = shared
 
 
 def _not_a_folder(folder: Path) -> str | None:
@@ -310,6 +344,8 @@ def _job_files(sweep_dir: Path) -> dict[str, int]:
             if p.name in ("run.log", "error.txt") and p.is_file()}
 
 
-def _refuse(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+def _refuse(message: str, quiet: bool = False) -> None:
+    """Exit 2 with one error line (`quiet`: silently, where another torchrun process says it)."""
+    if not quiet:
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

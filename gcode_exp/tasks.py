@@ -3,6 +3,7 @@ writes into the run folder and returns its metrics; `run` returns the number a s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gcode_exp import GcodeExpError, plots, run_folder
+from gcode_exp import GcodeExpError, distributed, plots, run_folder
 from gcode_exp.config import check_against_data, validate
 from gcode_exp.data.dataset import Features, Prepared, atomic_write, build_split, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
@@ -28,9 +29,11 @@ def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
     run_dir = Path(run_dir)
     cfg = run_folder.resumed_config(cfg, run_dir, list(hydra_cfg.overrides.task) if hydra_cfg is not None else None)
     validate(cfg)
-    run_folder.claim(run_dir, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_folder.record(run_dir, cfg, hydra_cfg):
+    distributed.setup(cfg)  # hardware=ddp: checked, the process group joined; else nothing
+    distributed.on_main(run_folder.claim, run_dir, cfg)  # rank 0 alone touches the folder
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder.record(run_dir, cfg, hydra_cfg) if distributed.is_main() else contextlib.nullcontext():
         if hydra_cfg is not None and hydra_cfg.mode.name == "MULTIRUN":
             record_optuna_trial(run_dir)  # an Optuna trial records which folder it wrote
         if cfg.task == "prepare":
@@ -70,10 +73,14 @@ def prepare_job(cfg, run_dir: Path) -> dict:
 
 
 def train_job(cfg, run_dir: Path) -> dict:
-    data = prepare_checked(cfg)
-    write_json(data.summary, run_dir / "data_summary.json")
-    data.vocab.save(run_dir / "vocab.json")
-    logger = make_logger(cfg, run_dir)
+    """Train, then score the best epoch on val and test. hardware=ddp: every rank trains and scores its
+    part; rank 0 writes."""
+    main = distributed.is_main()
+    data = distributed.main_first(prepare_checked, cfg)
+    if main:
+        write_json(data.summary, run_dir / "data_summary.json")
+        data.vocab.save(run_dir / "vocab.json")
+    logger = make_logger(cfg, run_dir) if main else None
     try:
         state = fit(cfg, data, run_dir, logger)
         device = pick_device(cfg.hardware)
@@ -95,7 +102,8 @@ def train_job(cfg, run_dir: Path) -> dict:
             collapsed=state["collapsed"],
             n_params=sum(p.numel() for p in model.parameters()),
         )
-        write_outputs(cfg, run_dir, metrics, pred, test[:, 1:], vocab, history)
+        if main:
+            write_outputs(cfg, run_dir, metrics, pred, test[:, 1:], vocab, history)
         if logger is not None:
             logger.finish(metrics, run_dir / "plots")
             logger = None

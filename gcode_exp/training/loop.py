@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from gcode_exp import GcodeExpError
+from gcode_exp import GcodeExpError, distributed
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
 from gcode_exp.data.dataset import Features, Prepared, Split, atomic_write
 from gcode_exp.data.vocab import BOS, Vocab
@@ -42,6 +42,8 @@ def pick_device(hw_cfg) -> torch.device:
         want = next(d for d in ("cuda", "mps", "cpu") if has[d])
     if not has.get(want, False):
         raise GcodeExpError(f"hardware.device={want}: no such device on this machine (try hardware=auto)")
+    if want == "cuda" and distributed.active():  # hardware=ddp: each process its own GPU
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(want)
 
 
@@ -54,11 +56,12 @@ def autocast(device: torch.device, amp: bool):
 @torch.no_grad()
 def evaluate(model: TokenModel, split: Split, vocab: Vocab, cfg, device, with_lines: bool, limit: int = 0):
     """Metrics of one split: teacher-forced predictions, and free-running decoding for line_exact.
-    `limit`: score only the split's first `limit` windows (0: all; `scored_windows`)."""
+    `limit`: score only the split's first `limit` windows (0: all; `scored_windows`). Under hardware=ddp
+    each rank scores a part and every rank gets the whole split's metrics (the same early-stopping calls)."""
     model.eval()
     n = min(len(split), limit) if limit else len(split)
     preds, gens, losses = [], [], []
-    for x, y, _ in batches(split, cfg.data.window, 256, torch.arange(n)):
+    for x, y, _ in batches(split, cfg.data.window, 256, distributed.shard(torch.arange(n))):
         x, y = x.to(device), y.to(device)
         with autocast(device, cfg.hardware.amp):
             out = model(x, y[:, :-1])
@@ -66,9 +69,10 @@ def evaluate(model: TokenModel, split: Split, vocab: Vocab, cfg, device, with_li
             preds.append(model.predict(out).cpu())
             if with_lines:
                 gens.append(model.generate(x, y.shape[1] - 1, BOS).cpu())
+    preds, gens, loss = distributed.gather(preds, gens, sum(losses))
     pred, target = torch.cat(preds), split.targets[:n, 1:]
     metrics = token_metrics(pred, target, vocab)
-    metrics["loss"] = sum(losses) / max(n, 1)
+    metrics["loss"] = loss / max(n, 1)
     if with_lines:
         metrics["line_exact"] = line_exact(torch.cat(gens), target)
     return metrics, pred
@@ -123,8 +127,9 @@ def progress_bar(epoch: int, max_epochs: int, steps: int, on: bool) -> tqdm:
 
 
 def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
-    """Train with early stopping; checkpoints/best.pt holds the best epoch, last.pt the latest state."""
-    device = pick_device(cfg.hardware)
+    """Train with early stopping; checkpoints/best.pt holds the best epoch, last.pt the latest state.
+    hardware=ddp: every rank runs this on its share of each batch (gcode_exp/distributed.py); rank 0 writes."""
+    device, main = pick_device(cfg.hardware), distributed.is_main()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     train, val, tc = data.splits["train"], data.splits["val"], cfg.trainer
@@ -147,6 +152,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
             save_checkpoint(ckpt_dir / name, model=model.state_dict(), epoch=0, state=state, **common)
         return state
     rows = model.row_labels(train.row_targets)
+    net = distributed.wrap(model, device)  # the model itself in one process
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
     steps_per_epoch = math.ceil((len(train) + int(rare.sum()) * (cfg.aug.oversample_factor - 1)) / tc.batch_size)
@@ -183,19 +189,23 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
             order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)
         else:
             order = kept[torch.randperm(len(kept), generator=gen)]
-        total, seen, n_steps = 0.0, 0, math.ceil(len(order) / tc.batch_size)
-        epoch_batches = batches(train, cfg.data.window, tc.batch_size, order, aug, gen, trim=True, row_labels=rows)
+        batch_size, aug_gen = tc.batch_size, gen
+        if net is not model:  # hardware=ddp: this rank's part of every batch, its own augmentation stream
+            order, batch_size, aug_gen = distributed.epoch_share(order, tc.batch_size, gen)
+        total, seen, n_steps = 0.0, 0, math.ceil(len(order) / batch_size)
+        epoch_batches = batches(train, cfg.data.window, batch_size, order, aug, aug_gen, trim=True, row_labels=rows)
         steps = 0
-        with progress_bar(epoch, tc.max_epochs, n_steps, tc.progress) as bar, \
-                profiled(tc.profile_steps if epoch == 1 else 0, run_dir / "profile", device) as prof:
+        with progress_bar(epoch, tc.max_epochs, n_steps, tc.progress and main) as bar, \
+                profiled(tc.profile_steps if epoch == 1 and main else 0, run_dir / "profile", device) as prof:
             for batch in epoch_batches:
-                loss = train_step(model, opt, batch, device, cfg, sched)
+                loss = train_step(net, opt, batch, device, cfg, sched)
                 total, seen, steps = total + loss * len(batch[0]), seen + len(batch[0]), steps + 1
                 bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
                 bar.update()
                 prof.step()
             bar.refresh()  # the epoch's final loss shows even when the whole epoch beat tqdm's redraw interval
         train_sec = time.perf_counter() - t0
+        total, seen = distributed.total(total, seen)  # hardware=ddp: the loss over every rank's windows
         val_metrics, _ = evaluate(model, val, data.vocab, cfg, device, with_lines=tc.monitor == "val/line_exact",
                                   limit=scored_windows(tc))
         row = {"epoch": epoch, "train/loss": total / max(seen, 1), "steps": steps, "sec": train_sec,
@@ -204,7 +214,8 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         score = row.get(tc.monitor, float("nan"))
         if not math.isnan(score) and sign * score > state["best"]:
             state.update(best=sign * score, best_epoch=epoch, bad_epochs=0)
-            save_checkpoint(ckpt_dir / "best.pt", model=model.state_dict(), epoch=epoch, **common)
+            if main:
+                save_checkpoint(ckpt_dir / "best.pt", model=model.state_dict(), epoch=epoch, **common)
         else:
             state["bad_epochs"] += 1
         n_target = len(set(val.targets[:, 1:].flatten().tolist()) - {0})
@@ -215,20 +226,22 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
                         val_metrics["unique_tokens"], threshold, COLLAPSE_REMEDIES)
         state["collapsed"] = state["collapsed"] or collapsed_now
         state["epoch"] = epoch
-        save_checkpoint(ckpt_dir / "last.pt", model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
-                        scheduler=sched.state_dict(),
-                        state=state, rng=rng_state(gen), **common)
-        write_history(state["history"], run_dir / "history.csv")
+        if main:
+            save_checkpoint(ckpt_dir / "last.pt", model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
+                            scheduler=sched.state_dict(), state=state, rng=rng_state(gen), **common)
+            write_history(state["history"], run_dir / "history.csv")
         log.info("epoch %3d | train loss %.4f | val loss %.4f | %s %.4f | cmd %.3f | uniq %d | %.1fs",
                  epoch, row["train/loss"], row["val/loss"], tc.monitor, score, row["val/command_acc"],
                  row["val/unique_tokens"], train_sec)
         if logger is not None:
             logger.log(row, step=epoch)
-        if os.environ.get("GCODE_EXP_KILL_AFTER_EPOCH") == str(epoch):  # fault injection for the resume test
+        if os.environ.get("GCODE_EXP_KILL_AFTER_EPOCH") == str(epoch):  # fault injection for the resume tests
+            distributed.barrier()  # hardware=ddp: rank 0 has written last.pt
             os.kill(os.getpid(), signal.SIGKILL)
         if state["bad_epochs"] >= tc.patience or (collapsed_now and tc.stop_on_collapse):
             log.info("stopping after epoch %d (best epoch %d)", epoch, state["best_epoch"])
             break
+    distributed.barrier()  # hardware=ddp: best.pt written before any rank reads it
     return state
 
 
