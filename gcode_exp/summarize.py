@@ -1,6 +1,6 @@
 """The measured comparison table, from run folders alone (no dashboard, no code of the runs needed).
 
-    python -m gcode_exp.summarize PATH [PATH ...] [--compare A B] [--storage URL --study NAME]
+    python -m gcode_exp.summarize PATH [PATH ...] [--metrics A,B,...] [--compare A B] [--storage URL --study NAME]
 
 Finds every run folder (a folder with `.hydra/config.yaml`) under the paths, groups runs that differ
 only in `seed` and `data.fold` (cross-validation folds) into mean ± sd with a t-based 95 % interval of
@@ -10,13 +10,15 @@ names, repeatable) pairs A's and B's runs on the same data, fold and seed and gi
 difference A - B with its 95 % interval (compare.csv). Jobs of an Optuna sweep are listed
 as trials (parameters, value, folder) from their own `optuna_trial.json`, with the best result of each
 sweep; with --storage it lists every trial of the study straight from the storage (any machine's),
-with its state and the folder it wrote.
+with its state and the folder it wrote. `--metrics` chooses the metric columns of the tables and CSVs
+(any test metric the runs hold, and sec_per_epoch, epochs, collapsed), in the order given.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import io
 import json
 import math
@@ -36,6 +38,7 @@ from gcode_exp.sweeps import TRIAL_FILE, display_url, same_params
 
 METRICS = ("unique_tokens", "command_acc", "overall_acc", "type_acc", "param_type_acc", "command_macro_recall",
            "token_macro_recall", "token_coverage", "line_exact")
+RUN_COLUMNS = ("sec_per_epoch", "epochs", "collapsed")  # of the run, not of its test set: after the metrics
 
 
 @dataclass
@@ -266,16 +269,45 @@ def fmt_interval(values: list[float], digits: int = 3) -> str:
     return "-" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-def table(groups: list[Group]) -> list[dict]:
+def known_metrics(runs: list[RunResult]) -> list[str]:
+    """What --metrics may name: the table's metrics, any other test metric of the runs, the run columns."""
+    found = {k.split("/", 1)[1] for r in runs if r.metrics for k in r.metrics if k.startswith("test/")}
+    return [*METRICS, *sorted(found - set(METRICS)), *RUN_COLUMNS]
+
+
+def pick_metrics(spec: str | None, runs: list[RunResult]) -> list[str]:
+    """The metric columns, `--metrics a,b,c` in that order (the default: every one of METRICS, then the
+    run columns); an unknown name is refused, naming it and listing the known ones."""
+    if spec is None:
+        return [*METRICS, *RUN_COLUMNS]
+    known = known_metrics(runs)
+    names = list(dict.fromkeys(m.strip() for m in spec.split(",") if m.strip()))
+    if not names:
+        raise GcodeExpError(f"--metrics {spec!r}: name at least one metric (known: {', '.join(known)})")
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.75)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise GcodeExpError(f"--metrics {spec}: unknown metric {', '.join(unknown)}{hint} "
+                            f"(known: {', '.join(known)})")
+    return names
+
+
+def table(groups: list[Group], metrics: list[str] | None = None) -> list[dict]:
+    metrics = [*METRICS, *RUN_COLUMNS] if metrics is None else metrics
     rows = []
     for g in groups:
         per_fold = Counter(r.fold for r in g.runs)  # seeds: runs per fold (the most of any fold)
         row = {**g.label, "seeds": max(per_fold.values()), "folds": len(per_fold), "n": len(g.runs)}
-        for m in METRICS:
-            row[m] = fmt(g.values(f"test/{m}"), 1 if m == "unique_tokens" else 3)
-        row["sec_per_epoch"] = fmt(g.values("sec_per_epoch"), 1)
-        row["epochs"] = fmt(g.values("epochs"), 0)
-        row["collapsed"] = f"{sum(bool(r.metrics.get('collapsed')) for r in g.runs)}/{len(g.runs)}"
+        for m in metrics:
+            if m == "sec_per_epoch":
+                row[m] = fmt(g.values("sec_per_epoch"), 1)
+            elif m == "epochs":
+                row[m] = fmt(g.values("epochs"), 0)
+            elif m == "collapsed":
+                row[m] = f"{sum(bool(r.metrics.get('collapsed')) for r in g.runs)}/{len(g.runs)}"
+            else:
+                row[m] = fmt(g.values(f"test/{m}"), 1 if m == "unique_tokens" else 3)
         rows.append(row)
     finished = [r for g in groups for r in g.runs]
     if finished:  # the always-the-most-frequent-line reference, on the same test windows
@@ -283,25 +315,28 @@ def table(groups: list[Group]) -> list[dict]:
                      "split": "-"},
                     finished)
         row = {**ref.label, "seeds": "-", "folds": "-", "n": "-"}
-        for m in METRICS:  # one number per test set (data config, fold included): seeds and models share it
+        for m in metrics:  # one number per test set (data config, fold included): seeds and models share it
+            if m in RUN_COLUMNS:
+                row[m] = "-"
+                continue
             per_test: dict[str, float] = {}
             for r in finished:
                 if _is_value(v := r.metrics.get(f"majority/{m}")):
                     key = json.dumps([_data_of(r), r.config.get("vocab")], sort_keys=True, default=str)
                     per_test.setdefault(key, float(v))
             row[m] = fmt(list(per_test.values()), 1 if m == "unique_tokens" else 3)
-        rows.append({**row, "sec_per_epoch": "-", "epochs": "-", "collapsed": "-"})
+        rows.append(row)
     return rows
 
 
-def interval_table(groups: list[Group]) -> list[dict]:
+def interval_table(groups: list[Group], metrics: list[str] | None = None) -> list[dict]:
     """One row per approach: the t-based 95 % interval of the mean of each test metric over its n runs
     (folds x seeds); `-` where n < 2."""
     rows = []
     for g in groups:
         row = {"approach": g.label["approach"], "features": g.label["features"], "split": g.label["split"],
                "n": len(g.runs)}
-        for m in METRICS:
+        for m in METRICS if metrics is None else [m for m in metrics if m not in RUN_COLUMNS]:
             row[m] = fmt_interval(g.values(f"test/{m}"), 1 if m == "unique_tokens" else 3)
         rows.append(row)
     return rows
@@ -319,7 +354,7 @@ def _data_of(r: RunResult) -> dict:
     return {k: v for k, v in (r.config.get("data") or {}).items() if k != "cache_dir"}
 
 
-def compare(runs: list[RunResult], a: str, b: str) -> list[dict]:
+def compare(runs: list[RunResult], a: str, b: str, metrics: list[str] | None = None) -> list[dict]:
     """Paired comparison of approaches `a` and `b`: per metric, the mean of the differences A - B over
     the (data, fold, seed) both ran on, its sd, and the t-based 95 % interval of that mean. An interval
     that excludes 0 is the measured statement 'A beats B' (or loses to it) on this protocol."""
@@ -344,7 +379,7 @@ def compare(runs: list[RunResult], a: str, b: str) -> list[dict]:
         raise GcodeExpError(f"--compare {a} {b}: no fold and seed on which both ran (pairs need the same data, "
                             "features, fold and seed)")
     rows = []
-    for m in METRICS:
+    for m in METRICS if metrics is None else [m for m in metrics if m not in RUN_COLUMNS]:
         diffs = []
         for k in keys:
             va, vb = sides[a][k].metrics.get(f"test/{m}"), sides[b][k].metrics.get(f"test/{m}")
@@ -568,6 +603,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--study", help="Optuna study name (default: the one the run folders name)")
     ap.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
                     help="paired difference A - B over the folds and seeds both ran (approach names; repeatable)")
+    ap.add_argument("--metrics", metavar="A,B,...",
+                    help=f"the metric columns, in this order (default: {','.join(METRICS + RUN_COLUMNS)}; "
+                         "any test metric of the runs)")
     args = ap.parse_args(argv)
     try:
         return summarize(args)
@@ -593,16 +631,17 @@ def summarize(args: argparse.Namespace) -> list[dict]:
         raise GcodeExpError(f"{', '.join(missing)}: not a folder")
     names = study_names(args.storage) if args.storage else []  # a bad storage refused before any work
     runs = find_runs(args.paths)
+    metrics = pick_metrics(args.metrics, runs)
     only_shared_keys(runs)
     groups = group_runs(runs)
-    rows = table(groups)
+    rows = table(groups, metrics)
     text = markdown(rows)
-    if any(len(g.runs) > 1 for g in groups):
+    if any(len(g.runs) > 1 for g in groups) and any(m not in RUN_COLUMNS for m in metrics):
         text += ("\n95 % interval of the mean over the n runs (folds x seeds; t with n - 1 degrees of freedom):\n\n"
-                 + markdown(interval_table(groups)))
+                 + markdown(interval_table(groups, metrics)))
     compared: list[dict] = []
     for a, b in args.compare:
-        pairs = compare(runs, a, b)
+        pairs = compare(runs, a, b, metrics)
         text += (f"\nPaired comparison {a} - {b} (the same data, fold and seed; 95 % interval of the mean "
                  f"difference; 'not resolved': the interval holds 0):\n\n" + markdown(pairs))
         compared += [{"a": a, "b": b, **row} for row in pairs]

@@ -176,6 +176,16 @@ def summary_rows(*approaches: str, seeds: int = 1) -> Callable[[Ran], None]:
     return check
 
 
+def summary_columns(*chosen: str) -> Callable[[Ran], None]:
+    """SWEEPS.md, `summarize --metrics`: the run-describing columns, then exactly the chosen metrics."""
+    def check(ran: Ran) -> None:
+        with open(ran.folder / "summary.csv") as f:
+            header = next(csv.reader(f))
+        assert header[header.index("n") + 1 :] == list(chosen), header
+        assert ran.out.startswith("| approach |") and ran.out.splitlines()[0].endswith(" | ".join(chosen) + " |")
+    return check
+
+
 def optuna_trials(study: str, numbers: set[int] | None = None) -> Callable[[Ran], None]:
     def check(ran: Ran) -> None:
         infos = [json.loads((j / "optuna_trial.json").read_text()) for j in ran.jobs]
@@ -397,6 +407,9 @@ COMMANDS: dict[str, Doc] = {
     CMP: Doc(jobs=4, check=named_by_experiment),
     "python -m gcode_exp.summarize /tmp/doc/cmp":
         Doc(needs=(CMP,), files=SUMMARY, says=("4 run folders (4 finished)",), check=summary_rows(*FOUR)),
+    "python -m gcode_exp.summarize /tmp/doc/cmp --metrics command_macro_recall,token_macro_recall,collapsed":
+        Doc(needs=(CMP,), files=SUMMARY, check=summary_columns("command_macro_recall", "token_macro_recall",
+                                                              "collapsed")),
     "python run.py -m hparams_search=optuna hydra.sweeper.n_trials=5 features=side_channel":
         Doc(extra=FEW_TRIALS, jobs=2, check=optuna_trials("gcode-exp-multihead-side_channel")),
     "python run.py -m hparams_search=token_model hydra.sweeper.n_trials=20 features=side_channel":

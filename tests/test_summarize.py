@@ -257,3 +257,40 @@ def test_compare_errors_exit_2_with_one_line(tmp_path):
     refused(summarize_cmd(tmp_path, "--compare", "demo", "nosuch"),
             "error: --compare demo nosuch: no finished run is named nosuch (approaches: demo)")
     assert files_under(tmp_path) == before
+
+
+def test_metrics_option_chooses_the_columns_in_its_order(tmp_path):
+    """`--metrics line_exact,param_value_acc,command_acc,epochs`: those columns, in that order, in the
+    printed table, summary.md and summary.csv; a test metric outside the default list (param_value_acc) too."""
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        make_run(tmp_path / f"{seed}_demo", seed=seed, metrics={
+            "test/command_acc": acc, "test/line_exact": 0.25, "test/param_value_acc": 0.125, "test/token_coverage": 1,
+            "majority/command_acc": 0.9, "majority/line_exact": 0.1, "epochs": 3, "collapsed": False})
+    ran = summarize_cmd(tmp_path, "--metrics", "line_exact,param_value_acc,command_acc,epochs")
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+    label = ["approach", "features", "vocab", "aug", "multihead", "split", "seeds", "folds", "n"]
+    chosen = ["line_exact", "param_value_acc", "command_acc", "epochs"]
+    with open(tmp_path / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == label + chosen
+    assert [(r["approach"], r["line_exact"], r["command_acc"], r["epochs"]) for r in rows] == [
+        ("demo", "0.250 ± 0.000", "0.600 ± 0.141", "3 ± 0"), ("majority reference", "0.100", "0.900", "-")]
+    header = "| " + " | ".join(label + chosen) + " |"
+    assert ran.stdout.startswith(header + "\n") and (tmp_path / "summary.md").read_text().startswith(header + "\n")
+    # the interval table (two seeds) follows the same choice, without the run columns
+    assert "| approach | features | split | n | line_exact | param_value_acc | command_acc |" in ran.stdout
+    assert "token_coverage" not in ran.stdout and "sec_per_epoch" not in ran.stdout
+
+
+@pytest.mark.parametrize("spec, line", [
+    ("command_acc,comand_acc", "error: --metrics command_acc,comand_acc: unknown metric comand_acc; did you mean "
+                               "command_acc? (known: {known})"),
+    ("f1,bleu", "error: --metrics f1,bleu: unknown metric f1, bleu (known: {known})"),
+    (",", "error: --metrics ',': name at least one metric (known: {known})"),
+])
+def test_an_unknown_metric_is_refused_naming_it_and_listing_the_known(tmp_path, spec, line):
+    make_run(tmp_path / "0_demo", metrics={"test/command_acc": 0.5, "test/loss": 2.0})
+    before = files_under(tmp_path)
+    known = ", ".join([*summarize.METRICS, "loss", "sec_per_epoch", "epochs", "collapsed"])  # + the runs' own
+    refused(summarize_cmd(tmp_path, "--metrics", spec), line.format(known=known))
+    assert files_under(tmp_path) == before  # nothing written
