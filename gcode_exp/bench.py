@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from gcode_exp import GcodeExpError
 from gcode_exp.config import validate
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
-from gcode_exp.data.dataset import atomic_write, prepare
+from gcode_exp.data.dataset import atomic_write, cores, prepare
 from gcode_exp.data.vocab import BOS
 from gcode_exp.models import NearestModel
 from gcode_exp.training.loop import new_model, train_step
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data-dir", default="data/sample")
     ap.add_argument("--steps", type=int, default=30, help="training steps timed per model")
     ap.add_argument("--out", default="bench.json")
+    ap.add_argument("--scale", help="instead: the data replicated at these factors, e.g. 1,4,10 (bench_scale.py)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.d_model=64 (token models only)")
     args = ap.parse_args(argv)
     try:
@@ -230,11 +231,25 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
 
 
+def scales(text: str) -> list[int]:
+    """`1,4,10` -> [1, 4, 10]; anything else is refused by name."""
+    try:
+        out = [int(v) for v in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1 or out != sorted(set(out)):
+        raise GcodeExpError(f"--scale={text}: give increasing whole factors >= 1, e.g. --scale 1,4,10")
+    return out
+
+
 def bench(args: argparse.Namespace) -> dict:
     if args.steps < 1:
         raise GcodeExpError(f"--steps={args.steps}: must be a whole number >= 1")
+    factors = scales(args.scale) if args.scale is not None else None
     check_out(Path(args.out))
     cfgs = configs(args.data_dir, args.overrides)
+    if factors:
+        return scale_report(args, cfgs["multihead"], factors)
     cfg = cfgs["nearest"]
     with tempfile.TemporaryDirectory() as cache:  # a private cache: cold, then cached; nothing left behind
         cfg.data.cache_dir = cache
@@ -272,13 +287,29 @@ def bench(args: argparse.Namespace) -> dict:
     s = result["epoch_s_by_data_size"]
     print("epoch seconds at 1x/2x/4x data: " + " / ".join(f"{v:.2f}" for v in s.values())
           + f" (4x/1x = {s['4x'] / s['1x']:.2f})")
-    text = json.dumps(result, indent=1)
-    try:
-        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
-    except OSError as e:  # the folder went away during the run: the table above is printed all the same
-        raise GcodeExpError(f"--out={args.out}: cannot write it ({e.strerror or e})") from None
+    write_out(args.out, result)
     print(f"peak memory {result['peak_rss_mb']:.0f} MB; JSON in {args.out}")
     return result
+
+
+def scale_report(args: argparse.Namespace, cfg: DictConfig, factors: list[int]) -> dict:
+    from gcode_exp.bench_scale import bench_scale
+
+    prepared(cfg)  # a folder that cannot be prepared is refused here, before copies are written
+    mine = [o for o in args.overrides if model_key(o) is None or has_key(cfg, model_key(o))]  # for run.py
+    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+              "data_dir": args.data_dir, "scale": bench_scale(cfg, factors, cores(), mine)}
+    write_out(args.out, result)
+    print(f"JSON in {args.out}")
+    return result
+
+
+def write_out(out: str, result: dict) -> None:
+    text = json.dumps(result, indent=1)
+    try:
+        atomic_write(Path(out), lambda tmp: Path(tmp).write_text(text))
+    except OSError as e:  # the folder went away during the run: the table above is printed all the same
+        raise GcodeExpError(f"--out={out}: cannot write it ({e.strerror or e})") from None
 
 
 if __name__ == "__main__":

@@ -106,3 +106,30 @@ def test_a_bad_out_or_steps_is_refused_before_any_work(tmp_path):
             "error: --steps=0: must be a whole number >= 1")
     refused(tmp_path, bench_cmd(tmp_path, "--out", tmp_path / "b.json", "--steps", "x"),
             "error: argument --steps: invalid int value: 'x' (see --help)")
+
+
+@pytest.mark.slow
+def test_scale_bench_measures_each_factor(tmp_path):
+    """`--scale`: copies of the recordings at each factor; prepare cold / per-file cache / cached / one file
+    added, then a real training run's epoch time and peak memory."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("pocket_016", "pocket_019", "face_003", "face_004"):
+        shutil.copy(SAMPLE / f"{name}_aligned.csv.gz", data)
+    out = tmp_path / "scale.json"
+    overrides = [o.removeprefix("++") for o in TINY if o.startswith(("data.", "model.", "++model."))]
+    ran = bench_cmd(tmp_path, "--scale", "1,2", "--data-dir", data, "--out", out, *overrides, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    scale = json.loads(out.read_text())["scale"]
+    assert list(scale) == ["1x", "2x"] and [s["files"] for s in scale.values()] == [4, 8]
+    for s in scale.values():
+        assert s["prepare_cold_s"] > 0 and s["prepare_cached_s"] > 0 and s["add_one_file_s"] > 0 and s["epoch_s"] > 0
+        assert s["train_peak_rss_mb"] > 0 and s["prepare_peak_rss_mb"] > 0
+    assert scale["2x"]["train_windows"] > scale["1x"]["train_windows"]
+    assert "2x" in ran.stdout and list((tmp_path / "tmp").glob("gcode-exp-scale-*")) == []  # the copies are gone
+
+
+@pytest.mark.parametrize("value", ["4,1", "0", "x", "1,1"])
+def test_scale_bench_refuses_bad_factors(tmp_path, value):
+    refused(tmp_path, bench_cmd(tmp_path, "--scale", value, "--out", tmp_path / "b.json"),
+            f"error: --scale={value}: give increasing whole factors >= 1, e.g. --scale 1,4,10")

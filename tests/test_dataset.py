@@ -186,9 +186,21 @@ def test_adding_a_recording_reads_only_that_file(tmp_path, monkeypatch):
     _same_prepared(grown, prepare(make_cfg(f"data.dir={folder}", "data.cache_dir=", "data.workers=1")))
 
 
-def test_parallel_reading_gives_the_same_data(tmp_path):
+def test_parallel_reading_gives_the_same_data(monkeypatch):
+    from gcode_exp.data import dataset
+
     one = prepare(make_cfg("data.cache_dir=", "data.workers=1"))
+    pools = []
+
+    class Counted(dataset.ProcessPoolExecutor):
+        def __init__(self, n, **kw):
+            pools.append(n)
+            super().__init__(n, **kw)
+
+    monkeypatch.setattr(dataset, "ProcessPoolExecutor", Counted)
+    monkeypatch.setattr(dataset, "PARALLEL_BYTES", 0)  # the sample is small enough to be read in-process
     _same_prepared(one, prepare(make_cfg("data.cache_dir=", "data.workers=2")))
+    assert pools == [2]
 
 
 def test_damaged_recording_entry_is_read_again(tmp_path, caplog):
