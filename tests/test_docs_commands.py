@@ -29,7 +29,9 @@ Kinds: RUN runs. COMPOSE (SLURM submission) cannot run without a cluster: the co
 `--cfg all`, once per value of each swept key, and the config checked and validated. PG runs only with
 GCODE_EXP_PG_URL set (CI: .ci/postgres.sh), in a fresh database of that server, and is skipped with the
 reason otherwise. CUDA runs where torch sees a GPU; elsewhere it must exit 2 with the one line 'no such
-device'. CI (the test-suite command) is not run inside the tests: .ci/run must hold it verbatim.
+device'. CI (the test-suite command) is not run inside the tests: .ci/run must hold it verbatim. SERVER
+(`optuna-dashboard STORAGE`, a documented program of a code block) is started on a free port of
+127.0.0.1, asked over HTTP until it answers, then stopped.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,12 +60,12 @@ import yaml
 from tests.conftest import ROOT, SAMPLE, TINY, tiny_for
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-RUN, COMPOSE, PG, CUDA, CI = "run", "compose-only", "postgres", "cuda", "ci"
+RUN, COMPOSE, PG, CUDA, CI, SERVER = "run", "compose-only", "postgres", "cuda", "ci", "server"
 TINY_RUN = ("trainer.line_exact=false", "hardware.threads=1")  # beside TINY (tiny_for: the nearest model has no sizes)
 FEW_TRIALS = ("hydra.sweeper.n_trials=2",)  # an Optuna sweep runs 2 trials here, whatever the docs ask for
 BENCH_TINY = ("--steps", "2", *(o for o in TINY if o.startswith(("data.", "model.", "++model."))))
 PYTHON = re.compile(r"(?:^|&&\s*)(?:\S*/)?python3?\s")
-COMMAND = re.compile(rf"{PYTHON.pattern}|^gcode-exp\s")  # in a code block, also the installed run.py
+COMMAND = re.compile(rf"{PYTHON.pattern}|^(?:gcode-exp|optuna-dashboard)\s")  # in a code block, also these
 GCODE_EXP = Path(sys.executable).parent / "gcode-exp"  # the console script of this environment
 
 
@@ -239,6 +244,15 @@ def cut_metrics_skipped(ran: Ran) -> None:
     """RELIABILITY.md, 'Damaged run-folder files': one line naming the file, the table still written."""
     assert f"warning: {ran.folder}/1_augmented/metrics.json: damaged, skipped" in ran.err, ran.err
     assert f"{ran.folder}/1_augmented: failed: metrics.json is damaged" in (ran.folder / "summary.md").read_text()
+
+
+def dashboard_lists(study: str) -> Callable[[Ran], None]:
+    """SWEEPS.md, 'Watching a study in a browser': the page answers, and its API lists the sweep's study."""
+    def check(ran: Ran) -> None:
+        assert "<html" in ran.http["/"].lower(), ran.http["/"][:500]
+        names = [st["study_name"] for st in json.loads(ran.http["/api/studies"])["study_summaries"]]
+        assert study in names, names
+    return check
 
 
 def slurm_composed(ran: Ran) -> None:
@@ -432,6 +446,8 @@ COMMANDS: dict[str, Doc] = {
     "hydra.sweep.dir=/tmp/doc/opt3":
         Doc(needs=(OPT1, OPT2), jobs=2, says=("Joblib.Parallel(n_jobs=2",),
             check=optuna_trials("gcode-exp-multihead-all", {4, 5})),
+    "optuna-dashboard sqlite:///optuna.db":  # the storage the hparams_search=optuna sweep wrote in the folder
+        Doc(kind=SERVER, needs=(OPTUNA,), check=dashboard_lists("gcode-exp-multihead-all")),
     "python run.py -m experiment=baseline,augmented,multihead,multihead_aug seed=0,1,2 hydra/launcher=slurm "
     "hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1 hardware=cuda":
         Doc(kind=COMPOSE, check=slurm_composed),
@@ -504,6 +520,7 @@ class Ran:
     folder: Path | None = None                      # run or sweep folder; summarize's first path; else cwd
     jobs: list[Path] = field(default_factory=list)  # a sweep's job folders, in job order
     configs: list[dict] = field(default_factory=list)  # COMPOSE: the composed configs
+    http: dict[str, str] = field(default_factory=dict)  # SERVER: path -> the body it answered
 
 
 class DocSession:
@@ -559,6 +576,8 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
             continue
         assert not argv and COMMAND.match(part), f"cannot run `{part}` of `{command}`"
         argv = shlex.split(part)
+    if doc.kind == SERVER:
+        return serve(argv, s.ws, base_env)
     # run.py, `python -m gcode_exp` and `gcode-exp` are one program: n_prog items name it, the arguments follow
     n_prog = 1 if argv[0] == "gcode-exp" else 3 if argv[1:3] == ["-m", "gcode_exp"] else 2
     app = argv[0] == "gcode-exp" or argv[1] == "run.py" or n_prog == 3
@@ -593,6 +612,35 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
         ran.jobs = sorted((j for f in folders for j in f.iterdir() if (j / ".hydra").is_dir()),
                           key=lambda j: (str(j.parent), int(j.name.split("_")[0])))
     return ran
+
+
+def serve(argv: list[str], cwd: Path, env: dict[str, str], paths=("/", "/api/studies"), wait_s: float = 60) -> Ran:
+    """A documented server (this environment's `optuna-dashboard`), on a free port of 127.0.0.1: asked
+    for each of `paths` until all answer (at most `wait_s`), then stopped (SIGTERM: its Ctrl-C handler
+    prints a traceback)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exe = Path(sys.executable).parent / argv[0]
+    proc = subprocess.Popen([str(exe), *argv[1:], "--host", "127.0.0.1", "--port", str(port)], cwd=cwd, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    http: dict[str, str] = {}
+    deadline = time.monotonic() + wait_s
+    try:
+        while not http and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                for path in paths:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+                        http[path] = answer.read().decode()
+            except OSError:
+                http.clear()
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    if len(http) < len(paths):
+        return Ran(proc.returncode or 1, out, f"{err}\nno HTTP answer on port {port} within {wait_s} s", cwd, env)
+    return Ran(0, out, err, cwd, env, folder=cwd, http=http)
 
 
 def merged(argv: list[str], extra) -> list[str]:
@@ -659,7 +707,7 @@ def test_every_cited_test_file_exists():
 
 def table_params():
     for command, doc in COMMANDS.items():
-        slow = doc.kind in (RUN, PG) and not doc.fast
+        slow = doc.kind in (RUN, PG, SERVER) and not doc.fast
         yield pytest.param(command, marks=[pytest.mark.slow] if slow else [], id=command)
 
 
