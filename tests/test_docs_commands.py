@@ -12,7 +12,8 @@ How `run_doc` runs a command, on tiny settings (conftest's TINY, 1 epoch, one to
 - in a scratch folder shared by the whole session (so `outputs/`, `multirun/`, `optuna.db` and the other
   relative paths of the docs land there, never in the checkout), with `python` the test's interpreter,
   `run.py` this checkout's and `gcode-exp` this environment's (`python -m gcode_exp` and `gcode-exp` are
-  treated as run.py); `python3 -m venv` and `pip install` steps of a chain are not repeated
+  treated as run.py; `torchrun` is `python -m torch.distributed.run`, its options kept, the program it starts
+  treated as above); `python3 -m venv` and `pip install` steps of a chain are not repeated
   (the tests already run in that environment) and `mkdir -p` steps are done;
 - placeholders replaced: RUN -> the run folder the quick-start command trained, DIR -> a folder of six
   sample recordings, `multirun/<date>/<time>` -> the sweep folder the command's first `needs` made,
@@ -65,7 +66,7 @@ TINY_RUN = ("trainer.line_exact=false", "hardware.threads=1")  # beside TINY (ti
 FEW_TRIALS = ("hydra.sweeper.n_trials=2",)  # an Optuna sweep runs 2 trials here, whatever the docs ask for
 BENCH_TINY = ("--steps", "2", *(o for o in TINY if o.startswith(("data.", "model.", "++model."))))
 PYTHON = re.compile(r"(?:^|&&\s*)(?:\S*/)?python3?\s")
-COMMAND = re.compile(rf"{PYTHON.pattern}|^(?:gcode-exp|optuna-dashboard)\s")  # in a code block, also these
+COMMAND = re.compile(rf"{PYTHON.pattern}|^(?:gcode-exp|torchrun|optuna-dashboard)\s")  # in a code block, also these
 GCODE_EXP = Path(sys.executable).parent / "gcode-exp"  # the console script of this environment
 
 
@@ -155,6 +156,14 @@ def few_batches(ran: Ran) -> None:
 def one_batch_per_epoch(ran: Ran) -> None:
     with open(ran.folder / "history.csv") as f:
         assert {r["steps"] for r in csv.DictReader(f)} == {"1"}
+
+
+def trained_by_two_processes(ran: Ran) -> None:
+    """README, 'Data-parallel training': one run folder (a new one under outputs/), one log of it (rank 0)."""
+    assert ran.folder.parent.parent == ran.cwd / "outputs", ran.folder
+    assert ran.out.count("run folder: ") == 1 and ran.out.count("epoch   1 |") == 1, ran.out
+    assert yaml.safe_load((ran.folder / "resolved_config.yaml").read_text())["hardware"]["distributed"] is True
+    assert metrics(ran.folder)["epochs"] == 1
 
 
 def eval_scores_the_checkpoint(ran: Ran) -> None:
@@ -402,6 +411,8 @@ COMMANDS: dict[str, Doc] = {
     "python run.py task=predict predict.follow=true ckpt_path=RUN/checkpoints/best.pt data.path=FILE.csv":
         Doc(needs=(TOKEN_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
     "python run.py hardware=cuda": Doc(kind=CUDA, files=("metrics.json",), says=("on cuda",)),
+    "torchrun --standalone --nproc_per_node=2 run.py hardware=ddp model=multihead":
+        Doc(files=("metrics.json", "history.csv", "checkpoints/best.pt"), check=trained_by_two_processes),
     "python run.py debug=fast": Doc(files=("metrics.json",), check=few_batches),
     "python run.py debug=overfit": Doc(files=("metrics.json",), extra=("trainer.max_epochs=3",),
                                        check=one_batch_per_epoch),  # tests/test_debug_and_cli.py: the loss falls
@@ -578,6 +589,10 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
         argv = shlex.split(part)
     if doc.kind == SERVER:
         return serve(argv, s.ws, base_env)
+    launcher: list[str] = []  # torchrun and its options; argv is then the program it starts
+    if argv[0] == "torchrun":
+        n = next(i for i, a in enumerate(argv) if i and not a.startswith("-"))
+        launcher, argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:n]], ["python", *argv[n:]]
     # run.py, `python -m gcode_exp` and `gcode-exp` are one program: n_prog items name it, the arguments follow
     n_prog = 1 if argv[0] == "gcode-exp" else 3 if argv[1:3] == ["-m", "gcode_exp"] else 2
     app = argv[0] == "gcode-exp" or argv[1] == "run.py" or n_prog == 3
@@ -594,7 +609,8 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
         return compose_only(argv, s.ws, base_env)
     before = set(s.ws.glob("outputs/*/*")) | set(s.ws.glob("multirun/*/*"))
     envs = [{**base_env, **e} for e in doc.env]
-    procs = [subprocess.Popen([expand(a, e) for a in argv], cwd=s.ws, env=e, text=True, stdout=subprocess.PIPE,
+    cmd = [*launcher, *argv[1:]] if launcher else argv
+    procs = [subprocess.Popen([expand(a, e) for a in cmd], cwd=s.ws, env=e, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for e in envs]
     outputs = [p.communicate(timeout=600) for p in procs]
     ran = Ran(max(p.returncode for p in procs), "".join(o for o, _ in outputs), "".join(e for _, e in outputs),
