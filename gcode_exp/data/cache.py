@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 8  # bump when what is cached changes
+CACHE_VERSION = 9  # bump when what is cached changes
 
 
 class DamagedEntry(ValueError):

@@ -343,7 +343,7 @@ def build_split(runs: list[RecordedRun], feats: Features, vocab: Vocab, data_cfg
     `keep` (split_by=window): run name -> the window starts of this split; others are left out."""
     rows, starts, lo, hi, targets, files, counts, row_targets, lengths, row_lines = ([] for _ in range(10))
     offset = 0
-    w, stride = data_cfg.window, data_cfg.stride
+    w, stride, mode, max_lines, max_len = (data_cfg[k] for k in ("window", "stride", "target", "max_lines", "max_len"))
     for run in runs:
         n = len(run.lines)
         if n < w:
@@ -352,18 +352,19 @@ def build_split(runs: list[RecordedRun], feats: Features, vocab: Vocab, data_cfg
         for s in range(0, n - w + 1, stride):
             if keep is not None and s not in keep[run.name]:
                 continue
-            texts = window_target(run.lines[s : s + w], data_cfg.target, data_cfg.max_lines)
+            texts = window_target(run.lines[s : s + w], mode, max_lines)
             if texts is None:
                 continue
             starts.append(offset + s)
             lo.append(offset)
             hi.append(offset + n - w)
-            targets.append(encode_target(texts, vocab, data_cfg.max_len))
+            targets.append(encode_target(texts, vocab, max_len))
             lengths.append(2 + sum(len(vocab.encode(t)) - 2 for t in texts))
             made += 1
         rows.append(run_inputs(run, feats))
-        row_targets.append(encode_rows(run.lines, vocab, data_cfg.max_len))
-        row_lines.append(np.array([line_id(t) for t in run.lines], dtype=np.int64))
+        row_targets.append(encode_rows(run.lines, vocab, max_len))
+        ids = {t: line_id(t) for t in set(run.lines)}
+        row_lines.append(np.fromiter((ids[t] for t in run.lines), dtype=np.int64, count=len(run.lines)))
         files.append(run.name)
         counts.append(made)
         offset += n
@@ -372,7 +373,7 @@ def build_split(runs: list[RecordedRun], feats: Features, vocab: Vocab, data_cfg
         starts=torch.tensor(starts, dtype=torch.long),
         lo=torch.tensor(lo, dtype=torch.long),
         hi=torch.tensor(hi, dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long).reshape(-1, data_cfg.max_len),
+        targets=torch.tensor(targets, dtype=torch.long).reshape(-1, max_len),
         files=files,
         file_windows=counts,
         row_targets=torch.from_numpy(np.concatenate(row_targets)),
@@ -390,14 +391,10 @@ def line_id(text: str) -> int:
 def encode_rows(lines: list[str], vocab: Vocab, max_len: int) -> np.ndarray:
     """int16 [rows, max_len]: each row's own line as a target (all PAD where the row has none), so
     models can learn which line every row executes, not only the window's."""
-    out = np.full((len(lines), max_len), PAD, dtype=np.int16)
-    seen: dict[str, list[int]] = {}
-    for i, text in enumerate(lines):
-        if text:
-            if text not in seen:
-                seen[text] = encode_target([text], vocab, max_len)
-            out[i] = seen[text]
-    return out
+    texts = list(dict.fromkeys(lines))
+    where = {t: i for i, t in enumerate(texts)}
+    table = np.array([encode_target([t], vocab, max_len) if t else [PAD] * max_len for t in texts], dtype=np.int16)
+    return table.reshape(-1, max_len)[np.fromiter((where[t] for t in lines), dtype=np.int64, count=len(lines))]
 
 
 # --- reading many files -----------------------------------------------------------------------------
@@ -459,9 +456,16 @@ def read_or_error(path: Path, max_nonfinite: float) -> RecordedRun | DataError:
 
 
 def save_recording(run: RecordedRun, entry: Path) -> None:
-    """One recording's parsed table into the cache; a failed write only costs a later re-read."""
+    """One recording's parsed table into the cache; a failed write only costs a later re-read. Row texts
+    are kept as a table of distinct lines plus an index, and every text in one JSON string: the safe
+    unpickler takes ~10 us per object, so a list of thousands of strings would load slower than the CSV."""
+    texts = list(dict.fromkeys(run.lines))
+    where = {t: i for i, t in enumerate(texts)}
+    meta = {k: v for k, v in vars(run).items() if k != "values"}
+    blob = {"values": torch.from_numpy(run.values), "meta": json.dumps({**meta, "lines": texts}),
+            "line_index": torch.tensor([where[t] for t in run.lines], dtype=torch.int32)}
     try:
-        save_entry({**vars(run), "values": torch.from_numpy(run.values)}, entry)
+        save_entry(blob, entry)
     except OSError as e:
         log.debug("cache entry %s not written: %s", entry, e)
 
@@ -470,10 +474,14 @@ def load_recording(entry: Path | None) -> RecordedRun | None:
     """A recording's parsed table from the cache (values mapped from disk), None if absent or damaged."""
     try:
         blob = load_entry(entry) if entry else None
-    except (DamagedEntry, OSError) as e:
+        if blob is None:
+            return None
+        meta = json.loads(blob["meta"])
+        texts = meta.pop("lines")
+        return RecordedRun(**meta, values=blob["values"].numpy(), lines=[texts[i] for i in blob["line_index"].tolist()])
+    except (DamagedEntry, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         log.warning("ignoring unreadable cache %s (%s); reading the recording again", entry, e)
         return None
-    return None if blob is None else RecordedRun(**{**blob, "values": blob["values"].numpy()})
 
 
 def same_recording_twice(paths: list[Path]) -> dict[Path, str]:

@@ -62,9 +62,11 @@ class Vocab:
     ranges: dict[str, tuple[float, float]]
     tokens: list[str]
     index: dict[str, int] = field(init=False, repr=False)
+    encoded: dict[str, list[int]] = field(init=False, repr=False, compare=False)  # text -> ids, each parsed once
 
     def __post_init__(self) -> None:
         self.index = {t: i for i, t in enumerate(self.tokens)}
+        self.encoded = {}
 
     @property
     def n_buckets(self) -> int:
@@ -130,8 +132,10 @@ class Vocab:
         return self._tokens_of(parse_line(text)[0])
 
     def encode(self, text: str) -> list[int]:
-        ids = [self.index.get(t, UNK) for t in self.line_tokens(text)]
-        return [BOS, *ids, EOS]
+        """BOS, the line's token ids, EOS (a new list: callers may change it)."""
+        if text not in self.encoded:  # a recording repeats few texts over thousands of rows and windows
+            self.encoded[text] = [BOS, *(self.index.get(t, UNK) for t in self.line_tokens(text)), EOS]
+        return list(self.encoded[text])
 
     def decode(self, ids: Iterable[int]) -> str:
         """Token ids back to G-code text; numbers become their bucket centres."""
