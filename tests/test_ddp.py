@@ -41,6 +41,33 @@ def only_folder(cwd: Path) -> Path:
     return folders[0]
 
 
+def test_each_rank_trains_its_part_of_every_batch(monkeypatch):
+    """epoch_share: per global batch of one process, the ranks' batches are disjoint and together that batch;
+    every rank takes as many steps; each rank its own augmentation stream, the shared generator in step."""
+    import torch
+
+    from gcode_exp import distributed
+
+    order, batch, world = torch.randperm(103), 8, 2
+    shares, streams, after = [], [], []
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "world", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda r=rank: r)
+        gen = torch.Generator().manual_seed(0)
+        with torch.random.fork_rng():  # it seeds torch's own stream (dropout) too
+            mine, size, aug_gen = distributed.epoch_share(order, batch, gen)
+        assert size == batch // world
+        shares.append(mine.split(size))
+        streams.append(torch.rand(3, generator=aug_gen))
+        after.append(gen.get_state())
+    assert len(shares[0]) == len(shares[1]) == 13
+    for k, parts in enumerate(zip(*shares, strict=True)):
+        whole = order[k * batch : (k + 1) * batch]
+        joined = torch.cat(parts)
+        assert sorted(joined.tolist()) == sorted(whole[: len(joined)].tolist()) and len(whole) - len(joined) <= 1
+    assert not torch.equal(streams[0], streams[1]) and torch.equal(after[0], after[1])
+
+
 def test_ddp_without_torchrun_is_one_line(tmp_path):
     res = run_py("hardware=ddp", "model=baseline", cache=tmp_path / "cache")
     assert res.returncode == 2
