@@ -241,6 +241,12 @@ def bench_json(name: str) -> Callable[[Ran], None]:
     return check
 
 
+def scale_json(ran: Ran) -> None:
+    scale = json.loads((ran.cwd / "docs/bench_scale.json").read_text())["scale"]
+    assert [s["files"] for s in scale.values()] == [6, 12], scale
+    assert all(s["add_one_file_s"] > 0 and s["train_peak_rss_mb"] > 0 for s in scale.values()), scale
+
+
 def damaged_file_refused(ran: Ran) -> None:
     """RELIABILITY.md, 'Damaged recordings': one line, nothing cached, only the config, run.log, error.txt."""
     assert ran.err.splitlines() == [f"error: {ran.cwd}/DIR-damaged/empty_001_aligned.csv: empty file"], ran.err
@@ -517,6 +523,9 @@ COMMANDS: dict[str, Doc] = {
             says=("4 run folders (4 finished)", "window 5-fold", "file 5-fold")),
     "python -m gcode_exp.bench --data-dir ../shared/data/cnc_sensor_gcode --out docs/bench.json":
         Doc(extra=BENCH_TINY, says=("prepare: cold",), check=bench_json("docs/bench.json")),
+    "python -m gcode_exp.bench --scale 1,4,10 --data-dir ../shared/data/cnc_sensor_gcode --out docs/bench_scale.json":
+        Doc(text="python -m gcode_exp.bench --scale 1,2 --data-dir DIR --out docs/bench_scale.json",  # 10x: minutes
+            extra=BENCH_TINY, says=("add-1 s",), check=scale_json),
 }
 
 
