@@ -30,9 +30,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from gcode_exp import GcodeExpError
+from gcode_exp.atomic import write_text
 from gcode_exp.config import validate
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
-from gcode_exp.data.dataset import atomic_write, cores, prepare
+from gcode_exp.data.dataset import cores, prepare
 from gcode_exp.data.vocab import BOS
 from gcode_exp.models import NearestModel
 from gcode_exp.training.loop import new_model, train_step
@@ -307,7 +308,7 @@ def scale_report(args: argparse.Namespace, cfg: DictConfig, factors: list[int]) 
 def write_out(out: str, result: dict) -> None:
     text = json.dumps(result, indent=1)
     try:
-        atomic_write(Path(out), lambda tmp: Path(tmp).write_text(text))
+        write_text(Path(out), text)
     except OSError as e:  # the folder went away during the run: the table above is printed all the same
         raise GcodeExpError(f"--out={out}: cannot write it ({e.strerror or e})") from None
 

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from gcode_exp.atomic import atomic_write  # noqa: E402
 from gcode_exp.data.vocab import COMMAND, PAD, Vocab  # noqa: E402
 
 
@@ -79,5 +80,5 @@ def command_recall(rows: list[dict], path: Path) -> None:
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)

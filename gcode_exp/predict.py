@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from gcode_exp.atomic import write_csv, write_json, write_text
 from gcode_exp.data.dataset import Features, prepare, run_inputs, same_recording_twice
 from gcode_exp.data.read import RUN_NAME, DataError, RecordedRun, channel_group, list_runs, read_run, run_name
 from gcode_exp.data.vocab import BOS, COMMAND, EOS, NUMERIC, PARAMETER, Vocab, parse_line
@@ -367,7 +368,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
         true = [pred.vocab.decode(pred.vocab.encode(t)[1:]) if t else "" for t in run.lines]
         write_rows(out / f"{run.name}.csv", votes, rec, true)
         title = f"{run.name}: predicted by gcode-exp from {cfg.ckpt_path} ({len(votes)} rows, {len(guesses)} windows)"
-        (out / f"{run.name}.gcode").write_text(reconstruct(votes, rec.times, cfg.predict.min_p, title))
+        write_text(out / f"{run.name}.gcode", reconstruct(votes, rec.times, cfg.predict.min_p, title))
         ranked = name_program([g.line for g in guesses], counts, pred.window / pred.stride) if counts else [("", 0.0)]
         true_op = run.op if RUN_NAME.match(run.name) else ""
         programs.append({"recording": run.name, "program": ranked[0][0], "p": f"{ranked[0][1]:.4f}",
@@ -382,14 +383,9 @@ def predict_job(cfg, run_dir: Path) -> dict:
                           m_right=m["right"], m_axis=m["axis_right"], m_sim=m["similarity"])
         print(f"{run.name}: {len(votes)} rows -> {len(merge_repeats([v.line for v in votes]))} lines; "
               f"program {ranked[0][0] or '?'} (p={ranked[0][1]:.2f}){f', true {true_op}' if true_op else ''}")
-    with open(run_dir / "program.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(programs[0]))
-        writer.writeheader()
-        writer.writerows(programs)
-    from gcode_exp.tasks import write_json  # here: tasks imports this module
-
-    write_json({"data_dir": str(cfg.data.dir), "predict": {"files": [r.run.name for r in recordings]},
-                "skipped_files": skipped}, run_dir / "data_summary.json")
+    write_csv(run_dir / "program.csv", programs)
+    write_json(run_dir / "data_summary.json", {"data_dir": str(cfg.data.dir), "skipped_files": skipped,
+                                              "predict": {"files": [r.run.name for r in recordings]}})
     metrics = {"ckpt_path": str(cfg.ckpt_path), "predict/files": len(recordings)}
     if totals["rows"]:
         for prefix, key in (("predict", ""), ("majority", "m_")):
@@ -399,19 +395,17 @@ def predict_job(cfg, run_dir: Path) -> dict:
     if totals["programs_known"] and counts:
         metrics["predict/program_acc"] = totals["program_right"] / totals["programs_known"]
         metrics["majority/program_acc"] = totals["majority_program"] / totals["programs_known"]
-    write_json(metrics, run_dir / "metrics.json")
+    write_json(run_dir / "metrics.json", metrics)
     shown = " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "/" in k and k != "predict/files")
     log.info("%s", shown or "no labelled rows: nothing to score")
     return metrics
 
 
 def write_rows(path: Path, votes: list[RowVote], rec: Recording, true: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(ROW_FIELDS)
-        for i, (v, t) in enumerate(zip(votes, true)):
-            writer.writerow([rec.times[i], i, v.line, f"{v.p:.4g}", v.runner_up, f"{v.runner_up_p:.4g}",
-                             rec.run.lines[i], int(v.line == t) if t else ""])
+    rows = [dict(zip(ROW_FIELDS, (rec.times[i], i, v.line, f"{v.p:.4g}", v.runner_up, f"{v.runner_up_p:.4g}",
+                                  rec.run.lines[i], int(v.line == t) if t else ""), strict=True))
+            for i, (v, t) in enumerate(zip(votes, true))]
+    write_csv(path, rows, list(ROW_FIELDS))
 
 
 # --- live --------------------------------------------------------------------------------------------------
@@ -511,7 +505,5 @@ def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
         raise DataError(f"{path}: {n_rows} rows, fewer than one window (data.window={pred.window})")
     print(f"live: {n_rows} rows, {windows} windows, {printed} lines recognised ({why})", flush=True)
     metrics = {"ckpt_path": str(cfg.ckpt_path), "live/rows": n_rows, "live/windows": windows, "live/lines": printed}
-    from gcode_exp.tasks import write_json
-
-    write_json(metrics, run_dir / "metrics.json")
+    write_json(run_dir / "metrics.json", metrics)
     return metrics

@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from gcode_exp import GcodeExpError, distributed
+from gcode_exp.atomic import write_text
 
 # files Hydra writes into a sweep folder (the basic sweeper, the Optuna sweeper)
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
@@ -177,7 +178,7 @@ def record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None) -> Iter
     out = run_dir / ".hydra"
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml")
-    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if hydra_cfg is not None:
         OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
         OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
@@ -227,7 +228,7 @@ def write_error(run_dir: Path, error: BaseException) -> None:
         detail = str(error) or type(error).__name__
     else:
         detail = "".join(traceback.format_exception(error))
-    (run_dir / "error.txt").write_text(detail + "\n")
+    write_text(run_dir / "error.txt", detail + "\n")
 
 
 class Guard(Callback):

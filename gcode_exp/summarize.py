@@ -574,14 +574,14 @@ def write_all(files: dict[Path, str | bytes]) -> None:
         if (path.exists() or path.is_symlink()) and not path.is_file():
             what = "a folder" if path.is_dir() else "not a file (a broken link?)"
             raise GcodeExpError(f"{path}: is {what}; move it away to write the summary")
-    from gcode_exp.data.dataset import atomic_write
+    from gcode_exp.atomic import write_bytes, write_text
 
     for path, content in files.items():
         try:
             if isinstance(content, bytes):
-                atomic_write(path, lambda tmp, c=content: Path(tmp).write_bytes(c))
+                write_bytes(path, content)
             else:
-                atomic_write(path, lambda tmp, c=content: Path(tmp).write_text(c, newline=""))
+                write_text(path, content)
         except OSError as e:
             raise GcodeExpError(f"{path}: cannot write it ({e.strerror or e})") from None
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gcode_exp.atomic import write_text
+
 log = logging.getLogger(__name__)
 
 TRIAL_FILE = "optuna_trial.json"
@@ -139,6 +141,6 @@ def _record(hc, run_dir: Path) -> int | None:
     info = {"study": study_name, "trial": trial.number, "storage": display_url(url), "params": trial.params,
             "host": socket.gethostname(), "pid": os.getpid()}
     if not (run_dir / "metrics.json").exists():  # else: a finished earlier trial's folder; the job will refuse it
-        (run_dir / TRIAL_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        write_text(run_dir / TRIAL_FILE, json.dumps(info, indent=1) + "\n")
     log.info("Optuna study %s, trial %d", study_name, trial.number)
     return trial.number

@@ -4,16 +4,15 @@ writes into the run folder and returns its metrics; `run` returns the number a s
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from gcode_exp import GcodeExpError, distributed, plots, run_folder
+from gcode_exp.atomic import write_csv, write_json
 from gcode_exp.config import check_against_data, validate
-from gcode_exp.data.dataset import Features, Prepared, atomic_write, build_split, prepare, read_runs
+from gcode_exp.data.dataset import Features, Prepared, build_split, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.logger import make_logger
 from gcode_exp.sweeps import record_optuna_trial
@@ -45,11 +44,6 @@ def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
         return train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
 
 
-def write_json(obj, path: Path) -> None:
-    text = json.dumps(obj, indent=1, default=float)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def prepare_checked(cfg) -> Prepared:
     """The prepared data, and the config checks only the training data can answer (gcode_exp/config.py)."""
     data = prepare(cfg)
@@ -60,7 +54,7 @@ def prepare_checked(cfg) -> Prepared:
 
 def prepare_job(cfg, run_dir: Path) -> dict:
     data = prepare_checked(cfg)
-    write_json(data.summary, run_dir / "data_summary.json")
+    write_json(run_dir / "data_summary.json", data.summary)
     s = data.summary
     print(f"vocab {cfg.vocab.name}: {s['vocab_size']} tokens {s['token_counts_by_type']}; "
           f"{s['n_channels']} channels + {s['n_board_flags']} board flags ({'+'.join(s['feature_groups'])})")
@@ -78,7 +72,7 @@ def train_job(cfg, run_dir: Path) -> dict:
     main = distributed.is_main()
     data = distributed.main_first(prepare_checked, cfg)
     if main:
-        write_json(data.summary, run_dir / "data_summary.json")
+        write_json(run_dir / "data_summary.json", data.summary)
         data.vocab.save(run_dir / "vocab.json")
     logger = make_logger(cfg, run_dir) if main else None
     try:
@@ -141,7 +135,7 @@ def eval_job(cfg, run_dir: Path) -> dict:
     metrics["ckpt_path"] = str(cfg.ckpt_path)
     summary = {"data_dir": str(data_cfg.dir), "test": {"files": split.files, "windows": len(split)},
                "skipped_files": skipped}
-    write_json(summary, run_dir / "data_summary.json")
+    write_json(run_dir / "data_summary.json", summary)
     write_outputs(cfg, run_dir, metrics, pred, targets[:, 1:], vocab, None)
     return metrics
 
@@ -149,10 +143,7 @@ def eval_job(cfg, run_dir: Path) -> dict:
 def write_outputs(cfg, run_dir: Path, metrics: dict, pred, target, vocab, history) -> None:
     """metrics.json (last, so its presence means 'finished'), per_class.csv and plots/."""
     rows = per_class(pred, target, vocab)
-    with open(run_dir / "per_class.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["token"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(run_dir / "per_class.csv", rows, list(rows[0]) if rows else ["token"])
     if cfg.trainer.plots:
         out = run_dir / "plots"
         if history:
@@ -160,7 +151,7 @@ def write_outputs(cfg, run_dir: Path, metrics: dict, pred, target, vocab, histor
         plots.command_confusion(pred, target, vocab, out / "command_confusion.png")
         plots.token_frequencies(pred, target, vocab, out / "token_frequencies.png")
         plots.command_recall(rows, out / "command_recall.png")
-    write_json(metrics, run_dir / "metrics.json")
+    write_json(run_dir / "metrics.json", metrics)
     keys = ("line_exact", "overall_acc", "command_acc", "command_macro_recall", "token_macro_recall", "unique_tokens")
     for label, prefix in (("test", "test/"), ("majority reference", "majority/")):
         shown = [k for k in keys if prefix + k in metrics]  # line_exact: not with trainer.line_exact=false

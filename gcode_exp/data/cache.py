@@ -15,10 +15,11 @@ import logging
 import os
 import tempfile
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from gcode_exp.atomic import atomic_write, torch_save
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 9  # bump when what is cached changes
@@ -26,23 +27,6 @@ CACHE_VERSION = 9  # bump when what is cached changes
 
 class DamagedEntry(ValueError):
     """A cache entry whose bytes cannot be trusted (the message says why)."""
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(temp path)` in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def writable_folder(cache_dir: str | None) -> Path | None:
@@ -88,7 +72,7 @@ def _crc(path: Path) -> int:
 
 def save_entry(obj: dict, path: Path) -> None:
     """The entry, then its checksum file: the entry counts only once both are written."""
-    atomic_torch_save(obj, path)
+    torch_save(obj, path)
     stamp = f"{path.stat().st_size} {_crc(path)}\n"
     atomic_write(path.with_name(path.name + ".sum"), lambda tmp: Path(tmp).write_text(stamp))
 

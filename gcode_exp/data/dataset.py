@@ -28,8 +28,6 @@ import torch
 from gcode_exp.data.cache import (
     CACHE_VERSION,
     DamagedEntry,
-    atomic_torch_save,  # noqa: F401  (re-exported: other modules import the atomic writers from here)
-    atomic_write,  # noqa: F401
     file_hashes,
     load_entry,
     recording_entry,

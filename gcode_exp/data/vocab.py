@@ -13,7 +13,6 @@ A line such as `G1 X-0.1254 Y2.5` becomes `BOS G1 X NUM_X_<b> Y NUM_Y_<b> EOS`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -194,5 +193,6 @@ class Vocab:
         return cls(digits=d["digits"], ranges={k: tuple(v) for k, v in d["ranges"].items()}, tokens=list(d["tokens"]))
 
     def save(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        from gcode_exp.atomic import write_json
+
+        write_json(path, self.to_dict())

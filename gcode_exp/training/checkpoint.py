@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from gcode_exp import GcodeExpError
-from gcode_exp.data.dataset import Features, atomic_torch_save
+from gcode_exp.atomic import torch_save
+from gcode_exp.data.dataset import Features
 from gcode_exp.data.vocab import Vocab
 
 FORMAT = "gcode-exp/1"
@@ -22,7 +23,7 @@ OLD_ENCODERS = {"conv": {"_target_": "gcode_exp.models.encoder.ConvEncoder", "ke
 
 
 def save_checkpoint(path: Path, **blob) -> None:
-    atomic_torch_save({"format": FORMAT, **blob}, path)
+    torch_save({"format": FORMAT, **blob}, path)
 
 
 def load_checkpoint(path: str | Path, source: str | None = None) -> dict:

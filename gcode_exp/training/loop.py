@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
 import os
@@ -17,8 +16,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from gcode_exp import GcodeExpError, distributed
+from gcode_exp.atomic import write_csv
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
-from gcode_exp.data.dataset import Features, Prepared, Split, atomic_write
+from gcode_exp.data.dataset import Features, Prepared, Split
 from gcode_exp.data.vocab import BOS, Vocab
 from gcode_exp.models import NearestModel, TokenModel, build_model
 from gcode_exp.models.nearest import KEYS
@@ -315,15 +315,7 @@ def train_step(model: TokenModel, opt: torch.optim.Optimizer, batch, device: tor
 
 
 def write_history(history: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(history)
-
-    atomic_write(path, write)
+    write_csv(path, history)
 
 
 def load_model(blob: dict, device) -> tuple[TokenModel | NearestModel, Vocab]:

@@ -1,0 +1,60 @@
+"""Write-then-rename: every file the project writes appears whole or not at all.
+
+A crash, a full disk or a second process reading mid-write never sees half a file: each writer
+fills a temporary file in the same folder and renames it over the target (atomic on POSIX and NTFS).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(temp path)` in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, newline=""))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_json(path: Path, obj) -> None:
+    """Indented JSON; numpy and torch scalars are written as floats."""
+    write_text(path, json.dumps(obj, indent=1, default=float))
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """A header and one line per row; `fields` (default: the keys of all rows, in first-seen order)."""
+    fields = fields or list(dict.fromkeys(k for row in rows for k in row))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def torch_save(obj, path: Path) -> None:
+    import torch
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
