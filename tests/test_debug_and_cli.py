@@ -203,3 +203,21 @@ def _read(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:
         return b""
+
+
+def test_readme_layout_names_every_module():
+    """README's 'Layout' is the package map a new reader starts from: each module must be on it."""
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):].split("```")[1]
+    named = set()
+    for line in layout.splitlines():
+        path, _, comment = line.partition("#")
+        path = path.strip()
+        if path.endswith(".py"):
+            named.add(path)
+        elif path.endswith("/"):  # a folder: the modules its comment lists
+            named |= {path + word.strip("(),;:") for word in comment.split() if word.strip("(),;:").endswith(".py")}
+        named |= {f"gcode_exp/{w.strip('(),;:')}" for w in comment.split() if w.strip("(),;:").endswith(".py")
+                  and "/" not in w}
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "gcode_exp").rglob("*.py") if not p.name.startswith("__")}
+    assert modules - named == set(), f"README 'Layout' does not name: {sorted(modules - named)}"
