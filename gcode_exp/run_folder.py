@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from gcode_exp import GcodeExpError, distributed
 from gcode_exp.atomic import write_text
+from gcode_exp.data.dataset import HOW_READ
 
 # files Hydra writes into a sweep folder (the basic sweeper, the Optuna sweeper)
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
@@ -51,7 +52,7 @@ def state(run_dir: Path) -> str:
 # what a checkpoint's own config decides: of an interrupted run when resumed (its experiment, not the
 # trainer's knobs); of the model task=eval and task=predict read recordings for (all but the data's place)
 RESUMED_GROUPS = ("model", "vocab", "features", "data", "aug", "seed", "name")
-USERS_DATA = ("dir", "pattern", "on_error", "max_nonfinite", "cache_dir", "path")  # eval/predict: the command's
+USERS_DATA = ("dir", "pattern", "on_error", "max_nonfinite", "path", *HOW_READ)  # eval/predict: the command's
 
 
 def resumed_config(cfg: DictConfig, run_dir: Path, explicit: list[str] | None) -> DictConfig:

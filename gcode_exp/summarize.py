@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from gcode_exp import GcodeExpError
+from gcode_exp.data.dataset import HOW_READ
 from gcode_exp.run_folder import RUN_FILES
 from gcode_exp.sweeps import TRIAL_FILE, display_url, same_params
 
@@ -351,7 +352,7 @@ def pair_key(r: RunResult) -> str:
 
 def _data_of(r: RunResult) -> dict:
     """The data config that decides the test set (where the cache lives does not)."""
-    return {k: v for k, v in (r.config.get("data") or {}).items() if k != "cache_dir"}
+    return {k: v for k, v in (r.config.get("data") or {}).items() if k not in HOW_READ}
 
 
 def compare(runs: list[RunResult], a: str, b: str, metrics: list[str] | None = None) -> list[dict]:

@@ -196,10 +196,12 @@ def test_resume_of_a_run_older_than_a_config_key(tmp_path, cache, interrupted_ru
 
 
 def test_resume_applies_a_changed_learning_rate(tmp_path, cache, interrupted_run):
+    """...and takes another data.workers or cache folder: they change how recordings are read, not what."""
     run = copy(interrupted_run, tmp_path)
     old = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert {g["lr"] for g in old} == {0.001}
-    res = ok(run_in(run, "trainer.max_epochs=2", "trainer.resume=true", "trainer.lr=0.0005", cache=cache))
+    res = ok(run_in(run, "trainer.max_epochs=2", "trainer.resume=true", "trainer.lr=0.0005", "data.workers=1",
+                    cache=cache))
     assert "resuming after epoch 1 from" in res.stdout
     assert "resume: trainer.lr changed to 0.0005" in (run / "run.log").read_text()
     blob = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

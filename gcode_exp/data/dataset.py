@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 ELAPSED_SCALE = 1000.0  # features.elapsed: rows per unit of the elapsed input (~4 min at 3.9 Hz)
 SPLITS = ("train", "val", "test")
 SPLIT_DEFAULTS = {"split_by": "file", "folds": 0, "fold": 0, "train_share": 1.0}  # left out of the cache key
-NOT_IN_KEY = ("dir", "cache_dir", "workers")  # data keys that do not change the prepared data
+HOW_READ = ("cache_dir", "workers")  # data keys that change how recordings are read and kept, never what
+NOT_IN_KEY = ("dir", *HOW_READ)  # data keys left out of the prepared data's cache key (dir: hashed apart)
 PARALLEL_BYTES = 16 << 20  # fewer bytes to read are read in this process: starting a pool costs more (the
 # 7.7 MB sample: 0.5 s in one process, 0.8 s in two; the 58 MB dataset: 3.2 s in one, 2.1 s in two)
 POOL_CONTEXT = None  # the platform's default start method for the reading processes

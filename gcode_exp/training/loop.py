@@ -18,7 +18,7 @@ from tqdm import tqdm
 from gcode_exp import GcodeExpError, distributed
 from gcode_exp.atomic import write_csv
 from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
-from gcode_exp.data.dataset import Features, Prepared, Split
+from gcode_exp.data.dataset import HOW_READ, Features, Prepared, Split
 from gcode_exp.data.vocab import BOS, Vocab
 from gcode_exp.models import NearestModel, TokenModel, build_model
 from gcode_exp.models.nearest import KEYS
@@ -261,7 +261,7 @@ def check_resumable(old: dict, cfg) -> None:
     new = OmegaConf.to_container(cfg, resolve=True)
     known = OmegaConf.create(old)  # a key the run's config lacks is newer than the run: not a change
     fixed = [k for k in diff_keys(old, new) if (k.split(".")[0] in ("model", "vocab", "features", "seed")
-             or (k.startswith("data.") and k not in ("data.cache_dir", "data.on_error")))
+             or (k.startswith("data.") and k.removeprefix("data.") not in ("on_error", *HOW_READ)))
              and OmegaConf.select(known, k, default="<absent>") != "<absent>"]
     if fixed:
         raise GcodeExpError(f"trainer.resume=true: the run was trained with other settings ({', '.join(fixed)}); "
