@@ -36,7 +36,7 @@ from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_ma
 from gcode_exp.data.dataset import cores, prepare
 from gcode_exp.data.vocab import BOS
 from gcode_exp.models import NearestModel
-from gcode_exp.training.loop import new_model, train_step
+from gcode_exp.training.loop import new_model, new_optimizer, train_step
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # what is timed: the default (nearest, nothing trained) and the token models, each composed with these
@@ -63,7 +63,7 @@ def build(cfg, data):
     """The model and optimiser `fit` builds for this config, and the row labels it trains with."""
     torch.manual_seed(0)
     model, _ = new_model(cfg, data)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = new_optimizer(cfg.trainer.optimizer, model)
     return model, opt, model.row_labels(data.splits["train"].row_targets)
 
 

@@ -162,6 +162,10 @@ def Importable(base: str, what: str, **kw) -> Rule:
 
 ENCODER = "gcode_exp.models.encoder:SensorEncoder"
 ENCODER_GIVEN = ("n_inputs", "window", "d_model", "layers", "dropout")  # what the token model passes an encoder
+OPTIMIZER = "torch.optim:Optimizer"
+# configs that build an object: their class, the arguments the project passes, and who passes them
+BUILT = {"model.encoder": (ENCODER, ENCODER_GIVEN, "the model: they come from model.*"),
+         "trainer.optimizer": (OPTIMIZER, ("params",), "the trainer: the model's parameters")}
 
 
 def _split_ok(v: Any) -> bool:
@@ -246,6 +250,8 @@ SCHEMA: dict[str, Rule] = {
     "trainer.monitor_mode": OneOf("max", "min"),
     "trainer.batch_size": Int(ge=1),
     "trainer.lr": Float(gt=0, le=1),
+    "trainer.optimizer._target_": Importable(OPTIMIZER, "an importable torch.optim.Optimizer subclass, e.g. "
+                                             "torch.optim.SGD"),
     "trainer.scheduler": OneOf("constant", "cosine"),
     "trainer.warmup_epochs": Int(ge=0),
     "trainer.weight_decay": Float(ge=0),
@@ -333,8 +339,9 @@ def validate(cfg: DictConfig) -> None:
         raise _fail("model.encoder", flat["model.encoder"], f"the encoder is a config group: "
                     f"model/encoder={flat['model.encoder']} (conf/model/encoder/)")
     for key, value in flat.items():
-        if key.startswith("model.encoder.") and key != "model.encoder._target_":
-            _check_encoder_key(flat, key)
+        built = next((b for b in BUILT if key.startswith(b + ".") and key != b + "._target_"), None)
+        if built:
+            _check_kwarg(flat, key, built)
             continue
         if key not in SCHEMA:
             near = difflib.get_close_matches(key, list(SCHEMA), n=1)
@@ -356,18 +363,20 @@ def validate(cfg: DictConfig) -> None:
     _check_rules(cfg, flat)
 
 
-def _check_encoder_key(flat: dict[str, Any], key: str) -> None:
-    """An encoder YAML's own keys are its class's keyword arguments (a user's encoder brings its own)."""
+def _check_kwarg(flat: dict[str, Any], key: str, built: str) -> None:
+    """The keys of a config that builds an object (`_target_`) are its class's keyword arguments, less
+    those the project passes itself (a user's encoder or optimiser brings its own)."""
     import inspect
 
-    cls = _class(flat.get("model.encoder._target_"), ENCODER)
+    base, given, by = BUILT[built]
+    cls = _class(flat.get(f"{built}._target_"), base)
     if cls is None:
         return  # the _target_ rule reports it
-    name, takes = key.rpartition(".")[2], inspect.signature(cls).parameters
-    if name in ENCODER_GIVEN:
-        raise _fail(key, flat[key], f"set by the model ({', '.join(ENCODER_GIVEN)} come from model.*)")
+    name, takes = key[len(built) + 1 :], inspect.signature(cls).parameters
+    if name in given:
+        raise _fail(key, flat[key], f"set by {by} ({', '.join(given)})")
     if name not in takes:
-        own = [p for p in takes if p not in ENCODER_GIVEN]
+        own = [p for p in takes if p not in given]
         raise _fail(key, flat[key], f"unknown key: {cls.__name__} takes {', '.join(own) or 'no keys of its own'}")
 
 

@@ -241,6 +241,11 @@ def bench_json(name: str) -> Callable[[Ran], None]:
     return check
 
 
+def sgd_with_momentum(ran: Ran) -> None:
+    (group,) = torch.load(ran.folder / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert group["momentum"] == 0.9 and "betas" not in group, group
+
+
 def scale_json(ran: Ran) -> None:
     scale = json.loads((ran.cwd / "docs/bench_scale.json").read_text())["scale"]
     assert [s["files"] for s in scale.values()] == [6, 12], scale
@@ -407,6 +412,8 @@ COMMANDS: dict[str, Doc] = {
     "python run.py features=side_channel": Doc(files=("metrics.json",)),
     "python run.py model=multihead aug.oversample_factor=5 model.loss_weights.command=5.0 trainer.batch_size=16":
         Doc(files=("metrics.json",)),
+    "python run.py model=multihead trainer.optimizer._target_=torch.optim.SGD +trainer.optimizer.momentum=0.9":
+        Doc(files=("metrics.json",), check=sgd_with_momentum),
     "python run.py task=prepare data.dir=DIR": Doc(files=("data_summary.json",), says=("train:", "test :")),
     "python run.py task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR":
         Doc(needs=(TOKEN_START,), files=("metrics.json",), check=eval_scores_the_checkpoint),

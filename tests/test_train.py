@@ -99,3 +99,26 @@ def test_eval_and_predict_read_recordings_as_the_checkpoint_was_trained(tmp_path
         assert run_py(f"task={task}", ckpt, f"hydra.run.dir={out}", cache=cache).returncode == 0
         resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
         assert resolved["features"]["name"] == "side_channel" and resolved["model"]["name"] == "nearest"
+
+
+@pytest.mark.slow
+def test_optimizer_is_built_from_its_config(tmp_path):
+    """trainer.optimizer._target_ names any torch optimiser; its own keys go to it; one it refuses is one line."""
+    from tests.conftest import run_py
+
+    run = tmp_path / "sgd"
+    res = run_py("model=baseline", "trainer.max_epochs=1", "trainer.optimizer._target_=torch.optim.SGD",
+                 "+trainer.optimizer.momentum=0.9", f"hydra.run.dir={run}", cache=tmp_path / "c")
+    assert res.returncode == 0, res.stderr[-2000:]
+    (group,) = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    assert group["momentum"] == 0.9 and group["lr"] == 0.001 and "betas" not in group
+
+    bad = run_py("model=baseline", "trainer.optimizer._target_=torch.optim.Adagrad", "+trainer.optimizer.lr_decay=-1",
+                 f"hydra.run.dir={tmp_path / 'bad'}", cache=tmp_path / "c")
+    refusal = "error: trainer.optimizer._target_=torch.optim.Adagrad: cannot be built (Invalid lr_decay value: -1)"
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [refusal], bad.stderr
+
+    (run / "metrics.json").unlink()  # as if interrupted after epoch 1
+    resumed = run_py("model=baseline", "trainer.max_epochs=2", "trainer.resume=true", f"hydra.run.dir={run}",
+                     cache=tmp_path / "c")  # the default optimiser is AdamW: another class than the run's
+    assert resumed.returncode == 2 and "trainer.optimizer._target_" in resumed.stderr, resumed.stderr

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -153,7 +154,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         return state
     rows = model.row_labels(train.row_targets)
     net = distributed.wrap(model, device)  # the model itself in one process
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = new_optimizer(tc.optimizer, model)
     rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
     steps_per_epoch = math.ceil((len(train) + int(rare.sum()) * (cfg.aug.oversample_factor - 1)) / tc.batch_size)
     kept = None  # trainer.limit_batches: the same windows every epoch (drawn once from the seed), so one batch can be
@@ -170,11 +171,12 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         blob = load_checkpoint(ckpt_dir / "last.pt")
         resumed_settings(blob["config"], cfg)
         model.load_state_dict(blob["model"])
+        wanted = dict(opt.defaults)  # the command line's optimiser settings win over the checkpoint's
         opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
-        sched.base_lrs = [tc.lr] * len(opt.param_groups)  # the command line's optimiser settings win
+        sched.base_lrs = [wanted["lr"]] * len(opt.param_groups)
         for group, factor in zip(opt.param_groups, sched.lr_lambdas, strict=True):
-            group.update(lr=tc.lr * factor(sched.last_epoch), weight_decay=tc.weight_decay)
+            group.update({k: v for k, v in wanted.items() if k in group}, lr=wanted["lr"] * factor(sched.last_epoch))
         set_rng_state(blob["rng"], gen)
         state = blob["state"]
         log.info("resuming after epoch %d from %s", state["epoch"], ckpt_dir / "last.pt")
@@ -261,6 +263,7 @@ def check_resumable(old: dict, cfg) -> None:
     new = OmegaConf.to_container(cfg, resolve=True)
     known = OmegaConf.create(old)  # a key the run's config lacks is newer than the run: not a change
     fixed = [k for k in diff_keys(old, new) if (k.split(".")[0] in ("model", "vocab", "features", "seed")
+             or k == "trainer.optimizer._target_"  # its state would not load into another class
              or (k.startswith("data.") and k.removeprefix("data.") not in ("on_error", *HOW_READ)))
              and OmegaConf.select(known, k, default="<absent>") != "<absent>"]
     if fixed:
@@ -282,6 +285,16 @@ def diff_keys(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [k for key in sorted(set(a) | set(b)) for k in diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def new_optimizer(spec, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """trainer.optimizer built with the model's parameters; a setting the class refuses is one line. The
+    target is trusted by name: config.validate accepted it as a torch.optim.Optimizer subclass."""
+    try:
+        return instantiate(spec, params=model.parameters(), _execution_whitelist_=(str(spec._target_),))
+    except Exception as e:  # Hydra wraps the class's TypeError/ValueError
+        why = str(e.__cause__ or e).splitlines()[0]
+        raise GcodeExpError(f"trainer.optimizer._target_={spec._target_}: cannot be built ({why})") from None
 
 
 def lr_schedule(opt: torch.optim.Optimizer, tc, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
