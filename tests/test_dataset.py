@@ -1,4 +1,5 @@
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -227,3 +228,28 @@ def test_cached_data_is_mapped_from_disk_not_copied(tmp_path):
     (entry,) = tmp_path.glob("*.pt")
     assert str(entry) in Path("/proc/self/maps").read_text()
     assert hit.splits["train"].rows.sum().isfinite()  # and reads like any tensor
+
+
+PARENT = os.getpid()
+
+
+def _dies_in_a_worker(path, max_nonfinite):
+    """read_or_error, except in a pool's process, which exits as SIGKILL would leave it."""
+    from gcode_exp.data.dataset import read_run
+
+    if os.getpid() != PARENT:
+        os._exit(9)
+    return read_run(path, max_nonfinite)
+
+
+def test_a_reading_process_that_dies_costs_only_time(monkeypatch, caplog):
+    """A killed reading process (the out-of-memory killer) is warned about; the files are read here instead."""
+    from gcode_exp.data import dataset
+
+    monkeypatch.setattr(dataset, "read_or_error", _dies_in_a_worker)
+    monkeypatch.setattr(dataset, "PARALLEL_BYTES", 0)
+    with caplog.at_level(logging.WARNING):
+        data = prepare(make_cfg("data.cache_dir=", "data.workers=2"))
+    assert "a process reading recordings died" in caplog.text
+    monkeypatch.undo()
+    _same_prepared(data, prepare(make_cfg("data.cache_dir=", "data.workers=1")))

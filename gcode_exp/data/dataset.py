@@ -18,6 +18,7 @@ import re
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from itertools import repeat
 from pathlib import Path
@@ -438,8 +439,13 @@ def read_files(paths: list[Path], max_nonfinite: float, workers: int) -> list[Re
     small = sum(p.stat().st_size for p in paths if p.is_file()) < PARALLEL_BYTES
     if n <= 1 or small or multiprocessing.current_process().daemon:  # a pool's worker may not start processes
         return [read_or_error(p, max_nonfinite) for p in paths]
-    with ProcessPoolExecutor(n, mp_context=POOL_CONTEXT) as pool:
-        return list(pool.map(read_or_error, paths, repeat(max_nonfinite)))
+    try:
+        with ProcessPoolExecutor(n, mp_context=POOL_CONTEXT) as pool:
+            return list(pool.map(read_or_error, paths, repeat(max_nonfinite)))
+    except BrokenProcessPool:  # a reading process was killed (out of memory?): what it did is lost, not the run
+        log.warning("a process reading recordings died (killed, out of memory?); reading the %d files in this "
+                    "process instead (data.workers=1 does so from the start)", len(paths))
+        return [read_or_error(p, max_nonfinite) for p in paths]
 
 
 def cores() -> int:
