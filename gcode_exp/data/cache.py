@@ -1,4 +1,4 @@
-"""Files on disk that spare work: atomic writes, and the two data caches.
+"""The two data caches: each recording's parsed table, and each prepared dataset.
 
 The cache holds one entry per recording (its parsed table, keyed by the file's bytes, so adding a
 file to a folder reads only that file) and one per prepared dataset (keyed by every file and the
@@ -11,6 +11,7 @@ without it, or whose bytes no longer match it, is never trusted.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gcode_exp.atomic import atomic_write, torch_save
+from gcode_exp.data.read import RecordedRun
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 9  # bump when what is cached changes
@@ -93,3 +95,32 @@ def load_entry(path: Path) -> dict | None:
         return torch.load(path, mmap=True, weights_only=True)  # data only: a cache runs no code
     except Exception as e:
         raise DamagedEntry(f"does not load: {e}") from None
+
+
+def save_recording(run: RecordedRun, entry: Path) -> None:
+    """One recording's parsed table into the cache; a failed write only costs a later re-read. Row texts
+    are kept as a table of distinct lines plus an index, and every text in one JSON string: the safe
+    unpickler takes ~10 us per object, so a list of thousands of strings would load slower than the CSV."""
+    texts = list(dict.fromkeys(run.lines))
+    where = {t: i for i, t in enumerate(texts)}
+    meta = {k: v for k, v in vars(run).items() if k != "values"}
+    blob = {"values": torch.from_numpy(run.values), "meta": json.dumps({**meta, "lines": texts}),
+            "line_index": torch.tensor([where[t] for t in run.lines], dtype=torch.int32)}
+    try:
+        save_entry(blob, entry)
+    except OSError as e:
+        log.debug("cache entry %s not written: %s", entry, e)
+
+
+def load_recording(entry: Path | None) -> RecordedRun | None:
+    """A recording's parsed table from the cache (values mapped from disk), None if absent or damaged."""
+    try:
+        blob = load_entry(entry) if entry else None
+        if blob is None:
+            return None
+        meta = json.loads(blob["meta"])
+        texts = meta.pop("lines")
+        return RecordedRun(**meta, values=blob["values"].numpy(), lines=[texts[i] for i in blob["line_index"].tolist()])
+    except (DamagedEntry, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        log.warning("ignoring unreadable cache %s (%s); reading the recording again", entry, e)
+        return None

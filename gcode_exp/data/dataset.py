@@ -31,8 +31,10 @@ from gcode_exp.data.cache import (
     DamagedEntry,
     file_hashes,
     load_entry,
+    load_recording,
     recording_entry,
     save_entry,
+    save_recording,
     writable_folder,
 )
 from gcode_exp.data.read import DataError, RecordedRun, channel_group, find_recordings, read_run, run_name
@@ -458,35 +460,6 @@ def read_or_error(path: Path, max_nonfinite: float) -> RecordedRun | DataError:
         return read_run(path, max_nonfinite)
     except DataError as e:
         return e
-
-
-def save_recording(run: RecordedRun, entry: Path) -> None:
-    """One recording's parsed table into the cache; a failed write only costs a later re-read. Row texts
-    are kept as a table of distinct lines plus an index, and every text in one JSON string: the safe
-    unpickler takes ~10 us per object, so a list of thousands of strings would load slower than the CSV."""
-    texts = list(dict.fromkeys(run.lines))
-    where = {t: i for i, t in enumerate(texts)}
-    meta = {k: v for k, v in vars(run).items() if k != "values"}
-    blob = {"values": torch.from_numpy(run.values), "meta": json.dumps({**meta, "lines": texts}),
-            "line_index": torch.tensor([where[t] for t in run.lines], dtype=torch.int32)}
-    try:
-        save_entry(blob, entry)
-    except OSError as e:
-        log.debug("cache entry %s not written: %s", entry, e)
-
-
-def load_recording(entry: Path | None) -> RecordedRun | None:
-    """A recording's parsed table from the cache (values mapped from disk), None if absent or damaged."""
-    try:
-        blob = load_entry(entry) if entry else None
-        if blob is None:
-            return None
-        meta = json.loads(blob["meta"])
-        texts = meta.pop("lines")
-        return RecordedRun(**meta, values=blob["values"].numpy(), lines=[texts[i] for i in blob["line_index"].tolist()])
-    except (DamagedEntry, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        log.warning("ignoring unreadable cache %s (%s); reading the recording again", entry, e)
-        return None
 
 
 def same_recording_twice(paths: list[Path]) -> dict[Path, str]:
