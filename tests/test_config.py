@@ -113,7 +113,7 @@ def _has(cfg, key: str) -> bool:
     (["task=eval"], "ckpt_path: task=eval needs ckpt_path=PATH"),
     (["+trainer.monitr=val/loss"], "trainer.monitr=val/loss: unknown key; did you mean trainer.monitor?"),
     (["+model.loss_weight.command=3"], "model.loss_weight.command=3: unknown key; did you mean model.loss_weights"),
-    (["~trainer.lr"], "trainer.lr: missing from the config"),
+    (["~trainer.lr"], "trainer.optimizer.lr: cannot be resolved: Interpolation key 'trainer.lr' not found"),
     (["data.dir=???"], "data.dir=???: needs a value"),
     (["data.dir=${oc.env:GCODE_EXP_TEST_UNSET_VARIABLE}"], "data.dir: cannot be resolved"),
 ], ids=lambda x: " ".join(x) if isinstance(x, list) else "")
