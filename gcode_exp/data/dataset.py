@@ -436,7 +436,8 @@ def read_runs(paths: list[Path], data_cfg, cache: Path | None = None,
 
 
 def read_files(paths: list[Path], max_nonfinite: float, workers: int) -> list[RecordedRun | DataError]:
-    """Each file read, or why it cannot be; in a pool of processes when there is more than one file."""
+    """Each file read, or why it cannot be; by `workers` processes (0: one per core) when the files hold
+    PARALLEL_BYTES or more, else in this process."""
     n = min(workers or cores(), len(paths))
     small = sum(p.stat().st_size for p in paths if p.is_file()) < PARALLEL_BYTES
     if n <= 1 or small or multiprocessing.current_process().daemon:  # a pool's worker may not start processes
