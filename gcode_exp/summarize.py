@@ -411,24 +411,29 @@ def markdown(rows: list[dict]) -> str:
 
 
 def chart(groups: list[Group]) -> bytes:
-    """summary.png's bytes: the test metrics of each group, mean ± sd."""
+    """summary.png's bytes: the test metrics of each group, mean ± sd, each with the majority reference
+    of the same test files as a black tick (what answering the most frequent line everywhere scores)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("command_acc", "command_macro_recall", "token_macro_recall", "overall_acc")
+    keys = ("line_exact", "command_macro_recall", "token_macro_recall", "overall_acc")
     labels = [f"{g.label['approach']}\n{g.label['features']}" + ("" if g.label["split"] == "file" else
                                                                  f"\n{g.label['split']}") for g in groups]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)) + 1.8, 4))
     width = 0.8 / len(keys)
     for k, key in enumerate(keys):
-        means = [statistics.fmean(g.values(f"test/{key}") or [0]) for g in groups]
+        at = [i + k * width for i in range(len(groups))]
+        means = [statistics.fmean(v) if (v := g.values(f"test/{key}")) else math.nan for g in groups]
         sds = [statistics.stdev(v) if len(v := g.values(f"test/{key}")) > 1 else 0 for g in groups]
-        ax.bar([i + k * width for i in range(len(groups))], means, width, yerr=sds, label=key, capsize=2)
+        ax.bar(at, means, width, yerr=sds, label=key, capsize=2)
+        majority = [statistics.fmean(v) if (v := g.values(f"majority/{key}")) else math.nan for g in groups]
+        ax.hlines(majority, [x - width / 2 for x in at], [x + width / 2 for x in at], colors="black", linewidth=2,
+                  label="majority reference" if k == 0 else None)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], labels, fontsize=7)
     ax.set(ylim=(0, 1), ylabel="test", title="approaches on unseen runs (mean ± sd over folds x seeds)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars, never over them
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
