@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +18,8 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through `write(temp path)` in the same folder, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask's mode, as open() gives
     try:
         write(tmp)
         os.replace(tmp, path)

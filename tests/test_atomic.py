@@ -1,6 +1,7 @@
 """gcode_exp/atomic.py: every file the project writes appears whole or not at all."""
 
 import json
+import os
 
 import pytest
 
@@ -27,3 +28,14 @@ def test_writers_create_folders_and_write_whole_files(tmp_path):
     write_csv(tmp_path / "c.csv", [{"k": 1, "v": 2}, {"k": 3, "w": 4}])
     assert (tmp_path / "a" / "b.txt").read_text() == "x\n"
     assert (tmp_path / "c.csv").read_text().splitlines() == ["k,v,w", "1,2,", "3,,4"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_written_files_get_the_umask_mode_like_open_gives(tmp_path):
+    """Plots, CSVs and JSON of a run stay readable to the group as before (not a temp file's 0600)."""
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
