@@ -85,23 +85,23 @@ def _peak_anon_mb(pid: int, peak: float) -> float:
     return max(peak, kb / 1024)
 
 
-def watched(cmd: list[str], **kw) -> tuple[int, float, float]:
-    """Run `cmd`; (exit code, peak resident set MB, peak anonymous memory MB, sampled every 20 ms; 0 where
-    /proc is not there)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
-    anon = 0.0
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        anon = _peak_anon_mb(proc.pid, anon)
-        time.sleep(0.02)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace")
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}: {err.strip().splitlines()[-1:]}")
+def watched(cmd: list[str], **kw) -> tuple[float, float]:
+    """Run `cmd` to its end: (peak resident set MB, peak anonymous memory MB sampled every 20 ms, 0 where
+    /proc is not there). Its stderr goes to a file: a pipe nobody reads while waiting would fill and stall it."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, **kw)
+        anon = 0.0
+        while not (done := os.wait4(proc.pid, os.WNOHANG))[0]:
+            anon = _peak_anon_mb(proc.pid, anon)
+            time.sleep(0.02)
+        _, status, usage = done
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            last = err.read().decode(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}: {last}")
     rss_kb = usage.ru_maxrss / (1024 if sys.platform == "darwin" else 1)
-    return proc.returncode, rss_kb / 1024, anon
+    return rss_kb / 1024, anon
 
 
 def _timed_prepare(container: dict, out) -> None:
@@ -154,8 +154,8 @@ def bench_scale(cfg: DictConfig, scales: list[int], workers: int, overrides: lis
             cmd = [sys.executable, str(ROOT / "run.py"), "model=multihead", "aug=3x", "trainer.max_epochs=1",
                    f"data.dir={folder}", f"data.cache_dir={cache}", f"hydra.run.dir={run}", "logger=none",
                    f"hardware.threads={torch_threads()}", *overrides]
-            _, row["train_peak_rss_mb"], row["train_peak_anon_mb"] = watched(cmd, cwd=ROOT,
-                                                                           env={**os.environ, "WANDB_MODE": "offline"})
+            env = {**os.environ, "WANDB_MODE": "offline"}
+            row["train_peak_rss_mb"], row["train_peak_anon_mb"] = watched(cmd, cwd=ROOT, env=env)
             row["epoch_s"] = json.loads((run / "metrics.json").read_text())["sec_per_epoch"]
             out[f"{k}x"] = row
             print(f"{k:>4}x " + " ".join(f"{row[key]:>9.2f}" if isinstance(row[key], float) else f"{row[key]:>9d}"

@@ -231,7 +231,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         if main:
             save_checkpoint(ckpt_dir / "last.pt", model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch,
                             scheduler=sched.state_dict(), state=state, rng=rng_state(gen), **common)
-            write_history(state["history"], run_dir / "history.csv")
+            write_csv(run_dir / "history.csv", state["history"])
         log.info("epoch %3d | train loss %.4f | val loss %.4f | %s %.4f | cmd %.3f | uniq %d | %.1fs",
                  epoch, row["train/loss"], row["val/loss"], tc.monitor, score, row["val/command_acc"],
                  row["val/unique_tokens"], train_sec)
@@ -325,10 +325,6 @@ def train_step(model: TokenModel, opt: torch.optim.Optimizer, batch, device: tor
     if sched is not None:
         sched.step()
     return loss.item()
-
-
-def write_history(history: list[dict], path: Path) -> None:
-    write_csv(path, history)
 
 
 def load_model(blob: dict, device) -> tuple[TokenModel | NearestModel, Vocab]:
