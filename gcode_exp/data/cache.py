@@ -41,9 +41,14 @@ def writable_folder(cache_dir: str | None) -> Path | None:
         tempfile.TemporaryFile(dir=folder).close()
         return folder
     except OSError as e:
-        why = "not a folder" if folder.exists() and not folder.is_dir() else e.strerror or str(e)
-        log.warning("data.cache_dir=%s: cannot write the cache (%s): cache turned off for this run", folder, why)
+        cache_off(folder, e)
         return None
+
+
+def cache_off(folder: Path, error: OSError) -> None:
+    """The one warning for a cache that cannot be written: the run goes on without it."""
+    why = "not a folder" if folder.exists() and not folder.is_dir() else error.strerror or str(error)
+    log.warning("data.cache_dir=%s: cannot write the cache (%s): cache turned off for this run", folder, why)
 
 
 def file_hashes(paths: list[Path]) -> dict[Path, str]:

@@ -29,6 +29,7 @@ import torch
 from gcode_exp.data.cache import (
     CACHE_VERSION,
     DamagedEntry,
+    cache_off,
     file_hashes,
     load_entry,
     load_recording,
@@ -541,8 +542,7 @@ def save_prepared(prepared: Prepared, cfg, path: Path) -> None:
     try:
         save_entry(blob, path)
     except OSError as e:
-        log.warning("data.cache_dir=%s: cannot write the cache (%s): cache turned off for this run",
-                    cfg.data.cache_dir, e.strerror or e)
+        cache_off(Path(cfg.data.cache_dir), e)
 
 
 def load_prepared(path: Path) -> Prepared | None:
