@@ -93,7 +93,7 @@ def batches(
         if aug is not None:
             starts = aug.shift_starts(starts, split.lo[idx], split.hi[idx], gen)
         rows = starts[:, None] + steps
-        x = split.rows[rows]
+        x = split.gather(rows)
         if aug is not None:
             x = aug.perturb(x, gen)
         y = split.targets[idx]

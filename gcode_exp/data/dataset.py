@@ -74,6 +74,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.starts)
 
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Input rows at an index tensor of any shape ([B, window] for a batch of windows): a new tensor
+        [*rows.shape, channels]. Training and evaluation read `rows` through this alone."""
+        return self.rows.index_select(0, rows.flatten()).view(*rows.shape, self.rows.shape[1])
+
 
 @dataclass
 class Features:
