@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from gcode_exp.atomic import atomic_write  # noqa: E402
-from gcode_exp.data.vocab import COMMAND, PAD, Vocab  # noqa: E402
+from gcode_exp.data.vocab import PAD, Vocab  # noqa: E402
+from gcode_exp.training import metrics  # noqa: E402
 
 
 def learning_curves(history: list[dict], path: Path) -> None:
@@ -30,14 +31,9 @@ def learning_curves(history: list[dict], path: Path) -> None:
 
 def command_confusion(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab, path: Path) -> None:
     """Rows: target command; columns: what was predicted at that position (other = any non-command)."""
-    types = vocab.structure()["type"]
-    cmds = [i for i, t in enumerate(types) if t == COMMAND]
-    names = [vocab.tokens[i] for i in cmds] + ["other"]
-    col = {c: k for k, c in enumerate(cmds)}
-    counts = torch.zeros(len(cmds), len(names))
-    for p, t in zip(pred.flatten().tolist(), target.flatten().tolist()):
-        if t in col:
-            counts[col[t], col.get(p, len(cmds))] += 1
+    cmds = vocab.commands
+    names = [*cmds, "other"]
+    counts = metrics.command_confusion(pred, target, vocab)
     share = counts / counts.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(names), 1 + 0.5 * len(cmds)))
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)

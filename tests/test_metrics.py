@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from gcode_exp.data.vocab import PAD, Vocab
-from gcode_exp.training.metrics import line_exact, majority_line, majority_metrics, per_class, token_metrics
+from gcode_exp.training.metrics import (
+    command_confusion,
+    line_exact,
+    macro_recall,
+    majority_line,
+    majority_metrics,
+    per_class,
+    token_metrics,
+)
 
 V = Vocab.build(["G1 X1", "G0 Z0.5", "G2 X2 Y1 R0.5", "M30"], digits=2)
 
@@ -71,3 +79,64 @@ def test_per_class_table_commands_first():
     m30 = next(r for r in rows if r["token"] == "M30")
     assert (g1["support"], g1["predicted"], g1["precision"], g1["recall"]) == (1, 2, 0.5, 1.0)
     assert (m30["support"], m30["recall"]) == (1, 0.0)
+
+
+def test_macro_recall_skips_a_class_predicted_but_absent_from_the_targets():
+    target = torch.tensor([ids("G1", "G1", "G0", "EOS")])
+    pred = torch.tensor([ids("G1", "G2", "G0", "EOS")])  # G2 is never a target: not a class of the mean
+    m = token_metrics(pred, target, V)
+    assert m["command_macro_recall"] == pytest.approx((1 / 2 + 1) / 2)  # G1 1/2, G0 1; not (1/2 + 1 + 0) / 3
+    assert m["token_macro_recall"] == pytest.approx((1 / 2 + 1 + 1) / 3)  # G1, G0, EOS
+    p, t = pred.flatten(), target.flatten()
+    assert macro_recall(p, t, torch.tensor(ids("G1", "G2", "M30"))) == pytest.approx(1 / 2)  # only G1 is present
+    assert math.isnan(macro_recall(p, t, torch.tensor(ids("M30"))))
+
+
+def test_all_pad_targets_give_nan_and_empty_tables():
+    target = torch.full((2, 3), PAD)
+    pred = torch.tensor([ids("G1", "X", "EOS"), ids("G0", "EOS", "PAD")])
+    m = token_metrics(pred, target, V)
+    assert m["unique_tokens"] == 0
+    assert all(math.isnan(v) for k, v in m.items() if k != "unique_tokens")
+    assert per_class(pred, target, V) == []
+    assert command_confusion(pred, target, V).tolist() == [[0] * 5] * 4
+
+
+def test_one_class_only():
+    target = torch.tensor([ids("G1")] * 3)
+    m = token_metrics(target, target, V)
+    assert (m["overall_acc"], m["command_macro_recall"], m["token_macro_recall"], m["unique_tokens"]) == (1, 1, 1, 1)
+    assert token_metrics(torch.full_like(target, V.index["G0"]), target, V)["token_macro_recall"] == 0.0
+    assert per_class(target, target, V) == [
+        {"token": "G1", "type": "COMMAND", "support": 3, "predicted": 3, "precision": 1.0, "recall": 1.0}]
+
+
+def test_per_class_counts_only_non_pad_positions_and_lists_only_target_tokens():
+    target = torch.tensor([ids("G0", "Z", "EOS", "PAD"), ids("G0", "X", "EOS", "PAD")])
+    pred = torch.tensor([ids("G1", "Z", "EOS", "G0"), ids("G0", "Z", "X", "G0")])  # G0 at a PAD target: not counted
+    rows = {r["token"]: r for r in per_class(pred, target, V)}
+    assert list(rows) == ["G0", "EOS", "X", "Z"]  # commands first, then by id; G1 is never a target
+    assert rows["G0"] == {"token": "G0", "type": "COMMAND", "support": 2, "predicted": 1, "precision": 1.0,
+                          "recall": 0.5}
+    assert (rows["X"]["predicted"], rows["X"]["precision"], rows["X"]["recall"]) == (1, 0.0, 0.0)  # once, at an EOS
+    assert (rows["Z"]["support"], rows["Z"]["predicted"], rows["Z"]["precision"]) == (1, 2, 0.5)
+    assert (rows["EOS"]["support"], rows["EOS"]["predicted"], rows["EOS"]["recall"]) == (2, 1, 0.5)
+
+
+def test_per_class_precision_of_a_token_never_predicted_is_zero():
+    target = torch.tensor([ids("G0", "EOS"), ids("G1", "EOS")])
+    pred = torch.tensor([ids("G1", "EOS"), ids("G1", "EOS")])
+    g0 = per_class(pred, target, V)[0]
+    assert (g0["token"], g0["predicted"], g0["precision"], g0["recall"]) == ("G0", 0, 0.0, 0.0)
+
+
+def test_command_confusion_rows_are_target_commands_and_the_last_column_any_other_prediction():
+    target = torch.tensor([ids("G0", "X", "EOS"), ids("G0", "Z", "EOS"), ids("M30", "EOS", "PAD")])
+    pred = torch.tensor([ids("G0", "G1", "EOS"), ids("X", "Z", "EOS"), ids("G2", "EOS", "G1")])
+    # columns G0 G1 G2 M30 other; non-command targets (X predicted G1, the PAD predicted G1) are not counted
+    assert command_confusion(pred, target, V).tolist() == [
+        [1, 0, 0, 0, 1],  # G0: once right, once predicted X
+        [0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0],  # M30 predicted G2
+    ]

@@ -1,5 +1,9 @@
 """Token-level metrics. Every metric is over non-PAD target positions after BOS (EOS included);
-docs/METRICS.md states each definition. A majority reference is scored with the same code."""
+docs/METRICS.md states each definition. A majority reference is scored with the same code.
+
+Class-wise counts, precision and recall come from torchmetrics; line_exact and the majority reference,
+which no library has, are ours. torchmetrics is imported inside the functions that use it: its import
+(~0.35 s) would otherwise slow every task that imports this module through tasks.py, prepare and predict too."""
 
 from __future__ import annotations
 
@@ -14,11 +18,17 @@ def _share(hit: torch.Tensor, where: torch.Tensor) -> float:
 
 
 def macro_recall(pred: torch.Tensor, target: torch.Tensor, classes: torch.Tensor) -> float:
-    """Mean over the classes present in `target` of the share of their positions predicted right."""
-    present = [c for c in classes.tolist() if (target == c).any()]
-    if not present:
+    """Mean over the classes present in `target` of the share of their positions predicted right.
+
+    Not torchmetrics' average="macro", which also counts a class predicted but absent from the targets
+    (as recall 0): an absent class gets recall NaN here and the mean skips it."""
+    from torchmetrics.functional.classification import multiclass_recall
+
+    if not len(target):
         return float("nan")
-    return sum(float((pred[target == c] == c).float().mean()) for c in present) / len(present)
+    n = max(int(pred.max()), int(target.max()), *classes.tolist()) + 1
+    recall = multiclass_recall(pred, target, max(n, 2), average=None, zero_division=float("nan"))  # needs 2 classes
+    return float(recall[classes].double().nanmean())
 
 
 def token_metrics(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> dict[str, float]:
@@ -53,25 +63,44 @@ def line_exact(generated: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def per_class(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> list[dict]:
-    """Support, precision and recall of every token present in the targets, commands first."""
+    """Support, predicted count, precision and recall of every token present in the targets, commands first.
+    A token never predicted has precision 0."""
+    from torchmetrics.functional.classification import (
+        multiclass_confusion_matrix,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
     types = vocab.structure()["type"]
     mask = target != PAD
-    p, t = pred[mask], target[mask]
-    rows = []
-    for c in sorted(set(t.tolist()), key=lambda c: (types[c] != COMMAND, c)):
-        hits = int(((p == c) & (t == c)).sum())
-        n_pred, support = int((p == c).sum()), int((t == c).sum())
-        rows.append(
-            {
-                "token": vocab.tokens[c],
-                "type": TYPES[types[c]],
-                "support": support,
-                "predicted": n_pred,
-                "precision": hits / n_pred if n_pred else 0.0,
-                "recall": hits / support,
-            }
-        )
-    return rows
+    p, t, n = pred[mask], target[mask], len(vocab)
+    if not len(t):
+        return []
+    counts = multiclass_confusion_matrix(p, t, n)  # rows: target, columns: predicted
+    support, predicted = counts.sum(1).tolist(), counts.sum(0).tolist()
+    precision = multiclass_precision(p, t, n, average=None).tolist()
+    recall = multiclass_recall(p, t, n, average=None).tolist()
+    present = sorted((c for c in range(n) if support[c]), key=lambda c: (types[c] != COMMAND, c))
+    return [
+        {"token": vocab.tokens[c], "type": TYPES[types[c]], "support": support[c], "predicted": predicted[c],
+         "precision": precision[c], "recall": recall[c]}
+        for c in present
+    ]
+
+
+def command_confusion(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> torch.Tensor:
+    """Counts [commands, commands + 1] over positions whose target is a command (vocabulary order): row the
+    target, column the command predicted; the last column lumps every non-command prediction together."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    index = torch.tensor(vocab.structure()["command"])  # per token id: its command index, -1 if not a command
+    n = int((index >= 0).sum())
+    t, p = index[target.flatten()], index[pred.flatten()]
+    keep = t >= 0
+    if not keep.any():
+        return torch.zeros(n, n + 1, dtype=torch.long)
+    p = torch.where(p >= 0, p, n)
+    return multiclass_confusion_matrix(p[keep], t[keep], n + 1)[:n]
 
 
 def majority_line(train_targets: torch.Tensor) -> torch.Tensor:
