@@ -1,5 +1,6 @@
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -228,6 +229,42 @@ def test_cached_data_is_mapped_from_disk_not_copied(tmp_path):
     (entry,) = tmp_path.glob("*.pt")
     assert str(entry) in Path("/proc/self/maps").read_text()
     assert hit.splits["train"].rows.sum().isfinite()  # and reads like any tensor
+
+
+def _resident_kb(entry: Path) -> int:
+    """kB of `entry` resident in this process's memory, over every mapping of it."""
+    total, mine = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            mine = line.endswith(f" {os.path.realpath(entry)}")
+        elif mine and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps")
+def test_reading_a_mapped_split_keeps_only_recent_pages_resident(tmp_path, monkeypatch, caplog):
+    """Gathering every window of a cache hit leaves about RELEASE_BYTES of the cache file resident in this
+    process, not the whole split, and gives what a cold read gives. A write into the mapped rows (the
+    mapping is private: a released page would revert to the file's bytes) stops the releases instead."""
+    from gcode_exp.data import cache
+
+    monkeypatch.setattr(cache, "RELEASE_BYTES", 512 << 10)
+    cfg = make_cfg(f"data.cache_dir={tmp_path}")
+    cold = prepare(make_cfg("data.cache_dir=")).splits["train"]  # in memory, never mapped
+    assert cold.mapped is None and prepare(cfg).splits["train"].mapped is not None  # a cold build trains from the map
+    train = prepare(cfg).splits["train"]
+    (entry,) = tmp_path.glob("*.pt")
+    windows = (train.starts[:, None] + torch.arange(cfg.data.window)).split(16)
+    for rows in windows:
+        assert torch.equal(train.gather(rows), cold.gather(rows))
+    assert _resident_kb(entry) << 10 < 2 << 20 < train.rows.nbytes // 3
+    with caplog.at_level(logging.WARNING):
+        train.rows[train.starts[0]] += 1  # this process's own copy of the page now
+        for rows in windows:
+            train.gather(rows)
+    assert torch.equal(train.rows[train.starts[0]], cold.rows[cold.starts[0]] + 1)
+    assert train.mapped.stopped and "written to in place" in caplog.text
 
 
 PARENT = os.getpid()

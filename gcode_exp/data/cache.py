@@ -4,18 +4,24 @@ The cache holds one entry per recording (its parsed table, keyed by the file's b
 file to a folder reads only that file) and one per prepared dataset (keyed by every file and the
 data config). Entries are `torch.save` files loaded with `mmap=True`: their tensors stay in the page
 cache and are read as windows are gathered, so a process does not copy the dataset into its own
-memory. Beside each entry, `<entry>.sum` holds its size and CRC-32 and is written last: an entry
-without it, or whose bytes no longer match it, is never trusted.
+memory; `MappedPages` drops the pages a process has read every RELEASE_BYTES, so its resident set
+holds only what it read lately, not the whole entry after an epoch. Beside each entry, `<entry>.sum`
+holds its size and CRC-32 and is written last: an entry without it, or whose bytes no longer match it,
+is never trusted.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
+import sys
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +31,11 @@ from gcode_exp.data.read import RecordedRun
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 9  # bump when what is cached changes
+RELEASE_BYTES = 64 << 20  # bytes read from a mapped split between two releases of its pages: about what of the
+# cache entry stays resident in a process, whatever the entry's size (docs/RESULTS.md, "Scale")
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" and hasattr(mmap, "MADV_DONTNEED") else None
+if _LIBC is not None:
+    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class DamagedEntry(ValueError):
@@ -129,3 +140,73 @@ def load_recording(entry: Path | None) -> RecordedRun | None:
     except (DamagedEntry, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         log.warning("ignoring unreadable cache %s (%s); reading the recording again", entry, e)
         return None
+
+
+# --- keeping only recently read pages of a mapped entry resident ------------------------------------
+@dataclass
+class MappedPages:
+    """Where a group of tensors lies in this process's mapping of a cache entry, and the bytes read from
+    them since their pages were last released. Without releases every page an epoch reads stays mapped
+    and counts in the resident set, which then grows with the data; a released page stays in the page
+    cache and is mapped again, without touching the disk, when next read."""
+
+    start: int  # page-aligned span of the tensors' storages
+    end: int
+    vma: str  # the mapping's `start-end` in /proc/self/maps, its key in /proc/self/smaps
+    unreleased: int = 0
+    stopped: bool = False
+
+    def note_read(self, nbytes: int) -> None:
+        """Count bytes read from the tensors; release their pages every RELEASE_BYTES."""
+        self.unreleased += nbytes
+        if self.unreleased >= RELEASE_BYTES and not self.stopped:
+            self.release()
+
+    def release(self) -> None:
+        """Drop this process's references to the span's pages (madvise MADV_DONTNEED). The mapping is
+        private, so a page the process wrote is its own copy and would silently revert to the file's
+        bytes: if the mapping holds any, nothing is released, now or later."""
+        self.unreleased = 0
+        if written_kb(self.vma) != 0:
+            self.stopped = True
+            log.warning("the memory-mapped data cache was written to in place (or its mapping changed): its pages "
+                        "are no longer released, so this process's memory grows with the data it reads")
+            return
+        if _LIBC.madvise(self.start, self.end - self.start, mmap.MADV_DONTNEED) != 0:
+            log.debug("madvise failed (errno %d): the cache's pages stay resident", ctypes.get_errno())
+
+
+def mapped_pages(path: Path, tensors: list[torch.Tensor]) -> MappedPages | None:
+    """The span of `tensors` in this process's mapping of `path`, or None where they do not all lie in
+    one (tensors in memory, a platform without /proc or madvise): those are never released."""
+    spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors]
+    spans = [(p, n) for p, n in spans if n]
+    if _LIBC is None or not spans:
+        return None
+    lo, hi = min(p for p, _ in spans), max(p + n for p, n in spans)
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            first, last = (int(a, 16) for a in fields[0].split("-"))
+            if first <= lo and hi <= last:
+                page = mmap.PAGESIZE
+                return MappedPages(lo - lo % page, -(-hi // page) * page, fields[0])
+    return None
+
+
+def written_kb(vma: str) -> int | None:
+    """kB of the mapping `vma` that this process wrote (its private copies), None if there is no such mapping."""
+    try:
+        smaps = "\n" + Path("/proc/self/smaps").read_text()
+    except OSError:
+        return None
+    head = smaps.find(f"\n{vma} ")
+    field = smaps.find("\nAnonymous:", head)  # every mapping has this line: the first after its head is its own
+    if head < 0 or field < 0:
+        return None
+    return int(smaps[field : field + 64].split()[1])

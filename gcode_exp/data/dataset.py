@@ -19,7 +19,7 @@ import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import repeat
 from pathlib import Path
 
@@ -29,10 +29,12 @@ import torch
 from gcode_exp.data.cache import (
     CACHE_VERSION,
     DamagedEntry,
+    MappedPages,
     cache_off,
     file_hashes,
     load_entry,
     load_recording,
+    mapped_pages,
     recording_entry,
     save_entry,
     save_recording,
@@ -70,14 +72,25 @@ class Split:
     row_targets: torch.Tensor  # int16 [total_rows, max_len] each row's own line, all PAD where unlabelled
     row_lines: torch.Tensor  # int64 [total_rows] which text line each row executes (line_id), 0 where unlabelled
     target_lengths: torch.Tensor  # int64 [windows] BOS + tokens + EOS before cutting to max_len
+    # where its tensors lie in the mapped cache entry (load_prepared; None: in memory), never cached itself
+    mapped: MappedPages | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Input rows at an index tensor of any shape ([B, window] for a batch of windows): a new tensor
-        [*rows.shape, channels]. Training and evaluation read `rows` through this alone."""
-        return self.rows.index_select(0, rows.flatten()).view(*rows.shape, self.rows.shape[1])
+        [*rows.shape, channels]. Training and evaluation read `rows` through this alone, so this is where
+        the pages read from a mapped cache entry are counted and, every RELEASE_BYTES, released: the
+        process's resident set then stays flat in the data size. Nothing may write into a mapped split."""
+        out = self.rows.index_select(0, rows.flatten()).view(*rows.shape, self.rows.shape[1])
+        if self.mapped is not None:
+            self.mapped.note_read(out.nbytes)
+        return out
+
+    def stored(self) -> dict:
+        """What the cache keeps of the split: every field but where this process mapped it."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
 @dataclass
@@ -538,7 +551,7 @@ def save_prepared(prepared: Prepared, cfg, path: Path) -> None:
     from omegaconf import OmegaConf
 
     blob = {
-        "splits": {k: vars(v) for k, v in prepared.splits.items()},
+        "splits": {k: v.stored() for k, v in prepared.splits.items()},
         "vocab": prepared.vocab.to_dict(),
         "features": vars(prepared.features),
         "summary": prepared.summary,
@@ -560,12 +573,11 @@ def load_prepared(path: Path) -> Prepared | None:
         return None
     if blob is None:
         return None
-    return Prepared(
-        splits={k: Split(**v) for k, v in blob["splits"].items()},
-        vocab=Vocab.from_dict(blob["vocab"]),
-        features=Features(**blob["features"]),
-        summary=blob["summary"],
-    )
+    splits = {k: Split(**v) for k, v in blob["splits"].items()}
+    for split in splits.values():
+        split.mapped = mapped_pages(path, [t for t in split.stored().values() if isinstance(t, torch.Tensor)])
+    return Prepared(splits=splits, vocab=Vocab.from_dict(blob["vocab"]), features=Features(**blob["features"]),
+                    summary=blob["summary"])
 
 
 def prepare(cfg) -> Prepared:
@@ -605,6 +617,7 @@ def prepare(cfg) -> Prepared:
     prepared = Prepared(splits=splits, vocab=vocab, features=feats, summary=summary)
     if folder:
         save_prepared(prepared, cfg, cache)
+        return load_prepared(cache) or prepared  # trained from the map like a cache hit; the copies are freed
     return prepared
 
 
