@@ -5,31 +5,33 @@
 Finds every run folder (a folder with `.hydra/config.yaml`) under the paths, groups runs that differ
 only in `seed` and `data.fold` (cross-validation folds) into mean ± sd with a t-based 95 % interval of
 the mean over the n = folds x seeds runs, adds the majority reference, lists unfinished and failed runs,
-and writes summary.csv, summary.md and summary.png into the first path. `--compare A B` (approach
-names, repeatable) pairs A's and B's runs on the same data, fold and seed and gives the mean paired
-difference A - B with its 95 % interval (compare.csv). Jobs of an Optuna sweep are listed
-as trials (parameters, value, folder) from their own `optuna_trial.json`, with the best result of each
-sweep; with --storage it lists every trial of the study straight from the storage (any machine's),
-with its state and the folder it wrote. `--metrics` chooses the metric columns of the tables and CSVs
-(any test metric the runs hold, and sec_per_epoch, epochs, collapsed), in the order given.
+and writes summary.csv, summary.md and summary.png into the first path. Each group is labelled by
+approach, features, vocab, augmentation, model and split, plus a column for every other config key
+whose values differ between groups that would otherwise read alike: no two rows look the same.
+`--compare A B` (approach names, repeatable) pairs A's and B's runs on the same data, fold and seed and
+gives the mean paired difference A - B with its 95 % interval (compare.csv). Jobs of an Optuna sweep
+are listed as trials (parameters, value, folder) from their own `optuna_trial.json`, with the best
+result of each sweep; with --storage it lists every trial of the study straight from the storage (any
+machine's), with its state and the folder it wrote. `--metrics` chooses the metric columns of the tables
+and CSVs (any test metric the runs hold, and sec_per_epoch, epochs, collapsed), in the order given.
+The Markdown tables are padded so that their columns line up in a terminal too.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import difflib
 import io
 import json
 import math
 import re
-import statistics
 import sys
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from gcode_exp import GcodeExpError
@@ -40,6 +42,11 @@ from gcode_exp.sweeps import TRIAL_FILE, display_url, same_params
 METRICS = ("unique_tokens", "command_acc", "overall_acc", "type_acc", "param_type_acc", "command_macro_recall",
            "token_macro_recall", "token_coverage", "line_exact")
 RUN_COLUMNS = ("sec_per_epoch", "epochs", "collapsed")  # of the run, not of its test set: after the metrics
+DIGITS = {"unique_tokens": 1, "sec_per_epoch": 1, "epochs": 0}  # every other metric: 3
+LABEL = ["approach", "features", "vocab", "aug", "multihead", "split"]  # describe()'s columns
+SHORT_LABEL = ["approach", "features", "split"]  # the interval table's and the chart's
+CHART_METRICS = ("line_exact", "command_macro_recall", "token_macro_recall", "overall_acc")
+STATS = ["mean", "std", "count"]  # what a table cell is made of
 
 
 @dataclass
@@ -60,20 +67,6 @@ class RunResult:
     def fold(self):
         """The cross-validation fold (data.fold); None for runs made before folds existed."""
         return (self.config.get("data") or {}).get("fold")
-
-
-@dataclass
-class Group:
-    label: dict
-    runs: list[RunResult] = field(default_factory=list)
-
-    def values(self, key: str) -> list[float]:
-        out = []
-        for r in self.runs:
-            v = r.metrics.get(key)
-            if isinstance(v, (int, float)) and not math.isnan(float(v)):
-                out.append(float(v))
-        return out
 
 
 def find_runs(paths: list[Path]) -> list[RunResult]:
@@ -189,85 +182,66 @@ def describe(cfg: dict, trial: dict | None = None) -> dict:
     }
 
 
-def leaf_keys(cfg: dict, prefix: str = "") -> set[str]:
-    """Dotted keys of the leaves of a nested dict."""
-    out: set[str] = set()
+def flat(cfg: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as dotted key -> leaf value."""
+    out: dict[str, object] = {}
     for k, v in cfg.items():
-        out |= leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v}
     return out
 
 
-def only_shared_keys(runs: list[RunResult]) -> None:
-    """Runs written by different versions of the code: a config key that only some of them have (added in
-    between, at its default) is left out of their configs, so they still group and pair by what they share."""
-    finished = [r for r in runs if r.status == "finished"]
-    if not finished:
-        return
-    shared = set.intersection(*(leaf_keys(r.config) for r in finished))
-
-    def prune(cfg: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in cfg.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict) and v:
-                out[k] = prune(v, key + ".")
-            elif key in shared:
-                out[k] = v
-        return out
-
-    for r in finished:
-        r.config = prune(r.config)
+def shown(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def group_runs(runs: list[RunResult]) -> list[Group]:
-    """Finished runs whose configs are equal but for the seed and the fold (data.fold) form one group."""
-    groups: dict[str, Group] = {}
-    for r in runs:
-        if r.status != "finished":
-            continue
-        same = {k: v for k, v in r.config.items() if k not in ("seed", "hydra")}
-        if isinstance(same.get("data"), dict):
-            same["data"] = {k: v for k, v in same["data"].items() if k != "fold"}
-        if r.trial is not None:  # two trials never form a group, even with equal parameters
-            same["optuna_trial"] = [r.trial.get("study"), r.trial.get("trial")]
-        key = json.dumps(same, sort_keys=True, default=str)
-        groups.setdefault(key, Group(describe(r.config, r.trial))).runs.append(r)
-    return list(groups.values())
+@dataclass
+class Finished:
+    """The finished runs, one row each in three frames that share an index: `info` (describe()'s label,
+    and the group, fold, test set and pair each run belongs to), `settings` (what puts a run in its group:
+    dotted config key -> value as shown) and `values` (the numbers of metrics.json; NaN where it has none)."""
+    info: pd.DataFrame
+    settings: pd.DataFrame
+    values: pd.DataFrame
+
+    def column(self, key: str) -> pd.Series:
+        """A metrics.json entry of every run (all NaN where no run wrote it)."""
+        return self.values[key] if key in self.values else pd.Series(math.nan, index=self.info.index)
+
+    def per_group(self, key: str) -> pd.DataFrame:
+        """mean, std and count of a metrics.json entry per group, the groups in the order of their first run."""
+        return self.column(key).groupby(self.info["group"], sort=False).agg(STATS)
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+def finished_runs(runs: list[RunResult]) -> Finished:
+    """The finished runs as frames. Runs that differ only in seed and fold form a group; runs on the same
+    data (fold included, not how it is read) and vocab share a test set; runs on the same test set,
+    feature set and seed pair. A config key that only some runs have, with one value wherever present (added
+    by a later version of the code, at its default), is left out: runs of two versions still group and pair.
+    One with several values (a model's own key, swept) is `-` where absent, and still splits groups."""
+    done = [r for r in runs if r.status == "finished"]
+    config = pd.DataFrame([{k: shown(v) for k, v in flat(r.config).items()} for r in done], dtype=object)
+    added = [k for k in config if config[k].isna().any() and config[k].nunique() < 2]  # one value where present
+    config = config.drop(columns=added).fillna("-")
+    data = [k for k in config if k.startswith("data.") and k.split(".")[1] not in HOW_READ]
+    settings = config.drop(columns=[k for k in config if k in ("seed", "data.fold") or k.split(".")[0] == "hydra"])
+    settings["optuna_trial"] = [f"{r.trial.get('study')} #{r.trial.get('trial')}" if r.trial else "-" for r in done]
+    info = pd.DataFrame([describe(r.config, r.trial) for r in done], columns=LABEL).assign(
+        group=key_of(settings), fold=[shown(r.fold) for r in done],
+        test_set=key_of(config[[*data, *(k for k in config if k.startswith("vocab."))]]),
+        pair=key_of(config.reindex(columns=[*data, "features.name", "seed"])),
+        trial=[r.trial is not None for r in done], folder=[str(r.folder) for r in done],
+        collapsed=[bool(r.metrics.get("collapsed")) for r in done])
+    values = pd.DataFrame([{k: float(v) for k, v in r.metrics.items() if _is_value(v)} for r in done])
+    return Finished(info, settings, values)
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+def key_of(columns: pd.DataFrame) -> pd.Series:
+    """One string per row, the same for rows with equal values in `columns`."""
+    return pd.Series([json.dumps(row, default=str) for row in columns.values.tolist()], index=columns.index)
 
 
-def t975(df: int) -> float:
-    """The 97.5 % quantile of Student's t with `df` degrees of freedom (two-sided 95 % interval):
-    a table to 10, then the Cornish-Fisher series (error < 2e-4 beyond)."""
-    if df in T975:
-        return T975[df]
-    z = 1.959964
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
-
-
-def interval(values: list[float]) -> tuple[float, float] | None:
-    """The t-based 95 % interval of the mean; None for fewer than two values."""
-    if len(values) < 2:
-        return None
-    mean, half = statistics.fmean(values), t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean - half, mean + half
-
-
-def fmt_interval(values: list[float], digits: int = 3) -> str:
-    ci = interval(values)
-    return "-" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+def _is_value(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
 
 
 def known_metrics(runs: list[RunResult]) -> list[str]:
@@ -294,123 +268,173 @@ def pick_metrics(spec: str | None, runs: list[RunResult]) -> list[str]:
     return names
 
 
-def table(groups: list[Group], metrics: list[str] | None = None) -> list[dict]:
-    metrics = [*METRICS, *RUN_COLUMNS] if metrics is None else metrics
-    rows = []
-    for g in groups:
-        per_fold = Counter(r.fold for r in g.runs)  # seeds: runs per fold (the most of any fold)
-        row = {**g.label, "seeds": max(per_fold.values()), "folds": len(per_fold), "n": len(g.runs)}
-        for m in metrics:
-            if m == "sec_per_epoch":
-                row[m] = fmt(g.values("sec_per_epoch"), 1)
-            elif m == "epochs":
-                row[m] = fmt(g.values("epochs"), 0)
-            elif m == "collapsed":
-                row[m] = f"{sum(bool(r.metrics.get('collapsed')) for r in g.runs)}/{len(g.runs)}"
-            else:
-                row[m] = fmt(g.values(f"test/{m}"), 1 if m == "unique_tokens" else 3)
-        rows.append(row)
-    finished = [r for g in groups for r in g.runs]
-    if finished:  # the always-the-most-frequent-line reference, on the same test windows
-        ref = Group({"approach": "majority reference", "features": "-", "vocab": "-", "aug": "-", "multihead": "-",
-                     "split": "-"},
-                    finished)
-        row = {**ref.label, "seeds": "-", "folds": "-", "n": "-"}
-        for m in metrics:  # one number per test set (data config, fold included): seeds and models share it
-            if m in RUN_COLUMNS:
-                row[m] = "-"
-                continue
-            per_test: dict[str, float] = {}
-            for r in finished:
-                if _is_value(v := r.metrics.get(f"majority/{m}")):
-                    key = json.dumps([_data_of(r), r.config.get("vocab")], sort_keys=True, default=str)
-                    per_test.setdefault(key, float(v))
-            row[m] = fmt(list(per_test.values()), 1 if m == "unique_tokens" else 3)
-        rows.append(row)
-    return rows
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def interval_table(groups: list[Group], metrics: list[str] | None = None) -> list[dict]:
-    """One row per approach: the t-based 95 % interval of the mean of each test metric over its n runs
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with `df` degrees of freedom (two-sided 95 % interval):
+    a table to 10, then the Cornish-Fisher series (error < 2e-4 beyond)."""
+    if df in T975:
+        return T975[df]
+    z = 1.959964
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def fmt(stats: pd.Series, digits: int = 3) -> str:
+    """mean ± sd from `stats` (mean, std, count); the mean alone for one value, `-` for none."""
+    if stats["count"] == 0:
+        return "-"
+    return f"{stats['mean']:.{digits}f}" + ("" if stats["count"] == 1 else f" ± {stats['std']:.{digits}f}")
+
+
+def interval(stats: pd.Series) -> tuple[float, float] | None:
+    """The t-based 95 % interval of the mean, from `stats` (mean, std, count); None for fewer than two values."""
+    if stats["count"] < 2:
+        return None
+    half = t975(int(stats["count"]) - 1) * stats["std"] / math.sqrt(stats["count"])
+    return stats["mean"] - half, stats["mean"] + half
+
+
+def fmt_interval(stats: pd.Series, digits: int = 3) -> str:
+    ci = interval(stats)
+    return "-" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def source(metric: str) -> str:
+    """The metrics.json entry behind a column: a test metric, or sec_per_epoch / epochs of the run."""
+    return metric if metric in RUN_COLUMNS else f"test/{metric}"
+
+
+def distinct(labels: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
+    """`labels`, then each column of `extra` whose values differ between rows that `labels` shows alike:
+    rows that differ anywhere in `extra` never read the same."""
+    varies = extra.groupby([labels[c] for c in labels], sort=False).nunique(dropna=False).max() > 1
+    return labels.join(extra.loc[:, varies])
+
+
+def group_labels(runs: Finished) -> pd.DataFrame:
+    """One row per group (indexed by group): describe()'s columns, and each config key that tells apart
+    groups those columns would show alike (two sweeps of one approach at two learning rates)."""
+    by = runs.info["group"]
+    return distinct(runs.info[LABEL].groupby(by, sort=False).first(), runs.settings.groupby(by, sort=False).first())
+
+
+def short_labels(labels: pd.DataFrame) -> pd.DataFrame:
+    """The interval table's and the chart's labels: approach, features and split, and whichever other
+    label column is still needed to tell the groups apart."""
+    return distinct(labels[SHORT_LABEL], labels.drop(columns=SHORT_LABEL))
+
+
+def run_counts(runs: Finished) -> pd.DataFrame:
+    """seeds (the most runs of any one fold), folds and n (all runs) of each group."""
+    per_fold = runs.info.groupby(["group", "fold"], sort=False).size().groupby(level="group", sort=False)
+    return pd.DataFrame({"seeds": per_fold.max(), "folds": per_fold.size(), "n": per_fold.sum()})
+
+
+def metric_column(runs: Finished, metric: str) -> pd.Series:
+    """A metric's cells, one per group: mean ± sd, or for `collapsed` how many of the group's runs were."""
+    if metric == "collapsed":
+        return runs.info.groupby("group", sort=False)["collapsed"].agg(lambda c: f"{c.sum()}/{len(c)}")
+    return runs.per_group(source(metric)).apply(fmt, axis=1, digits=DIGITS.get(metric, 3))
+
+
+def majority_row(runs: Finished, metrics: list[str], columns: pd.Index) -> dict:
+    """The always-the-most-frequent-line reference: one figure per test set (seeds and models share it),
+    mean ± sd over the test sets."""
+    row = dict.fromkeys(columns, "-") | {"approach": "majority reference"}
+    for m in metrics:
+        if m not in RUN_COLUMNS:
+            per_test = runs.column(f"majority/{m}").groupby(runs.info["test_set"]).first()
+            row[m] = fmt(per_test.agg(STATS), DIGITS.get(m, 3))
+    return row
+
+
+def summary_table(runs: Finished, labels: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per group, its metrics as mean ± sd over its runs, then the majority reference."""
+    if runs.info.empty:
+        return pd.DataFrame()
+    table = labels.join(run_counts(runs))
+    for m in metrics:
+        table[m] = metric_column(runs, m)
+    table = table.reset_index(drop=True)
+    return pd.concat([table, pd.DataFrame([majority_row(runs, metrics, table.columns)])], ignore_index=True)
+
+
+def interval_table(runs: Finished, labels: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per group: the t-based 95 % interval of the mean of each test metric over its n runs
     (folds x seeds); `-` where n < 2."""
-    rows = []
-    for g in groups:
-        row = {"approach": g.label["approach"], "features": g.label["features"], "split": g.label["split"],
-               "n": len(g.runs)}
-        for m in METRICS if metrics is None else [m for m in metrics if m not in RUN_COLUMNS]:
-            row[m] = fmt_interval(g.values(f"test/{m}"), 1 if m == "unique_tokens" else 3)
-        rows.append(row)
-    return rows
+    table = labels.join(run_counts(runs)["n"])
+    for m in metrics:
+        if m not in RUN_COLUMNS:
+            table[m] = runs.per_group(source(m)).apply(fmt_interval, axis=1, digits=DIGITS.get(m, 3))
+    return table.reset_index(drop=True)
 
 
-def pair_key(r: RunResult) -> str:
-    """Runs with equal keys were scored on the same windows: data config (fold included), feature set
-    and seed. Within a feature set, input options (board flags, elapsed time) are what is compared."""
-    return json.dumps([_data_of(r), (r.config.get("features") or {}).get("name"), r.config.get("seed")],
-                      sort_keys=True, default=str)
-
-
-def _data_of(r: RunResult) -> dict:
-    """The data config that decides the test set (where the cache lives does not)."""
-    return {k: v for k, v in (r.config.get("data") or {}).items() if k not in HOW_READ}
-
-
-def compare(runs: list[RunResult], a: str, b: str, metrics: list[str] | None = None) -> list[dict]:
+def compare(runs: Finished, a: str, b: str, metrics: list[str] | None = None) -> list[dict]:
     """Paired comparison of approaches `a` and `b`: per metric, the mean of the differences A - B over
     the (data, fold, seed) both ran on, its sd, and the t-based 95 % interval of that mean. An interval
     that excludes 0 is the measured statement 'A beats B' (or loses to it) on this protocol."""
-    finished = [r for r in runs if r.status == "finished" and r.trial is None]
-    names = sorted({str(r.config.get("name", "?")) for r in finished})
+    info = runs.info[~runs.info["trial"].astype(bool)]
+    names = sorted(set(info["approach"]))
     for name in (a, b):
         if name not in names:
             raise GcodeExpError(f"--compare {a} {b}: no finished run is named {name} "
                                 f"(approaches: {', '.join(names) or 'none'})")
-    sides: dict[str, dict[str, RunResult]] = {a: {}, b: {}}
-    for r in finished:
-        name = str(r.config.get("name", "?"))
-        if name in sides:
-            key = pair_key(r)
-            if key in sides[name]:
-                raise GcodeExpError(f"--compare {a} {b}: {sides[name][key].folder} and {r.folder} are both "
-                                    f"{name} on the same data, fold and seed (other settings differ?): compare one "
-                                    "sweep at a time")
-            sides[name][key] = r
-    keys = [k for k in sides[a] if k in sides[b]]
-    if not keys:
+    side_a, side_b = (paired_side(runs, info[info["approach"] == name], f"--compare {a} {b}") for name in (a, b))
+    if side_a.index.intersection(side_b.index).empty:
         raise GcodeExpError(f"--compare {a} {b}: no fold and seed on which both ran (pairs need the same data, "
                             "features, fold and seed)")
+    diffs = side_a - side_b  # aligned on the pair key: NaN where only one of them ran
     rows = []
     for m in METRICS if metrics is None else [m for m in metrics if m not in RUN_COLUMNS]:
-        diffs = []
-        for k in keys:
-            va, vb = sides[a][k].metrics.get(f"test/{m}"), sides[b][k].metrics.get(f"test/{m}")
-            if _is_value(va) and _is_value(vb):
-                diffs.append(float(va) - float(vb))
-        if not diffs:  # a metric these runs did not score (line_exact with trainer.line_exact=false)
+        d = diffs[source(m)].dropna() if source(m) in diffs else pd.Series()
+        if d.empty:  # a metric these runs did not score (line_exact with trainer.line_exact=false)
             continue
-        ci = interval(diffs)
+        stats = d.agg(STATS)
+        ci = interval(stats)
         verdict = "-" if ci is None else f"{a} higher" if ci[0] > 0 else f"{b} higher" if ci[1] < 0 else "not resolved"
-        rows.append({"metric": m, "pairs": len(diffs),
-                     "mean diff": f"{statistics.fmean(diffs):+.3f}",
-                     "sd": f"{statistics.stdev(diffs):.3f}" if len(diffs) > 1 else "-",
-                     "95% interval": fmt_interval(diffs), "verdict": verdict})
+        rows.append({"metric": m, "pairs": len(d), "mean diff": f"{stats['mean']:+.3f}",
+                     "sd": f"{stats['std']:.3f}" if len(d) > 1 else "-", "95% interval": fmt_interval(stats),
+                     "verdict": verdict})
     return rows
 
 
-def _is_value(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
+def paired_side(runs: Finished, info: pd.DataFrame, option: str) -> pd.DataFrame:
+    """One approach's metrics indexed by pair key; two of its runs on the same data, fold and seed are
+    refused (naming both): they would not pair."""
+    again = info[info["pair"].duplicated()]
+    if not again.empty:
+        first = info.loc[info["pair"] == again["pair"].iloc[0], "folder"].iloc[0]
+        raise GcodeExpError(f"{option}: {first} and {again['folder'].iloc[0]} are both {again['approach'].iloc[0]} on "
+                            "the same data, fold and seed (other settings differ?): compare one sweep at a time")
+    return runs.values.loc[info.index].set_axis(info["pair"])
 
 
-def markdown(rows: list[dict]) -> str:
-    if not rows:
+def markdown(table: pd.DataFrame) -> str:
+    """A Markdown table padded so that its columns line up in a terminal as well as when rendered."""
+    if table.empty:
         return "(no finished runs)\n"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    cells = table.astype(object).fillna("").astype(str)
+    widths = [max(len(str(name)), cells.iloc[:, i].str.len().max()) for i, name in enumerate(table.columns)]
+
+    def line(values) -> str:
+        return "| " + " | ".join(str(v).ljust(w) for v, w in zip(values, widths)) + " |"
+
+    rows = [line(table.columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join([*rows, *map(line, cells.itertuples(index=False))]) + "\n"
 
 
-def chart(groups: list[Group]) -> bytes:
+def csv_text(table: pd.DataFrame) -> str:
+    return "" if table.empty else table.to_csv(index=False, lineterminator="\r\n")
+
+
+def as_table(rows: list[dict]) -> pd.DataFrame:
+    """Rows of dicts as a table, values as given: trials of other studies may add columns (empty elsewhere)."""
+    return pd.DataFrame(rows, dtype=object)
+
+
+def chart(runs: Finished, labels: pd.DataFrame) -> bytes:
     """summary.png's bytes: the test metrics of each group, mean ± sd, each with the majority reference
     of the same test files as a black tick (what answering the most frequent line everywhere scores)."""
     import matplotlib
@@ -418,20 +442,17 @@ def chart(groups: list[Group]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("line_exact", "command_macro_recall", "token_macro_recall", "overall_acc")
-    labels = [f"{g.label['approach']}\n{g.label['features']}" + ("" if g.label["split"] == "file" else
-                                                                 f"\n{g.label['split']}") for g in groups]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)) + 1.8, 4))
-    width = 0.8 / len(keys)
-    for k, key in enumerate(keys):
-        at = [i + k * width for i in range(len(groups))]
-        means = [statistics.fmean(v) if (v := g.values(f"test/{key}")) else math.nan for g in groups]
-        sds = [statistics.stdev(v) if len(v := g.values(f"test/{key}")) > 1 else 0 for g in groups]
-        ax.bar(at, means, width, yerr=sds, label=key, capsize=2)
-        majority = [statistics.fmean(v) if (v := g.values(f"majority/{key}")) else math.nan for g in groups]
-        ax.hlines(majority, [x - width / 2 for x in at], [x + width / 2 for x in at], colors="black", linewidth=2,
+    names = [chart_label(label) for _, label in labels.iterrows()]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)) + 1.8, 4))
+    width = 0.8 / len(CHART_METRICS)
+    for k, key in enumerate(CHART_METRICS):
+        at = [i + k * width for i in range(len(names))]
+        test = runs.per_group(f"test/{key}")
+        ax.bar(at, test["mean"], width, yerr=test["std"].fillna(0), label=key, capsize=2)
+        ax.hlines(runs.per_group(f"majority/{key}")["mean"], [x - width / 2 for x in at],
+                  [x + width / 2 for x in at], colors="black", linewidth=2,
                   label="majority reference" if k == 0 else None)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], labels, fontsize=7)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=7)
     ax.set(ylim=(0, 1), ylabel="test", title="approaches on unseen runs (mean ± sd over folds x seeds)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars, never over them
     fig.tight_layout()
@@ -439,6 +460,12 @@ def chart(groups: list[Group]) -> bytes:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def chart_label(label: pd.Series) -> str:
+    """approach, features, the split unless the default, then `key=value` of any other label column."""
+    lines = [label["approach"], label["features"], *([] if label["split"] == "file" else [label["split"]])]
+    return "\n".join([*lines, *(f"{k}={v}" for k, v in label.drop(SHORT_LABEL).items())])
 
 
 def study_names(storage: str) -> list[str]:
@@ -563,16 +590,6 @@ def pick_study(names: list[str], study: str | None, runs: list[RunResult]) -> st
     raise GcodeExpError(f"--study: name the study ({holds})")
 
 
-def csv_text(rows: list[dict]) -> str:
-    buffer = io.StringIO(newline="")
-    keys = list(dict.fromkeys(k for row in rows for k in row))  # trials of other studies may add columns
-    writer = csv.DictWriter(buffer, fieldnames=keys, restval="")
-    if keys:
-        writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def write_all(files: dict[Path, str | bytes]) -> None:
     """Write every output, or refuse before writing any: a name taken by a folder (or anything but a
     file) is an error naming it. Each file is written whole (temp file, then rename)."""
@@ -593,9 +610,7 @@ def write_all(files: dict[Path, str | bytes]) -> None:
 
 
 def statistics_of(trials: list[dict]) -> str:
-    counts: dict[str, int] = {}
-    for t in trials:
-        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    counts = Counter(t["state"] for t in trials)
     return f"{len(trials)} trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
 
 
@@ -638,18 +653,19 @@ def summarize(args: argparse.Namespace) -> list[dict]:
     names = study_names(args.storage) if args.storage else []  # a bad storage refused before any work
     runs = find_runs(args.paths)
     metrics = pick_metrics(args.metrics, runs)
-    only_shared_keys(runs)
-    groups = group_runs(runs)
-    rows = table(groups, metrics)
-    text = markdown(rows)
-    if any(len(g.runs) > 1 for g in groups) and any(m not in RUN_COLUMNS for m in metrics):
+    finished = finished_runs(runs)
+    labels = group_labels(finished)
+    short = short_labels(labels)
+    table = summary_table(finished, labels, metrics)
+    text = markdown(table)
+    if (run_counts(finished)["n"] > 1).any() and any(m not in RUN_COLUMNS for m in metrics):
         text += ("\n95 % interval of the mean over the n runs (folds x seeds; t with n - 1 degrees of freedom):\n\n"
-                 + markdown(interval_table(groups, metrics)))
+                 + markdown(interval_table(finished, short, metrics)))
     compared: list[dict] = []
     for a, b in args.compare:
-        pairs = compare(runs, a, b, metrics)
+        pairs = compare(finished, a, b, metrics)
         text += (f"\nPaired comparison {a} - {b} (the same data, fold and seed; 95 % interval of the mean "
-                 f"difference; 'not resolved': the interval holds 0):\n\n" + markdown(pairs))
+                 f"difference; 'not resolved': the interval holds 0):\n\n" + markdown(as_table(pairs)))
         compared += [{"a": a, "b": b, **row} for row in pairs]
     others = [r for r in runs if r.status != "finished"]
     if others:
@@ -662,25 +678,24 @@ def summarize(args: argparse.Namespace) -> list[dict]:
     if args.storage:
         study = pick_study(names, args.study, runs)
         trials = study_trials(args.storage, study, runs)
-        states = statistics_of(trials)
-        text += f"\nOptuna study `{study}` ({states}):\n\n" + markdown(trials)
+        text += f"\nOptuna study `{study}` ({statistics_of(trials)}):\n\n" + markdown(as_table(trials))
     elif any(r.trial for r in runs):
         trials = folder_trials(runs)
         text += "\nOptuna trials recorded in the run folders (add --storage URL for the whole study):\n\n"
-        text += markdown(trials)
+        text += markdown(as_table(trials))
     out = args.paths[0]
-    files: dict[Path, str | bytes] = {out / "summary.csv": csv_text(rows), out / "summary.md": text}
+    files: dict[Path, str | bytes] = {out / "summary.csv": csv_text(table), out / "summary.md": text}
     if trials:
-        files[out / "trials.csv"] = csv_text(trials)
+        files[out / "trials.csv"] = csv_text(as_table(trials))
     if compared:
-        files[out / "compare.csv"] = csv_text(compared)
-    if groups:
-        files[out / "summary.png"] = chart(groups)
+        files[out / "compare.csv"] = csv_text(as_table(compared))
+    if not table.empty:
+        files[out / "summary.png"] = chart(finished, short)
     write_all(files)
-    written = [p.name for p in files]
     print(text, end="")
-    print(f"\n{len(runs)} run folders ({len(runs) - len(others)} finished); wrote {', '.join(written)} in {out}")
-    return rows
+    print(f"\n{len(runs)} run folders ({len(runs) - len(others)} finished); wrote {', '.join(p.name for p in files)} "
+          f"in {out}")
+    return table.to_dict("records")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
 
 import optuna
 import pytest
+import yaml
 
 from gcode_exp import summarize
 from gcode_exp.sweeps import TRIAL_FILE, display_url, same_params
@@ -29,6 +31,29 @@ def make_run(folder, name="demo", seed=0, metrics=None, error=None, overrides=()
     if trial is not None:
         (folder / TRIAL_FILE).write_text(json.dumps(trial))
     return folder
+
+
+def with_config(run, **parts):
+    """`run`'s recorded config with these top-level parts set (keys the other runs lack, swept values)."""
+    path = run / ".hydra" / "config.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | parts))
+    return run
+
+
+def md_tables(text: str) -> list[list[list[str]]]:
+    """Each Markdown table in `text` as rows of cells (header first, separator left out), once it is checked
+    to be aligned: every line of a table has its `|` where the header line has them."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            bars = [[m.start() for m in re.finditer(r"\|", row)] for row in block]
+            assert all(b == bars[0] for b in bars), "\n".join(block)
+            tables.append([[c.strip() for c in row.split("|")[1:-1]] for row in block if set(row) - set("|-")])
+        block = []
+    return tables
 
 
 def test_seeds_group_into_mean_and_sd_with_one_majority_row(tmp_path):
@@ -191,7 +216,7 @@ def test_a_trial_file_without_a_trial_number_is_warned_about_and_skipped(tmp_pat
     ran = summarize_cmd(tmp_path)
     assert ran.returncode == 0
     assert ran.stderr.splitlines() == [f"warning: {run / TRIAL_FILE}: damaged, skipped (no trial number)"]
-    assert "| optuna |" in (tmp_path / "summary.md").read_text()  # an ordinary run, not a trial
+    assert md_tables((tmp_path / "summary.md").read_text())[0][1][0] == "optuna"  # an ordinary run, not a trial
     assert not (tmp_path / "trials.csv").exists()
 
 
@@ -275,10 +300,11 @@ def test_metrics_option_chooses_the_columns_in_its_order(tmp_path):
     assert list(rows[0]) == label + chosen
     assert [(r["approach"], r["line_exact"], r["command_acc"], r["epochs"]) for r in rows] == [
         ("demo", "0.250 ± 0.000", "0.600 ± 0.141", "3 ± 0"), ("majority reference", "0.100", "0.900", "-")]
-    header = "| " + " | ".join(label + chosen) + " |"
-    assert ran.stdout.startswith(header + "\n") and (tmp_path / "summary.md").read_text().startswith(header + "\n")
+    assert ran.stdout.startswith("| approach ") and (tmp_path / "summary.md").read_text() in ran.stdout
+    table, intervals = md_tables(ran.stdout)
+    assert table[0] == label + chosen and table[1][-4:] == ["0.250 ± 0.000", "0.125 ± 0.000", "0.600 ± 0.141", "3 ± 0"]
     # the interval table (two seeds) follows the same choice, without the run columns
-    assert "| approach | features | split | n | line_exact | param_value_acc | command_acc |" in ran.stdout
+    assert intervals[0] == ["approach", "features", "split", "n", "line_exact", "param_value_acc", "command_acc"]
     assert "token_coverage" not in ran.stdout and "sec_per_epoch" not in ran.stdout
 
 
@@ -294,3 +320,38 @@ def test_an_unknown_metric_is_refused_naming_it_and_listing_the_known(tmp_path, 
     known = ", ".join([*summarize.METRICS, "loss", "sec_per_epoch", "epochs", "collapsed"])  # + the runs' own
     refused(summarize_cmd(tmp_path, "--metrics", spec), line.format(known=known))
     assert files_under(tmp_path) == before  # nothing written
+
+
+def test_groups_that_read_alike_get_the_config_keys_that_tell_them_apart(tmp_path, capsys):
+    """Two learning rates of one approach are two rows with a trainer.lr column (table, summary.csv, interval
+    table, chart), never two rows that read the same. A key that only some runs have splits groups when it
+    has several values (`-` where absent); with one value (added later, at its default) it is left out, and
+    a key that only differs between rows that already read differently (model.name) adds no column."""
+    for job, (lr, seed) in enumerate(((0.1, 0), (0.1, 1), (0.01, 0), (0.01, 1))):
+        with_config(make_run(tmp_path / f"{job}_demo", seed=seed, metrics={"test/command_acc": lr + seed / 10}),
+                    trainer={"lr": lr, "max_epochs": 3})
+    make_run(tmp_path / "4_other", name="other", model="baseline", metrics={"test/command_acc": 0.5})
+    rows = summarize.main([str(tmp_path), "--metrics", "command_acc"])
+    label = ["approach", "features", "vocab", "aug", "multihead", "split", "trainer.lr", "seeds", "folds", "n"]
+    assert list(rows[0]) == [*label, "command_acc"]
+    assert [(r["approach"], r["trainer.lr"], r["n"], r["command_acc"]) for r in rows] == [
+        ("demo", "0.1", 2, "0.150 ± 0.071"), ("demo", "0.01", 2, "0.060 ± 0.071"), ("other", "-", 1, "0.500"),
+        ("majority reference", "-", "-", "-")]
+    with open(tmp_path / "summary.csv", newline="") as f:
+        assert [(r["approach"], r["trainer.lr"]) for r in csv.DictReader(f)][:2] == [("demo", "0.1"), ("demo", "0.01")]
+    intervals = md_tables(capsys.readouterr().out)[1]
+    assert intervals[0] == ["approach", "features", "split", "trainer.lr", "n", "command_acc"]
+    assert [row[3] for row in intervals[1:]] == ["0.1", "0.01", "-"]
+    labels = summarize.short_labels(summarize.group_labels(summarize.finished_runs(summarize.find_runs([tmp_path]))))
+    assert [summarize.chart_label(row) for _, row in labels.iterrows()] == [
+        "demo\nall\ntrainer.lr=0.1", "demo\nall\ntrainer.lr=0.01", "other\nall\ntrainer.lr=-"]
+
+
+def test_markdown_columns_line_up_and_missing_cells_are_empty():
+    table = summarize.as_table([{"trial": 0, "lr": "0.1", "folder": "a"}, {"trial": 12, "folder": "bb", "extra": 1}])
+    assert summarize.markdown(table).splitlines() == [
+        "| trial | lr  | folder | extra |",
+        "|-------|-----|--------|-------|",
+        "| 0     | 0.1 | a      |       |",
+        "| 12    |     | bb     | 1     |"]
+    assert summarize.csv_text(table) == "trial,lr,folder,extra\r\n0,0.1,a,\r\n12,,bb,1\r\n"
