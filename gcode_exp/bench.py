@@ -22,6 +22,7 @@ import resource
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -32,11 +33,11 @@ from omegaconf import DictConfig, OmegaConf
 from gcode_exp import GcodeExpError
 from gcode_exp.atomic import write_text
 from gcode_exp.config import validate
-from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
 from gcode_exp.data.dataset import cores, prepare
+from gcode_exp.data.sampler import batches
 from gcode_exp.data.vocab import BOS
-from gcode_exp.models import NearestModel
-from gcode_exp.training.loop import new_model, new_optimizer, train_step
+from gcode_exp.models import NearestModel, new_model
+from gcode_exp.training.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # what is timed: the default (nearest, nothing trained) and the token models, each composed with these
@@ -54,41 +55,36 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
-def train_steps(model, opt, batches_, cfg) -> None:
-    for batch in batches_:
-        train_step(model, opt, batch, torch.device("cpu"), cfg)
-
-
-def build(cfg, data):
-    """The model and optimiser `fit` builds for this config, and the row labels it trains with."""
+def trainer_for(cfg, data) -> Trainer:
+    """The Trainer `fit` builds for this config (model, optimiser, schedule, sampler), without callbacks or a
+    run folder: what is timed is its own `step`."""
     torch.manual_seed(0)
     model, _ = new_model(cfg, data)
-    opt = new_optimizer(cfg.trainer.optimizer, model)
-    return model, opt, model.row_labels(data.splits["train"].row_targets)
+    return Trainer(cfg, data, model, Path(tempfile.gettempdir()), checkpoint={})  # only `step`: nothing written
+
+
+def train_steps(trainer: Trainer, batches_) -> None:
+    trainer.model.train()
+    for batch in batches_:
+        trainer.step(batch)
 
 
 def bench_model(cfg, data, steps: int) -> dict:
-    """Windows/s of the real training step (gcode_exp.training.loop.train_step) on tensors gathered once
-    vs the full per-epoch pipeline (gathering, oversampling, augmentation, the same step)."""
-    gen = torch.Generator().manual_seed(0)
-    train, bs = data.splits["train"], cfg.trainer.batch_size
-    model, opt, rows = build(cfg, data)
-    aug = Augment.from_config(cfg.aug, data.features)
-    rare = rare_window_mask(train.targets, data.vocab, cfg.aug.rare_commands)
-    order = epoch_order(len(train), rare, cfg.aug.oversample_factor, gen)[: steps * bs]
-    prebuilt = list(batches(train, cfg.data.window, bs, order, trim=True, row_labels=rows))
+    """Windows/s of the Trainer's real step on batches gathered once vs the full per-epoch pipeline (the
+    Sampler's gathering, oversampling and augmentation, then the same step)."""
+    trainer = trainer_for(cfg, data)
+    epoch = lambda: islice(trainer.sampler.epoch(torch.Generator().manual_seed(0)), steps)  # noqa: E731
+    prebuilt = list(epoch())
     n = sum(len(b[0]) for b in prebuilt)
-    model.train()
-    train_steps(model, opt, prebuilt[:3], cfg)  # warm-up
-    bare = timed(lambda: train_steps(model, opt, prebuilt, cfg), 3)
-    pipeline = lambda: batches(train, cfg.data.window, bs, order, aug, gen, trim=True, row_labels=rows)  # noqa: E731
-    full = timed(lambda: train_steps(model, opt, pipeline(), cfg), 3)
-    model.eval()
+    train_steps(trainer, prebuilt[:3])  # warm-up
+    bare = timed(lambda: train_steps(trainer, prebuilt), 3)
+    full = timed(lambda: train_steps(trainer, epoch()), 3)
+    model = trainer.model.eval()
     out = {"params": sum(p.numel() for p in model.parameters()), "bare_windows_per_s": n / bare,
            "pipeline_windows_per_s": n / full, "pipeline_vs_bare": bare / full}
     with torch.no_grad():
         x1, y1 = prebuilt[0][0][:1], prebuilt[0][1][:1]
-        big = next(batches(train, cfg.data.window, 256))
+        big = next(batches(data.splits["train"], cfg.data.window, 256))
         out["latency_ms_batch1"] = 1e3 * timed(lambda: model(x1, y1[:, :-1]), 20)
         # what live mode (task=predict predict.follow=true) spends on each new window: greedy decoding
         out["live_ms_per_window"] = 1e3 * timed(lambda: model.generate(x1, cfg.data.max_len - 1, BOS), 10)
@@ -101,8 +97,8 @@ def bench_nearest(cfg, data) -> dict:
     train, window = data.splits["train"], cfg.data.window
     model = NearestModel(cfg.model, max_len=cfg.data.max_len)
     fit_s = timed(lambda: model.fit_reference(train, data.features, window), 3)
-    x1 = train.rows[train.starts[:1, None] + torch.arange(window)]
-    big = train.rows[train.starts[:256, None] + torch.arange(window)]
+    x1 = train.gather(train.starts[:1, None] + torch.arange(window))
+    big = train.gather(train.starts[:256, None] + torch.arange(window))
     return {"reference_keys": len(model.keys), "fit_s": fit_s,
             "latency_ms_batch1": 1e3 * timed(lambda: model.answer(x1), 20),
             "latency_ms_per_window_batch256": 1e3 * timed(lambda: model.answer(big), 3) / len(big)}
@@ -110,13 +106,12 @@ def bench_nearest(cfg, data) -> dict:
 
 def bench_scaling(cfg, data) -> dict:
     """Seconds for one training epoch over the train split repeated 1x, 2x, 4x."""
-    train = data.splits["train"]
-    model, opt, rows = build(cfg, data)
+    trainer, train = trainer_for(cfg, data), data.splits["train"]
     out = {}
     for k in (1, 2, 4):
         order = torch.arange(len(train)).repeat(k)
-        out[f"{k}x"] = timed(lambda o=order: train_steps(
-            model, opt, batches(train, cfg.data.window, 32, o, trim=True, row_labels=rows), cfg), 2)
+        out[f"{k}x"] = timed(lambda o=order: train_steps(trainer, batches(
+            train, cfg.data.window, 32, o, trim=True, row_labels=trainer.sampler.row_labels)), 2)
     return out
 
 

@@ -155,6 +155,18 @@ def _class(path: Any, base: str) -> type | None:
     return cls if isinstance(cls, type) and issubclass(cls, getattr(importlib.import_module(module), name)) else None
 
 
+def build(spec: DictConfig, key: str, **given: Any) -> Any:
+    """The object a config names (`_target_`), given the arguments the project passes; a setting its class
+    refuses is one line naming `key`. The target is trusted by name: `validate` accepted its class."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(spec, **given, _convert_="all", _execution_whitelist_=(str(spec._target_),))
+    except Exception as e:  # Hydra wraps the class's TypeError/ValueError
+        why = str(e.__cause__ or e).splitlines()[0]
+        raise GcodeExpError(f"{key}._target_={spec._target_}: cannot be built ({why})") from None
+
+
 def Importable(base: str, what: str, **kw) -> Rule:
     """A `_target_`: the dotted path of a class that imports and subclasses `base`."""
     return Rule(what, lambda v: _class(v, base) is not None, **kw)
@@ -163,9 +175,14 @@ def Importable(base: str, what: str, **kw) -> Rule:
 ENCODER = "gcode_exp.models.encoder:SensorEncoder"
 ENCODER_GIVEN = ("n_inputs", "window", "d_model", "layers", "dropout")  # what the token model passes an encoder
 OPTIMIZER = "torch.optim:Optimizer"
+SCHEDULER = "torch.optim.lr_scheduler:LRScheduler"
+AUGMENT = "gcode_exp.data.augment:Augment"
 # configs that build an object: their class, the arguments the project passes, and who passes them
 BUILT = {"model.encoder": (ENCODER, ENCODER_GIVEN, "the model: they come from model.*"),
-         "trainer.optimizer": (OPTIMIZER, ("params",), "the trainer: the model's parameters")}
+         "trainer.optimizer": (OPTIMIZER, ("params",), "the trainer: the model's parameters"),
+         "trainer.scheduler": (SCHEDULER, ("optimizer", "steps_per_epoch", "max_epochs"),
+                               "the trainer: the optimiser and the run's length"),
+         "aug": (AUGMENT, ("features",), "the trainer: the training data's features")}
 
 
 def _split_ok(v: Any) -> bool:
@@ -234,14 +251,15 @@ SCHEMA: dict[str, Rule] = {
     "model.loss_weights.param_type": Float(ge=0, only_if="model.name=multihead"),
     "model.loss_weights.param_value": Float(ge=0, only_if="model.name=multihead"),
     # aug
+    "aug._target_": Importable(AUGMENT, "an importable subclass of gcode_exp.data.augment.Augment"),
     "aug.name": Text(),
     "aug.oversample_factor": Int(ge=1),
     "aug.rare_commands": Rule("auto or a non-empty list of G/M words such as [G0, G2, G3]",
                               lambda v: v == "auto" or (isinstance(v, list) and len(v) > 0
                                                         and all(isinstance(c, str) for c in v))),
-    "aug.noise": Float(ge=0, lt=1),
-    "aug.shift": Int(ge=0),
-    "aug.scale": Float(ge=0, lt=1),
+    "aug.noise": Float(ge=0, lt=1, optional=True),  # optional: an Augment subclass may not take them
+    "aug.shift": Int(ge=0, optional=True),
+    "aug.scale": Float(ge=0, lt=1, optional=True),
     # trainer
     "trainer.max_epochs": Int(ge=1),
     "trainer.limit_batches": Int(ge=0, note="0: all"),
@@ -252,8 +270,8 @@ SCHEMA: dict[str, Rule] = {
     "trainer.lr": Float(gt=0, le=1),
     "trainer.optimizer._target_": Importable(OPTIMIZER, "an importable torch.optim.Optimizer subclass, e.g. "
                                              "torch.optim.SGD"),
-    "trainer.scheduler": OneOf("constant", "cosine"),
-    "trainer.warmup_epochs": Int(ge=0),
+    "trainer.scheduler._target_": Importable(SCHEDULER, "an importable torch.optim.lr_scheduler.LRScheduler "
+                                             "subclass, e.g. gcode_exp.training.optim.WarmupCosine"),
     "trainer.weight_decay": Float(ge=0),
     "trainer.grad_clip": Float(ge=0, note="0: off"),
     "trainer.collapse_min_unique": Int(ge=0),
@@ -335,9 +353,10 @@ def _warn(key: str, value: Any, why: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Refuse (ConfigError naming the key) or warn about a config before any file is read."""
     flat = _flatten(cfg)
-    if isinstance(flat.get("model.encoder"), str):  # the spelling of before the encoder group
-        raise _fail("model.encoder", flat["model.encoder"], f"the encoder is a config group: "
-                    f"model/encoder={flat['model.encoder']} (conf/model/encoder/)")
+    for group, folder, what in (("model.encoder", "model/encoder", "encoder"),
+                                ("trainer.scheduler", "trainer/scheduler", "schedule")):
+        if isinstance(flat.get(group), str):  # the spelling of before the group
+            raise _fail(group, flat[group], f"the {what} is a config group: {folder}={flat[group]} (conf/{folder}/)")
     for key, value in flat.items():
         built = next((b for b in BUILT if key.startswith(b + ".") and key != b + "._target_"), None)
         if built:
@@ -391,7 +410,7 @@ def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
     if get("data.train_share") < 1 and get("data.split_by") == "window":
         raise _fail("data.train_share", get("data.train_share"), "needs data.split_by=file or operation "
                     "(it keeps a share of the training files)")
-    if get("aug.shift") >= get("data.window"):
+    if (get("aug.shift") or 0) >= get("data.window"):
         raise _fail("aug.shift", get("aug.shift"), f"must be < data.window={get('data.window')}")
     weights = {k: v for k, v in flat.items() if k.startswith("model.loss_weights.")}
     if weights and get("model.name") == "multihead":

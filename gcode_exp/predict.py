@@ -36,8 +36,8 @@ from gcode_exp.data.dataset import Features, prepare, run_inputs, same_recording
 from gcode_exp.data.read import RUN_NAME, DataError, RecordedRun, channel_group, list_runs, read_run, run_name
 from gcode_exp.data.vocab import BOS, COMMAND, EOS, NUMERIC, PARAMETER, Vocab, parse_line
 from gcode_exp.models import NearestModel
-from gcode_exp.training.checkpoint import load_checkpoint
-from gcode_exp.training.loop import autocast, load_model, pick_device
+from gcode_exp.training.checkpoint import load_checkpoint, load_model
+from gcode_exp.training.device import autocast, pick_device
 
 log = logging.getLogger(__name__)
 AXES = "XYZ"

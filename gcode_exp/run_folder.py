@@ -146,8 +146,7 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
         return
     if resume:
         if now == "interrupted":  # refuse another model/data/seed now, not after .hydra/ and run.log are written
-            from gcode_exp.training.checkpoint import load_checkpoint
-            from gcode_exp.training.loop import check_resumable
+            from gcode_exp.training.checkpoint import check_resumable, load_checkpoint
 
             try:  # named as what the user asked for: ckpt_path is not theirs here
                 old = load_checkpoint(run_dir / "checkpoints" / "last.pt",

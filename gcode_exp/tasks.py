@@ -16,9 +16,11 @@ from gcode_exp.data.dataset import Features, Prepared, build_split, prepare, rea
 from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.logger import make_logger
 from gcode_exp.sweeps import record_optuna_trial
-from gcode_exp.training.checkpoint import load_checkpoint
-from gcode_exp.training.loop import evaluate, fit, load_model, pick_device, scored_windows
+from gcode_exp.training.checkpoint import load_checkpoint, load_model
+from gcode_exp.training.device import pick_device
+from gcode_exp.training.evaluate import evaluate, scored_windows
 from gcode_exp.training.metrics import majority_metrics, per_class
+from gcode_exp.training.trainer import fit
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gcode_exp.data.augment import Augment, batches, epoch_order, rare_window_mask
 from gcode_exp.data.dataset import (
-    Features,
     encode_target,
     fit_features,
     prepare,
@@ -102,40 +100,6 @@ def test_prepare_on_sample_and_cache_hit(tiny_cfg):
     side = prepare(tiny_cfg("features=side_channel"))
     assert not any(c.startswith("pos") or c == "feed" for c in side.features.channels)
     assert side.features.n_inputs < cold.features.n_inputs
-
-
-def test_oversampling_and_augmentation_statistics():
-    gen = torch.Generator().manual_seed(0)
-    rare = torch.tensor([True, False, False, False])
-    order = epoch_order(4, rare, 3, gen)
-    assert sorted(order.tolist()) == [0, 0, 0, 1, 2, 3]
-    feats = Features(["a", "b"], ["b1"], mean=[0.0, 10.0], std=[1.0, 2.0])
-    aug = Augment(noise=0.02, shift=0, scale=0.0, n_sensor=2, offset=torch.tensor([0.0, 5.0]))
-    x = torch.zeros(2000, 8, 3)
-    x[..., 2] = 1.0
-    noisy = aug.perturb(x, gen)
-    assert noisy[..., :2].std().item() == pytest.approx(0.02, rel=0.05)
-    assert torch.equal(noisy[..., 2], x[..., 2])  # board presence flags are never perturbed
-    scaled = Augment(noise=0.0, shift=0, scale=0.05, n_sensor=2, offset=torch.tensor([0.0, 5.0])).perturb(x, gen)
-    k = 1 + scaled[:, 0, 1] / 5.0  # a raw value of 10 (z = 0) scaled by k reads (k - 1) * 5
-    assert k.min() >= 0.95 - 1e-6 and k.max() <= 1.05 + 1e-6 and k.std() > 0.02
-    assert Augment.from_config(type("A", (), {"noise": 0, "shift": 0, "scale": 0})(), feats) is None
-
-
-def test_shift_stays_inside_the_file(tiny_cfg):
-    data = prepare(tiny_cfg())
-    train = data.splits["train"]
-    aug = Augment(noise=0.0, shift=2, scale=0.0, n_sensor=len(data.features.channels), offset=torch.zeros(1))
-    gen = torch.Generator().manual_seed(0)
-    starts = aug.shift_starts(train.starts, train.lo, train.hi, gen)
-    assert ((starts >= train.lo) & (starts <= train.hi)).all()
-    assert (starts - train.starts).abs().max() <= 2 and (starts != train.starts).any()
-    rare = rare_window_mask(train.targets, data.vocab, "auto")
-    others = torch.tensor([data.vocab.index[c] for c in data.vocab.commands if c != "G1"])
-    assert rare.any() and torch.isin(train.targets[rare], others).any(dim=1).all()
-    assert not torch.isin(train.targets[~rare], others).any()
-    x, y, rows = next(batches(train, 32, 8))
-    assert x.shape == (8, 32, data.features.n_inputs) and y.shape == (8, 16) and rows is None
 
 
 def _prepare_in_child(overrides: list[str]) -> int:

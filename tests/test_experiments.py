@@ -90,7 +90,7 @@ def test_token_model_search_tunes_architecture_and_optimiser(monkeypatch):
     params = cfg.hydra.sweeper.params
     tuned = {k for k, v in params.items() if not (v.startswith("choice(") and "," not in v)}
     assert tuned == {"model.d_model", "model.enc_layers", "model.dec_layers", "model.dropout", "model.row_weight",
-                     "trainer.lr", "trainer.weight_decay", "trainer.scheduler"}
+                     "trainer.lr", "trainer.weight_decay", "trainer/scheduler"}
     assert all(int(d) % cfg.model.n_heads == 0 for d in params["model.d_model"][7:-1].split(","))
     assert cfg.model.name == "multihead" and cfg.model.row_weight > 0 and not cfg.features.elapsed
     assert cfg.optimized_metric == "val/line_exact" and cfg.trainer.line_exact  # scored at the end of a trial

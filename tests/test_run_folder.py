@@ -4,7 +4,7 @@ never changes what an earlier command left in its folder unless told to (`overwr
 resumes to the metrics of an uninterrupted run.
 
 Interruptions come from the run itself: GCODE_EXP_KILL_AFTER_EPOCH=k makes the training process
-SIGKILL itself right after epoch k's checkpoint and history are written (gcode_exp/training/loop.py),
+SIGKILL itself right after epoch k's checkpoint and history are written (callbacks.KillAfterEpoch),
 so no test depends on how fast the machine is."""
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 
+from gcode_exp.config import build
 from gcode_exp.data.vocab import Vocab
 
 
@@ -15,7 +15,7 @@ class SensorEncoder(nn.Module):
     `over_time`, a learnt position per step, layer norm.
 
     An encoder is a subclass and a YAML file naming it (`conf/model/encoder/*.yaml`, `_target_`); the
-    token model builds it with `hydra.utils.instantiate`, passing n_inputs, window, d_model, layers and
+    token model builds it with `gcode_exp.config.build`, passing n_inputs, window, d_model, layers and
     dropout, and the YAML's own keys (README, "Adding an encoder")."""
 
     def __init__(self, n_inputs: int, window: int, d_model: int, steps: int):
@@ -96,9 +96,8 @@ class TokenModel(nn.Module):
         super().__init__()
         self.window = window
         # the one class the config names (validate checked it is a SensorEncoder), nothing else it could call
-        self.encoder = instantiate(cfg.encoder, n_inputs=n_inputs, window=window, d_model=cfg.d_model,
-                                   layers=cfg.enc_layers, dropout=cfg.dropout,
-                                   _execution_whitelist_=str(cfg.encoder._target_))
+        self.encoder = build(cfg.encoder, "model.encoder", n_inputs=n_inputs, window=window, d_model=cfg.d_model,
+                             layers=cfg.enc_layers, dropout=cfg.dropout)
         self.decoder = TokenDecoder(len(vocab), max_len, cfg.d_model, cfg.dec_layers, cfg.n_heads, cfg.dropout)
         use_rows = cfg.row_weight > 0 and lines is not None and len(lines) > 1
         self.row_weight = float(cfg.row_weight)

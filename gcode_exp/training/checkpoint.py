@@ -3,14 +3,20 @@ Everything `task=eval` needs to read new recordings exactly as the training data
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from gcode_exp import GcodeExpError
 from gcode_exp.atomic import torch_save
-from gcode_exp.data.dataset import Features
+from gcode_exp.data.dataset import HOW_READ, Features, Prepared
 from gcode_exp.data.vocab import Vocab
+from gcode_exp.models import NearestModel, TokenModel, build_model
+from gcode_exp.training.metrics import majority_line
+
+log = logging.getLogger(__name__)
 
 FORMAT = "gcode-exp/1"
 REQUIRED = ("format", "model", "vocab", "features", "config", "epoch", "majority_line")
@@ -24,6 +30,21 @@ OLD_ENCODERS = {"conv": {"_target_": "gcode_exp.models.encoder.ConvEncoder", "ke
 
 def save_checkpoint(path: Path, **blob) -> None:
     torch_save({"format": FORMAT, **blob}, path)
+
+
+def describe(cfg, data: Prepared, lines: torch.Tensor) -> dict:
+    """What every checkpoint of a run carries besides its weights: all that `load_model`, task=eval and
+    task=predict need, so that none of them reads a model setting from the command line."""
+    train = data.splits["train"]
+    return {
+        "vocab": data.vocab.to_dict(),
+        "features": vars(data.features),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "majority_line": majority_line(train.targets),
+        "lines": lines,
+        # what task=predict names programs from: the training windows' targets per file
+        "train_windows": {"files": train.files, "file_windows": train.file_windows, "targets": train.targets},
+    }
 
 
 def load_checkpoint(path: str | Path, source: str | None = None) -> dict:
@@ -69,3 +90,48 @@ def upgraded(config: dict) -> dict:
             model["encoder"] = dict(OLD_ENCODERS[model["encoder"]])
         config = {**config, "model": model}
     return config
+
+
+def load_model(blob: dict, device) -> tuple[TokenModel | NearestModel, Vocab]:
+    """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode."""
+    cfg = OmegaConf.create(blob["config"])
+    vocab = Vocab.from_dict(blob["vocab"])
+    n_inputs = Features(**blob["features"]).n_inputs
+    try:
+        model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len, blob.get("lines"))
+        model.load_state_dict(blob["model"])
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GcodeExpError(f"ckpt_path={blob.get('path', '?')}: its weights do not fit the model its config "
+                            f"describes ({first[:200]})") from None
+    return model.to(device).eval(), vocab
+
+
+def check_resumable(old: dict, cfg) -> None:
+    """Resuming must continue the same experiment: a changed model, data, vocabulary, feature set or seed
+    is refused with the keys that differ. Also called by run_folder.claim, before the folder is touched."""
+    new = OmegaConf.to_container(cfg, resolve=True)
+    known = OmegaConf.create(old)  # a key the run's config lacks is newer than the run: not a change
+    fixed = [k for k in diff_keys(old, new) if (k.split(".")[0] in ("model", "vocab", "features", "seed")
+             or k in ("trainer.optimizer._target_", "trainer.scheduler._target_")  # state of another class
+             or (k.startswith("data.") and k.removeprefix("data.") not in ("on_error", *HOW_READ)))
+             and OmegaConf.select(known, k, default="<absent>") != "<absent>"]
+    if fixed:
+        raise GcodeExpError(f"trainer.resume=true: the run was trained with other settings ({', '.join(fixed)}); "
+                            "resume with the same ones, or start a new run")
+
+
+def resumed_settings(old: dict, cfg) -> None:
+    """`check_resumable`, then log the changed trainer settings (they are applied)."""
+    check_resumable(old, cfg)
+    new = OmegaConf.to_container(cfg, resolve=True)
+    for key in diff_keys(old.get("trainer", {}), new["trainer"], "trainer."):
+        if key != "trainer.resume":
+            log.info("resume: %s changed to %s", key, OmegaConf.select(cfg, key))
+
+
+def diff_keys(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]

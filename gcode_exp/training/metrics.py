@@ -83,7 +83,7 @@ def per_class(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> list[di
     present = sorted((c for c in range(n) if support[c]), key=lambda c: (types[c] != COMMAND, c))
     return [
         {"token": vocab.tokens[c], "type": TYPES[types[c]], "support": support[c], "predicted": predicted[c],
-         "precision": precision[c], "recall": recall[c]}
+         "precision": round(precision[c], 6), "recall": round(recall[c], 6)}  # float32's digits, not its noise
         for c in present
     ]
 

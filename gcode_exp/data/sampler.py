@@ -1,0 +1,87 @@
+"""Batches of a split. `batches` walks windows in a given order (scoring reads a split this way);
+`Sampler` makes each training epoch: the window order (rare windows repeated, or the fixed subset of
+`trainer.limit_batches`), this process's share under hardware=ddp, and a fresh augmentation draw.
+
+Windows are gathered from the split's row table per batch, so a temporal shift is a real shift of
+the window inside its recording (never past the file's ends), not a roll with wrapped-around rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from gcode_exp import distributed
+from gcode_exp.data.augment import Augment
+from gcode_exp.data.dataset import Split
+from gcode_exp.data.vocab import PAD, Vocab
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def batches(
+    split: Split,
+    window: int,
+    batch_size: int,
+    order: torch.Tensor | None = None,
+    aug: Augment | None = None,
+    gen: torch.Generator | None = None,
+    trim: bool = False,
+    row_labels: torch.Tensor | None = None,
+) -> Iterator[Batch]:
+    """(inputs [B, window, n_inputs], targets [B, max_len], row labels [B, window] or None) in `order`
+    (default: split order). `row_labels` holds one label per row of the split, gathered with the same
+    (shifted) window starts as the inputs. `trim` cuts target columns that are PAD in the whole batch
+    (less decoder work in training)."""
+    order = torch.arange(len(split)) if order is None else order
+    steps = torch.arange(window)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        starts = split.starts[idx]
+        if aug is not None:
+            starts = aug.shift_starts(starts, split.lo[idx], split.hi[idx], gen)
+        rows = starts[:, None] + steps
+        x = split.gather(rows)
+        if aug is not None:
+            x = aug.perturb(x, gen)
+        y = split.targets[idx]
+        if trim:
+            y = y[:, : int((y != PAD).sum(1).max())]
+        yield x, y, None if row_labels is None else row_labels[rows]
+
+
+class Sampler:
+    """The training split's batches, one epoch at a time, every draw from the generator it is given (the
+    trainer's, which checkpoints carry: a resumed run continues the same sequence)."""
+
+    def __init__(self, split: Split, vocab: Vocab, aug: Augment, window: int, batch_size: int,
+                 limit_batches: int = 0, seed: int = 0, row_labels: torch.Tensor | None = None) -> None:
+        self.split, self.aug, self.window, self.batch_size, self.row_labels = split, aug, window, batch_size, row_labels
+        self.rare = aug.rare_windows(split.targets, vocab)
+        self.kept = None  # limit_batches: the same windows every epoch (drawn once from the seed), so that one
+        if limit_batches:  # batch can be overfitted; reshuffled among themselves each epoch
+            kept = aug.epoch_order(self.rare, torch.Generator().manual_seed(seed))
+            self.kept = kept[: limit_batches * batch_size]
+
+    @property
+    def windows(self) -> int:
+        """Windows drawn per epoch (over all processes)."""
+        return len(self.kept) if self.kept is not None else self.aug.epoch_windows(self.rare)
+
+    def __len__(self) -> int:
+        """Optimiser steps per epoch."""
+        return math.ceil(self.windows / self.batch_size)
+
+    def epoch(self, gen: torch.Generator) -> Iterator[Batch]:
+        """One epoch's batches, shuffled and augmented afresh from `gen`."""
+        if self.kept is None:
+            order = self.aug.epoch_order(self.rare, gen)
+        else:
+            order = self.kept[torch.randperm(len(self.kept), generator=gen)]
+        batch_size, aug_gen = self.batch_size, gen
+        if distributed.active():  # hardware=ddp: this rank's part of every batch, its own augmentation stream
+            order, batch_size, aug_gen = distributed.epoch_share(order, batch_size, gen)
+        aug = self.aug if self.aug.perturbs else None
+        return batches(self.split, self.window, batch_size, order, aug, aug_gen, trim=True, row_labels=self.row_labels)
