@@ -292,3 +292,28 @@ def test_resume_without_a_checkpoint_is_one_line(tmp_path, cache):
     line = one_error_line(run_in(run, "trainer.resume=true", cache=cache))
     assert line == f"trainer.resume=true: cannot resume {run}: it holds no checkpoints/last.pt"
     assert [p.name for p in run.iterdir()] == ["error.txt"]  # why it failed; no config, log or checkpoint
+
+
+def test_a_last_pt_from_before_the_schedule_group_resumes(tmp_path, cache):
+    """A run interrupted before the augmentation and the schedule named their classes (`trainer.scheduler:
+    cosine`, `trainer.warmup_epochs`, no `aug._target_`, LambdaLR's state) resumes to the history an
+    uninterrupted run of today writes; the schedule is still the run's own (another one is refused)."""
+    train = ["trainer.max_epochs=2", "trainer/scheduler=cosine", "trainer.scheduler.warmup_epochs=1", "aug=3x"]
+    ref, run = tmp_path / "ref", tmp_path / "cut"
+    ok(run_in(ref, *train, cache=cache))
+    assert run_in(run, *train, cache=cache, env={KILL_AFTER: "1"}).returncode == -signal.SIGKILL
+    last = run / "checkpoints" / "last.pt"
+    blob = torch.load(last, weights_only=True)
+    config = blob["config"]
+    trainer = {**config["trainer"], "scheduler": "cosine", "warmup_epochs": 1}
+    aug = {k: v for k, v in config["aug"].items() if k != "_target_"}
+    steps = blob["scheduler"]["last_epoch"]
+    lambda_lr = {"base_lrs": [0.001], "last_epoch": steps, "_step_count": steps + 1, "lr_lambdas": [None],
+                 "_get_lr_called_within_step": False, "_last_lr": [0.001]}
+    torch.save({**blob, "config": {**config, "trainer": trainer, "aug": aug}, "scheduler": lambda_lr}, last)
+
+    refused = one_error_line(run_in(run, "trainer.max_epochs=2", "trainer.resume=true", cache=cache))
+    assert refused.startswith("trainer.resume=true: the run was trained with other settings "
+                              "(trainer.scheduler._target_"), refused
+    ok(run_in(run, *train, "trainer.resume=true", cache=cache))
+    assert history(run) == history(ref)

@@ -24,6 +24,9 @@ REQUIRED = ("format", "model", "vocab", "features", "config", "epoch", "majority
 OLD_MODELS = {"baseline": "gcode_exp.models.baseline.BaselineModel",
               "multihead": "gcode_exp.models.multihead.MultiHeadModel",
               "nearest": "gcode_exp.models.nearest.NearestModel"}
+# ... and before the augmentation and the learning-rate schedule did (`trainer.scheduler: cosine`)
+OLD_AUGMENT = "gcode_exp.data.augment.Augment"
+OLD_SCHEDULES = {"constant": "gcode_exp.training.optim.Constant", "cosine": "gcode_exp.training.optim.WarmupCosine"}
 OLD_ENCODERS = {"conv": {"_target_": "gcode_exp.models.encoder.ConvEncoder", "kernel": 5},
                 "lstm": {"_target_": "gcode_exp.models.encoder.LSTMEncoder"}}
 
@@ -82,13 +85,24 @@ def folder_hint(path: Path) -> str:
 
 def upgraded(config: dict) -> dict:
     """A checkpoint's config in today's spelling, so that an older checkpoint evaluates, predicts and
-    resumes as before: the model and encoder classes it was built with, named (`_target_`)."""
+    resumes as before: the classes it was built with, named (`_target_`): model, encoder, augmentation,
+    learning-rate schedule."""
     model = config.get("model")
     if isinstance(model, dict) and model.get("name") in OLD_MODELS:
         model = {"_target_": OLD_MODELS[model["name"]], **model}
         if isinstance(model.get("encoder"), str) and model["encoder"] in OLD_ENCODERS:
             model["encoder"] = dict(OLD_ENCODERS[model["encoder"]])
         config = {**config, "model": model}
+    aug = config.get("aug")
+    if isinstance(aug, dict) and "_target_" not in aug:
+        config = {**config, "aug": {"_target_": OLD_AUGMENT, **aug}}
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and str(trainer.get("scheduler")) in OLD_SCHEDULES:
+        trainer = dict(trainer)
+        name, warmup = trainer["scheduler"], trainer.pop("warmup_epochs", 2)
+        schedule = {"_target_": OLD_SCHEDULES[name]}
+        trainer["scheduler"] = {**schedule, "warmup_epochs": warmup} if name == "cosine" else schedule
+        config = {**config, "trainer": trainer}
     return config
 
 
