@@ -81,10 +81,11 @@ def bench_model(cfg, data, steps: int) -> dict:
     full = timed(lambda: train_steps(trainer, epoch()), 3)
     model = trainer.model.eval()
     out = {"params": sum(p.numel() for p in model.parameters()), "bare_windows_per_s": n / bare,
-           "pipeline_windows_per_s": n / full, "pipeline_vs_bare": bare / full}
+           "pipeline_windows_per_s": n / full, "pipeline_vs_bare": bare / full,
+           "device": str(trainer.device) + (", windows on it" if trainer.sampler.device is not None else "")}
     with torch.no_grad():
         x1, y1 = prebuilt[0][0][:1], prebuilt[0][1][:1]
-        big = next(batches(data.splits["train"], cfg.data.window, 256))
+        big = [t.to(trainer.device) for t in next(batches(data.splits["train"], cfg.data.window, 256))[:2]]
         out["latency_ms_batch1"] = 1e3 * timed(lambda: model(x1, y1[:, :-1]), 20)
         # what live mode (task=predict predict.follow=true) spends on each new window: greedy decoding
         out["live_ms_per_window"] = 1e3 * timed(lambda: model.generate(x1, cfg.data.max_len - 1, BOS), 10)
@@ -270,7 +271,8 @@ def bench(args: argparse.Namespace) -> dict:
     result["nearest"] = bench_nearest(cfg, data)  # the default model
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{result['machine']}; data {args.data_dir}: {result['train_windows']} train windows")
-    print(f"prepare: cold {cold:.2f} s, cached {cached:.3f} s ({cold / cached:.0f}x)")
+    print(f"prepare: cold {cold:.2f} s, cached {cached:.3f} s ({cold / cached:.0f}x); "
+          f"training on {result['models']['baseline']['device']}")
     heads = ("params", "bare w/s", "pipe w/s", "pipe/bare", "b1 ms", "b256 ms/w", "live ms")
     print(f"{'model':16s} " + " ".join(f"{h:>9s}" for h in heads))
     for name, m in result["models"].items():

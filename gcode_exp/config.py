@@ -291,6 +291,7 @@ SCHEMA: dict[str, Rule] = {
     "hardware.device": OneOf("auto", "cpu", "cuda", "mps"),
     "hardware.amp": Bool(),
     "hardware.threads": Int(ge=0, note="0: torch's default"),
+    "hardware.data_on_device": Rule("auto, true or false", lambda v: v in ("auto", True, False)),
     "hardware.distributed": Bool(),  # hardware=ddp; its rules need torchrun's env: gcode_exp/distributed.py setup
     # logger
     "logger.name": OneOf("none", "wandb"),

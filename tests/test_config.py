@@ -67,6 +67,7 @@ def _has(cfg, key: str) -> bool:
     (["trainer.weight_decay=inf"], "trainer.weight_decay=inf: must be a number >= 0"),
     (["hardware.threads=-1"], "hardware.threads=-1: must be a whole number >= 0"),
     (["hardware.amp=maybe"], "hardware.amp=maybe: must be true or false"),
+    (["hardware.data_on_device=maybe"], "hardware.data_on_device=maybe: must be auto, true or false"),
     (["data.split=[0.5,0.5]"], "data.split=[0.5, 0.5]: must be three fractions > 0 summing to 1"),
     (["data.split=[1.0,0,0]"], "data.split=[1.0, 0, 0]: must be three fractions > 0"),
     (["data.max_len=2"], "data.max_len=2: must be a whole number >= 3 (BOS, a token, EOS)"),

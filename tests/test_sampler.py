@@ -170,3 +170,23 @@ def test_callbacks_see_every_step_and_epoch(tmp_path):
     assert recorder.calls == epoch + [("start", 2, 2), ("step",), ("step",), ("train_end", 2), ("end", 2, True)]
     assert [r["epoch"] for r in state["history"]] == [1, 2] and (tmp_path / "history.csv").is_file()
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
+
+
+def test_windows_moved_to_a_device_give_the_same_batches(tiny_cfg):
+    """Sampler.to: what a GPU run does with windows that fit on it (here the CPU stands in for the device:
+    the same code path, draws from a device generator seeded by the trainer's)."""
+    data = prepare(tiny_cfg())
+    train = data.splits["train"]
+    labels = torch.arange(len(train.rows))
+    plain = Sampler(train, data.vocab, Augment(data.features, oversample_factor=3), 32, 8, row_labels=labels)
+    moved = Sampler(train, data.vocab, Augment(data.features, oversample_factor=3), 32, 8, row_labels=labels)
+    moved.to(torch.device("cpu"))
+    assert moved.device == torch.device("cpu") and moved.nbytes() >= train.rows.nbytes
+    for (x, y, r), (x2, y2, r2) in zip(plain.epoch(torch.Generator().manual_seed(0)),
+                                       moved.epoch(torch.Generator().manual_seed(0))):
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(r, r2)  # no draws: the same windows
+    noisy = Sampler(train, data.vocab, Augment(data.features, noise=0.02, shift=2), 32, 8).to(torch.device("cpu"))
+    a = [b[0] for b in noisy.epoch(torch.Generator().manual_seed(0))]
+    b = [b[0] for b in noisy.epoch(torch.Generator().manual_seed(0))]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))  # the trainer's generator decides the device's draws
+    assert not torch.equal(a[0], next(iter(plain.epoch(torch.Generator().manual_seed(0))))[0])

@@ -59,16 +59,16 @@ class Augment:
         """Window starts moved by up to +-shift rows, never past the recording's first or last start."""
         if not self.shift:
             return starts
-        delta = torch.randint(-self.shift, self.shift + 1, starts.shape, generator=gen)
+        delta = torch.randint(-self.shift, self.shift + 1, starts.shape, generator=gen, device=starts.device)
         return torch.minimum(torch.maximum(starts + delta, lo), hi)
 
     def perturb(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Scale and add noise to the sensor channels of a batch [B, window, n_inputs], in place: `x` is
-        the batch's own gathered copy, never the stored rows."""
+        the batch's own gathered copy, never the stored rows. Drawn on the batch's device (`gen` is there)."""
         s = x[..., : self.n_sensor]
         if self.scale:
-            k = 1 + (torch.rand(len(x), 1, 1, generator=gen) * 2 - 1) * self.scale
-            s.mul_(k).add_((k - 1) * self.offset)
+            k = 1 + (torch.rand(len(x), 1, 1, generator=gen, device=x.device) * 2 - 1) * self.scale
+            s.mul_(k).add_((k - 1) * self.offset.to(x.device))
         if self.noise:
-            s.add_(torch.randn(s.shape, generator=gen), alpha=self.noise)
+            s.add_(torch.randn(s.shape, generator=gen, device=x.device), alpha=self.noise)
         return x

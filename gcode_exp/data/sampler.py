@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -35,8 +36,8 @@ def batches(
     (default: split order). `row_labels` holds one label per row of the split, gathered with the same
     (shifted) window starts as the inputs. `trim` cuts target columns that are PAD in the whole batch
     (less decoder work in training)."""
-    order = torch.arange(len(split)) if order is None else order
-    steps = torch.arange(window)
+    order = torch.arange(len(split)) if order is None else order.to(split.starts.device)
+    steps = torch.arange(window, device=split.starts.device)
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         starts = split.starts[idx]
@@ -59,6 +60,7 @@ class Sampler:
     def __init__(self, split: Split, vocab: Vocab, aug: Augment, window: int, batch_size: int,
                  limit_batches: int = 0, seed: int = 0, row_labels: torch.Tensor | None = None) -> None:
         self.split, self.aug, self.window, self.batch_size, self.row_labels = split, aug, window, batch_size, row_labels
+        self.device: torch.device | None = None  # where the windows were moved (`to`); None: where they were read
         self.rare = aug.rare_windows(split.targets, vocab)
         self.kept = None  # limit_batches: the same windows every epoch (drawn once from the seed), so that one
         if limit_batches:  # batch can be overfitted; reshuffled among themselves each epoch
@@ -74,6 +76,21 @@ class Sampler:
         """Optimiser steps per epoch."""
         return math.ceil(self.windows / self.batch_size)
 
+    def to(self, device: torch.device) -> Sampler:
+        """Keep the training windows (rows, starts, targets, row labels) on `device`, a GPU they fit on:
+        gathering, oversampling and augmentation then run there, and a step copies nothing from the host."""
+        s = self.split
+        self.split = replace(s, rows=s.rows.to(device), starts=s.starts.to(device), lo=s.lo.to(device),
+                             hi=s.hi.to(device), targets=s.targets.to(device))
+        self.row_labels = None if self.row_labels is None else self.row_labels.to(device)
+        self.device = device
+        return self
+
+    def nbytes(self) -> int:
+        """Bytes `to` would move."""
+        s, labels = self.split, [] if self.row_labels is None else [self.row_labels]
+        return sum(t.nbytes for t in (s.rows, s.starts, s.lo, s.hi, s.targets, *labels))
+
     def epoch(self, gen: torch.Generator) -> Iterator[Batch]:
         """One epoch's batches, shuffled and augmented afresh from `gen`."""
         if self.kept is None:
@@ -83,5 +100,8 @@ class Sampler:
         batch_size, aug_gen = self.batch_size, gen
         if distributed.active():  # hardware=ddp: this rank's part of every batch, its own augmentation stream
             order, batch_size, aug_gen = distributed.epoch_share(order, batch_size, gen)
+        if self.device is not None:  # the draws happen where the windows are, from a stream seeded by `gen`
+            seed = int(torch.randint(2**62, (1,), generator=aug_gen))
+            aug_gen = torch.Generator(self.device).manual_seed(seed)
         aug = self.aug if self.aug.perturbs else None
         return batches(self.split, self.window, batch_size, order, aug, aug_gen, trim=True, row_labels=self.row_labels)

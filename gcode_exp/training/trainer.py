@@ -47,6 +47,9 @@ class Trainer:
         aug = build(cfg.aug, "aug", features=data.features)
         self.sampler = Sampler(train, data.vocab, aug, cfg.data.window, self.tc.batch_size, self.tc.limit_batches,
                                cfg.seed, row_labels=model.row_labels(train.row_targets))
+        if on_device(self.sampler, self.device, cfg.hardware.data_on_device):
+            self.sampler.to(self.device)
+            log.info("training windows on %s (%.0f MB)", self.device, self.sampler.nbytes() / 2**20)
         self.opt = new_optimizer(self.tc.optimizer, model)
         self.sched = new_scheduler(self.tc.scheduler, self.opt, len(self.sampler), self.tc.max_epochs)
         self.ckpt_dir, self.run_dir, self.callbacks = run_dir / "checkpoints", run_dir, list(callbacks)
@@ -184,6 +187,14 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
                             **checkpoint)
         return state
     return Trainer(cfg, data, model, run_dir, checkpoint, default_callbacks(cfg, run_dir, logger)).fit()
+
+
+def on_device(sampler: Sampler, device: torch.device, wanted: str | bool) -> bool:
+    """hardware.data_on_device: whether the training windows move to a CUDA device (auto: when they take at
+    most half of its free memory). On the CPU they are there already."""
+    if device.type != "cuda" or wanted is False:
+        return False
+    return wanted is True or sampler.nbytes() <= torch.cuda.mem_get_info(device)[0] // 2
 
 
 def rng_state(gen: torch.Generator) -> dict:
