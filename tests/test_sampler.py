@@ -190,3 +190,29 @@ def test_windows_moved_to_a_device_give_the_same_batches(tiny_cfg):
     b = [b[0] for b in noisy.epoch(torch.Generator().manual_seed(0))]
     assert all(torch.equal(u, v) for u, v in zip(a, b))  # the trainer's generator decides the device's draws
     assert not torch.equal(a[0], next(iter(plain.epoch(torch.Generator().manual_seed(0))))[0])
+
+
+def test_prefetched_batches_arrive_in_order_and_carry_errors(tiny_cfg):
+    """The background loader of a GPU whose windows stay on the host (pinning needs a GPU: off here)."""
+    import threading
+    import time
+
+    from gcode_exp.data.sampler import prefetched
+
+    data = prepare(tiny_cfg())
+    sampler = Sampler(data.splits["train"], data.vocab, Augment(data.features, noise=0.02), 32, 8)
+    direct = list(sampler.epoch(torch.Generator().manual_seed(0)))
+    ahead = list(prefetched(sampler.epoch(torch.Generator().manual_seed(0)), pin=False))
+    assert len(ahead) == len(direct) and all(torch.equal(a[0], b[0]) for a, b in zip(ahead, direct))
+
+    def broken():
+        yield direct[0]
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        list(prefetched(broken(), pin=False))
+    first = prefetched(iter(direct * 100), depth=1, pin=False)
+    next(first)
+    first.close()  # the consumer stops early: so does the thread
+    time.sleep(0.5)
+    assert not any(t.name == "gcode-exp-prefetch" for t in threading.enumerate())

@@ -9,6 +9,8 @@ the window inside its recording (never past the file's ends), not a roll with wr
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -105,3 +107,38 @@ class Sampler:
             aug_gen = torch.Generator(self.device).manual_seed(seed)
         aug = self.aug if self.aug.perturbs else None
         return batches(self.split, self.window, batch_size, order, aug, aug_gen, trim=True, row_labels=self.row_labels)
+
+
+def prefetched(source: Iterator[Batch], depth: int = 2, pin: bool = True) -> Iterator[Batch]:
+    """`source`'s batches made by a background thread up to `depth` ahead, in pinned (page-locked) memory
+    with `pin`: a GPU whose windows stay on the host is fed while it computes, and the copy to it can be
+    asynchronous. An error in the thread is raised here; stopping early stops the thread."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in source:
+                if not put(tuple(t.pin_memory() if pin and t is not None else t for t in batch)):
+                    return
+            put(end)
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+
+    threading.Thread(target=work, daemon=True, name="gcode-exp-prefetch").start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

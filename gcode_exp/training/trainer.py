@@ -16,7 +16,7 @@ from gcode_exp import distributed
 from gcode_exp.atomic import write_csv
 from gcode_exp.config import build
 from gcode_exp.data.dataset import Prepared
-from gcode_exp.data.sampler import Batch, Sampler
+from gcode_exp.data.sampler import Batch, Sampler, prefetched
 from gcode_exp.models import NearestModel, TokenModel, new_model
 from gcode_exp.models.nearest import KEYS
 from gcode_exp.training.callbacks import Callback, default_callbacks
@@ -74,7 +74,10 @@ class Trainer:
         t0, total, seen, steps = time.perf_counter(), 0.0, 0, 0
         self.model.train()
         self.call("on_epoch_start", epoch, len(self.sampler))
-        for batch in self.sampler.epoch(self.gen):
+        batches = self.sampler.epoch(self.gen)
+        if self.device.type == "cuda" and self.sampler.device is None:  # windows on the host: made ahead, pinned
+            batches = prefetched(batches)
+        for batch in batches:
             loss = self.step(batch)
             total, seen, steps = total + loss * len(batch[0]), seen + len(batch[0]), steps + 1
             self.call("on_step_end", loss, total / seen)
