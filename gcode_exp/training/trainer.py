@@ -53,8 +53,7 @@ class Trainer:
         self.opt = new_optimizer(self.tc.optimizer, model)
         self.sched = new_scheduler(self.tc.scheduler, self.opt, len(self.sampler), self.tc.max_epochs)
         self.ckpt_dir, self.run_dir, self.callbacks = run_dir / "checkpoints", run_dir, list(callbacks)
-        self.state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "collapsed": False,
-                      "history": []}
+        self.state = new_state()
 
     def step(self, batch: Batch) -> float:
         """One optimiser step on (inputs, targets, row labels)."""
@@ -184,12 +183,17 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
     checkpoint = describe(cfg, data, lines)
     if isinstance(model, NearestModel):
         log.info("%s: %d reference keys (%s)", cfg.name, len(model.keys), KEYS[int(model.mode)])
-        state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "collapsed": False, "history": []}
+        state = new_state()
         for name in ("best.pt", "last.pt"):
             save_checkpoint(run_dir / "checkpoints" / name, model=model.state_dict(), epoch=0, state=state,
                             **checkpoint)
         return state
     return Trainer(cfg, data, model, run_dir, checkpoint, default_callbacks(cfg, run_dir, logger)).fit()
+
+
+def new_state() -> dict:
+    """The loop's state before the first epoch (last.pt carries it: a resume continues from it)."""
+    return {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0, "collapsed": False, "history": []}
 
 
 def on_device(sampler: Sampler, device: torch.device, wanted: str | bool) -> bool:
