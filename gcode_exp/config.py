@@ -148,10 +148,14 @@ def _class(path: Any, base: str) -> type | None:
     from hydra.utils import get_class
 
     module, _, name = base.partition(":")
+    hydra_log = logging.getLogger("hydra.utils")  # it logs a failed import at ERROR: our refusal is the one line
+    was, hydra_log.disabled = hydra_log.disabled, True
     try:
         cls = get_class(str(path))
     except Exception:
         return None
+    finally:
+        hydra_log.disabled = was
     return cls if isinstance(cls, type) and issubclass(cls, getattr(importlib.import_module(module), name)) else None
 
 

@@ -849,3 +849,14 @@ def test_cli_resume_of_a_damaged_last_pt_names_the_run_not_ckpt_path(tmp_path, t
 def test_cli_unknown_group_option_is_one_line_with_the_options(tmp_path):
     assert one_error_line(cli(tmp_path, "model=transformer")) == \
         "model=transformer: no such option of model; options: baseline, multihead, nearest"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("aug._target_=nosuch.Augment", "aug._target_=nosuch.Augment: must be an importable subclass"),
+    ("trainer.optimizer._target_=nosuch.Optimizer", "trainer.optimizer._target_=nosuch.Optimizer: must be"),
+    ("model/encoder=lstm model.encoder._target_=nosuch.Encoder", "model.encoder._target_=nosuch.Encoder: must be"),
+])
+def test_a_class_that_does_not_import_is_one_line(tmp_path, override, key):
+    """A `_target_` naming nothing importable: the refusal alone, not Hydra's import log above it."""
+    line = one_error_line(cli(tmp_path, "model=multihead", *override.split(" "), f"data.dir={SAMPLE}"))
+    assert line.startswith(key), line
