@@ -390,18 +390,32 @@ def validate(cfg: DictConfig) -> None:
 def _check_kwarg(flat: dict[str, Any], key: str, built: str) -> None:
     """The keys of a config that builds an object (`_target_`) are its class's keyword arguments, less
     those the project passes itself (a user's encoder or optimiser brings its own)."""
-    import inspect
-
     base, given, by = BUILT[built]
     cls = _class(flat.get(f"{built}._target_"), base)
     if cls is None:
         return  # the _target_ rule reports it
-    name, takes = key[len(built) + 1 :], inspect.signature(cls).parameters
+    name, takes = key[len(built) + 1 :], keywords(cls)
     if name in given:
         raise _fail(key, flat[key], f"set by {by} ({', '.join(given)})")
     if name not in takes:
         own = [p for p in takes if p not in given]
         raise _fail(key, flat[key], f"unknown key: {cls.__name__} takes {', '.join(own) or 'no keys of its own'}")
+
+
+def keywords(cls: type) -> list[str]:
+    """The keyword arguments a class takes: those of its __init__, and where that passes on **kwargs, those
+    of the classes it inherits from (a subclass that adds one key and hands the rest to its base)."""
+    import inspect
+
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass).parameters.values()
+        names += [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:

@@ -21,10 +21,15 @@ FEATS = Features(["a", "b"], ["b1"], mean=[0.0, 10.0], std=[1.0, 2.0])
 
 
 class SilenceSensors(Augment):
-    """A user's augmentation: every sensor channel read as zero (a test that `aug._target_` is obeyed)."""
+    """A user's augmentation: sensor channels read as `level` (a test that `aug._target_` is obeyed), with a
+    key of its own and its base's keys passed on."""
+
+    def __init__(self, features: Features, level: float = 0.0, **keys) -> None:
+        super().__init__(features, **keys)
+        self.level = level
 
     def perturb(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x[..., : self.n_sensor] = 0.0
+        x[..., : self.n_sensor] = self.level
         return x
 
     @property
@@ -92,8 +97,10 @@ def test_sampler_epochs(tiny_cfg):
 
 
 def test_the_aug_config_names_the_augmentation_class(tmp_path):
-    cfg = make_cfg("model=multihead", "aug._target_=test_sampler.SilenceSensors", tmp=tmp_path)
+    cfg = make_cfg("model=multihead", "aug._target_=test_sampler.SilenceSensors", "+aug.level=0.0", tmp=tmp_path)
     validate(cfg)
+    with pytest.raises(ConfigError, match="aug.levle=0: unknown key: SilenceSensors takes level, oversample_factor"):
+        validate(make_cfg("aug._target_=test_sampler.SilenceSensors", "+aug.levle=0"))
     data = prepare(cfg)
     model, _ = new_model(cfg, data)
     trainer = Trainer(cfg, data, model, tmp_path, checkpoint={})
