@@ -208,12 +208,13 @@ def _resident_kb(entry: Path) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps")
 def test_reading_a_mapped_split_keeps_only_recent_pages_resident(tmp_path, monkeypatch, caplog):
-    """Gathering every window of a cache hit leaves about RELEASE_BYTES of the cache file resident in this
-    process, not the whole split, and gives what a cold read gives. A write into the mapped rows (the
-    mapping is private: a released page would revert to the file's bytes) stops the releases instead."""
+    """Gathering every window of a cache hit, releasing after each batch, leaves none of the split resident
+    in this process (how much a read maps depends on the kernel's page cache folios: the bench measures a
+    real budget), and gives what a cold read gives. A write into the mapped rows (the mapping is private: a
+    released page would revert to the file's bytes) stops the releases instead."""
     from gcode_exp.data import cache
 
-    monkeypatch.setattr(cache, "RELEASE_BYTES", 512 << 10)
+    monkeypatch.setattr(cache, "RELEASE_BYTES", 1)
     cfg = make_cfg(f"data.cache_dir={tmp_path}")
     cold = prepare(make_cfg("data.cache_dir=")).splits["train"]  # in memory, never mapped
     assert cold.mapped is None and prepare(cfg).splits["train"].mapped is not None  # a cold build trains from the map
@@ -222,7 +223,7 @@ def test_reading_a_mapped_split_keeps_only_recent_pages_resident(tmp_path, monke
     windows = (train.starts[:, None] + torch.arange(cfg.data.window)).split(16)
     for rows in windows:
         assert torch.equal(train.gather(rows), cold.gather(rows))
-    assert _resident_kb(entry) << 10 < 2 << 20 < train.rows.nbytes // 3
+    assert _resident_kb(entry) << 10 < train.rows.nbytes // 16  # 7.9 MB here: all of it without releases
     with caplog.at_level(logging.WARNING):
         train.rows[train.starts[0]] += 1  # this process's own copy of the page now
         for rows in windows:

@@ -20,10 +20,12 @@ import mmap
 import os
 import sys
 import tempfile
+import weakref
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import numpy as np
 import torch
 
 from gcode_exp.atomic import atomic_write, torch_save
@@ -31,8 +33,10 @@ from gcode_exp.data.read import RecordedRun
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 9  # bump when what is cached changes
-RELEASE_BYTES = 64 << 20  # bytes read from a mapped split between two releases of its pages: about what of the
-# cache entry stays resident in a process, whatever the entry's size (docs/RESULTS.md, "Scale")
+RELEASE_BYTES = 16 << 20  # bytes gathered from mapped splits between two releases of their pages. A read maps
+# more than it gathers (Linux 6.18 maps the page cache's whole large folios: 16 MB of windows left up to 110 MB
+# of a 10x entry mapped), but no more than that, whatever the entry's size (docs/RESULTS.md, "Scale")
+PAGE = mmap.PAGESIZE
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" and hasattr(mmap, "MADV_DONTNEED") else None
 if _LIBC is not None:
     _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -143,42 +147,51 @@ def load_recording(entry: Path | None) -> RecordedRun | None:
 
 
 # --- keeping only recently read pages of a mapped entry resident ------------------------------------
-@dataclass
 class MappedPages:
-    """Where a group of tensors lies in this process's mapping of a cache entry, and the bytes read from
-    them since their pages were last released. Without releases every page an epoch reads stays mapped
-    and counts in the resident set, which then grows with the data; a released page stays in the page
-    cache and is mapped again, without touching the disk, when next read."""
+    """Where a group of tensors (a split) lies in this process's mapping of a cache entry. Without
+    releases every page an epoch reads stays mapped and counts in the resident set, which then grows
+    with the data. Every RELEASE_BYTES read from any mapped group, the pages of the groups read since are
+    released: they stay in the page cache and are mapped again, without touching the disk, when next read.
+    One budget for all groups, so that what training left mapped does not add to what evaluation maps."""
 
-    start: int  # page-aligned span of the tensors' storages
-    end: int
-    vma: str  # the mapping's `start-end` in /proc/self/maps, its key in /proc/self/smaps
-    unreleased: int = 0
-    stopped: bool = False
+    live: ClassVar[weakref.WeakSet[MappedPages]] = weakref.WeakSet()  # every group of this process
+    unreleased: ClassVar[int] = 0  # bytes read from any group since the last release
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end  # page-aligned
+        self.read = False  # since the last release
+        self.stopped = False  # written in place: never released again
+        MappedPages.live.add(self)
 
     def note_read(self, nbytes: int) -> None:
-        """Count bytes read from the tensors; release their pages every RELEASE_BYTES."""
-        self.unreleased += nbytes
-        if self.unreleased >= RELEASE_BYTES and not self.stopped:
-            self.release()
+        """Count bytes read from the group; release the groups read since the last release every RELEASE_BYTES."""
+        self.read = True
+        MappedPages.unreleased += nbytes
+        if MappedPages.unreleased >= RELEASE_BYTES:
+            MappedPages.unreleased = 0
+            for group in list(MappedPages.live):
+                if group.read:
+                    group.release()
 
     def release(self) -> None:
-        """Drop this process's references to the span's pages (madvise MADV_DONTNEED). The mapping is
-        private, so a page the process wrote is its own copy and would silently revert to the file's
-        bytes: if the mapping holds any, nothing is released, now or later."""
-        self.unreleased = 0
-        if written_kb(self.vma) != 0:
+        """Drop this process's references to the pages (madvise MADV_DONTNEED). The mapping is private,
+        so a page the process wrote is its own copy and would silently revert to the file's bytes: if the
+        group holds one, nothing is released, now or later."""
+        self.read = False
+        if self.stopped:
+            return
+        if written_pages(self.start, self.end) != 0:
             self.stopped = True
-            log.warning("the memory-mapped data cache was written to in place (or its mapping changed): its pages "
-                        "are no longer released, so this process's memory grows with the data it reads")
+            log.warning("the memory-mapped data cache was written to in place: its pages are no longer released, "
+                        "so this process's memory grows with the data it reads")
             return
         if _LIBC.madvise(self.start, self.end - self.start, mmap.MADV_DONTNEED) != 0:
             log.debug("madvise failed (errno %d): the cache's pages stay resident", ctypes.get_errno())
 
 
 def mapped_pages(path: Path, tensors: list[torch.Tensor]) -> MappedPages | None:
-    """The span of `tensors` in this process's mapping of `path`, or None where they do not all lie in
-    one (tensors in memory, a platform without /proc or madvise): those are never released."""
+    """The pages `tensors` lie in within this process's mapping of `path`, or None where they do not all
+    lie in one (tensors in memory, a platform without /proc or madvise): those are never released."""
     spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors]
     spans = [(p, n) for p, n in spans if n]
     if _LIBC is None or not spans:
@@ -194,19 +207,20 @@ def mapped_pages(path: Path, tensors: list[torch.Tensor]) -> MappedPages | None:
         if len(fields) == 6 and fields[5] == target:
             first, last = (int(a, 16) for a in fields[0].split("-"))
             if first <= lo and hi <= last:
-                page = mmap.PAGESIZE
-                return MappedPages(lo - lo % page, -(-hi // page) * page, fields[0])
+                return MappedPages(lo - lo % PAGE, -(-hi // PAGE) * PAGE)
     return None
 
 
-def written_kb(vma: str) -> int | None:
-    """kB of the mapping `vma` that this process wrote (its private copies), None if there is no such mapping."""
+def written_pages(start: int, end: int) -> int | None:
+    """How many pages of [start, end) hold this process's own copy rather than the file's (present but not
+    file-backed, /proc/self/pagemap bits 63 and 61); None if that cannot be read."""
     try:
-        smaps = "\n" + Path("/proc/self/smaps").read_text()
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            raw = os.pread(fd, (end - start) // PAGE * 8, start // PAGE * 8)
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    head = smaps.find(f"\n{vma} ")
-    field = smaps.find("\nAnonymous:", head)  # every mapping has this line: the first after its head is its own
-    if head < 0 or field < 0:
-        return None
-    return int(smaps[field : field + 64].split()[1])
+    entries = np.frombuffer(raw, dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & ~(entries >> np.uint64(61)) & np.uint64(1)).sum())
