@@ -4,28 +4,23 @@ The cache holds one entry per recording (its parsed table, keyed by the file's b
 file to a folder reads only that file) and one per prepared dataset (keyed by every file and the
 data config). Entries are `torch.save` files loaded with `mmap=True`: their tensors stay in the page
 cache and are read as windows are gathered, so a process does not copy the dataset into its own
-memory; `MappedPages` drops the pages a process has read every RELEASE_BYTES, so its resident set
-holds only what it read lately, not the whole entry after an epoch. Beside each entry, `<entry>.sum`
+memory; a split's input rows, which an epoch reads whole, are read with pread (`RowFile`), so that
+the pages an epoch reads are not mapped into the process either. Beside each entry, `<entry>.sum`
 holds its size and CRC-32 and is written last: an entry without it, or whose bytes no longer match it,
 is never trusted.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
-import mmap
 import os
-import sys
 import tempfile
 import weakref
 import zlib
 from pathlib import Path
-from typing import ClassVar
 
-import numpy as np
 import torch
 
 from gcode_exp.atomic import atomic_write, torch_save
@@ -33,13 +28,6 @@ from gcode_exp.data.read import RecordedRun
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 9  # bump when what is cached changes
-RELEASE_BYTES = 16 << 20  # bytes gathered from mapped splits between two releases of their pages. A read maps
-# more than it gathers (Linux 6.18 maps the page cache's whole large folios: 16 MB of windows left up to 110 MB
-# of a 10x entry mapped), but no more than that, whatever the entry's size (docs/RESULTS.md, "Scale")
-PAGE = mmap.PAGESIZE
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" and hasattr(mmap, "MADV_DONTNEED") else None
-if _LIBC is not None:
-    _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 class DamagedEntry(ValueError):
@@ -146,81 +134,50 @@ def load_recording(entry: Path | None) -> RecordedRun | None:
         return None
 
 
-# --- keeping only recently read pages of a mapped entry resident ------------------------------------
-class MappedPages:
-    """Where a group of tensors (a split) lies in this process's mapping of a cache entry. Without
-    releases every page an epoch reads stays mapped and counts in the resident set, which then grows
-    with the data. Every RELEASE_BYTES read from any mapped group, the pages of the groups read since are
-    released: they stay in the page cache and are mapped again, without touching the disk, when next read.
-    One budget for all groups, so that what training left mapped does not add to what evaluation maps."""
+# --- reading a mapped entry's rows without mapping them ---------------------------------------------
+class RowFile:
+    """A 2-D tensor of a cache entry, read from the file with pread rather than through the memory map.
+    Every page read through the map stays mapped and counts in the resident set, so an epoch over all
+    windows made it grow with the data (and Linux maps the page cache's whole large folio around each
+    read); pread copies the rows asked for from the page cache, and the process holds only its batch."""
 
-    live: ClassVar[weakref.WeakSet[MappedPages]] = weakref.WeakSet()  # every group of this process
-    unreleased: ClassVar[int] = 0  # bytes read from any group since the last release
+    def __init__(self, fd: int, offset: int, like: torch.Tensor) -> None:
+        self.fd, self.offset = fd, offset  # the open file (closed with this object), where the tensor's bytes start
+        weakref.finalize(self, os.close, fd)
+        self.rows, self.channels = like.shape
+        self.dtype, self.row_bytes = like.dtype, like.shape[1] * like.element_size()
 
-    def __init__(self, start: int, end: int) -> None:
-        self.start, self.end = start, end  # page-aligned
-        self.read = False  # since the last release
-        self.stopped = False  # written in place: never released again
-        MappedPages.live.add(self)
-
-    def note_read(self, nbytes: int) -> None:
-        """Count bytes read from the group; release the groups read since the last release every RELEASE_BYTES."""
-        self.read = True
-        MappedPages.unreleased += nbytes
-        if MappedPages.unreleased >= RELEASE_BYTES:
-            MappedPages.unreleased = 0
-            for group in list(MappedPages.live):
-                if group.read:
-                    group.release()
-
-    def release(self) -> None:
-        """Drop this process's references to the pages (madvise MADV_DONTNEED). The mapping is private,
-        so a page the process wrote is its own copy and would silently revert to the file's bytes: if the
-        group holds one, nothing is released, now or later."""
-        self.read = False
-        if self.stopped:
-            return
-        if written_pages(self.start, self.end) != 0:
-            self.stopped = True
-            log.warning("the memory-mapped data cache was written to in place: its pages are no longer released, "
-                        "so this process's memory grows with the data it reads")
-            return
-        if _LIBC.madvise(self.start, self.end - self.start, mmap.MADV_DONTNEED) != 0:
-            log.debug("madvise failed (errno %d): the cache's pages stay resident", ctypes.get_errno())
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows at a 1-D index tensor, [len(index), channels]: one read per run of consecutive rows (a
+        window is one run)."""
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.rows):
+            raise IndexError(f"row index out of range for {self.rows} rows")
+        out = torch.empty(len(index), self.channels, dtype=self.dtype)
+        buf, size = memoryview(out.numpy()).cast("B"), self.row_bytes
+        cuts = [0, *(torch.nonzero(index[1:] != index[:-1] + 1).flatten() + 1).tolist(), len(index)]
+        firsts = index[cuts[:-1]].tolist() if len(index) else []
+        for a, b, first in zip(cuts, cuts[1:], firsts):
+            if os.preadv(self.fd, [buf[a * size : b * size]], self.offset + first * size) != (b - a) * size:
+                raise OSError("a cache entry is shorter than its rows")
+        return out
 
 
-def mapped_pages(path: Path, tensors: list[torch.Tensor]) -> MappedPages | None:
-    """The pages `tensors` lie in within this process's mapping of `path`, or None where they do not all
-    lie in one (tensors in memory, a platform without /proc or madvise): those are never released."""
-    spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors]
-    spans = [(p, n) for p, n in spans if n]
-    if _LIBC is None or not spans:
+def row_file(path: Path, tensor: torch.Tensor) -> RowFile | None:
+    """`tensor`, loaded from `path` with mmap=True, as a RowFile: where its bytes lie in the file follows
+    from this process's mapping of it (/proc/self/maps). None where there is no such mapping (another
+    platform, a tensor in memory): it is then read through the map."""
+    if tensor.dim() != 2 or not tensor.is_contiguous():
         return None
-    lo, hi = min(p for p, _ in spans), max(p + n for p, n in spans)
     try:
         maps = Path("/proc/self/maps").read_text()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
-    target = os.path.realpath(path)
+    ptr, inode = tensor.data_ptr(), os.fstat(fd).st_ino
     for line in maps.splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == target:
-            first, last = (int(a, 16) for a in fields[0].split("-"))
-            if first <= lo and hi <= last:
-                return MappedPages(lo - lo % PAGE, -(-hi // PAGE) * PAGE)
+        first, last = (int(a, 16) for a in fields[0].split("-"))
+        if first <= ptr and ptr + tensor.nbytes <= last and int(fields[4]) == inode:  # this file's mapping
+            return RowFile(fd, ptr - first + int(fields[2], 16), tensor)
+    os.close(fd)
     return None
-
-
-def written_pages(start: int, end: int) -> int | None:
-    """How many pages of [start, end) hold this process's own copy rather than the file's (present but not
-    file-backed, /proc/self/pagemap bits 63 and 61); None if that cannot be read."""
-    try:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
-        try:
-            raw = os.pread(fd, (end - start) // PAGE * 8, start // PAGE * 8)
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    entries = np.frombuffer(raw, dtype=np.uint64)
-    return int(((entries >> np.uint64(63)) & ~(entries >> np.uint64(61)) & np.uint64(1)).sum())

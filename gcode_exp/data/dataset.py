@@ -29,13 +29,13 @@ import torch
 from gcode_exp.data.cache import (
     CACHE_VERSION,
     DamagedEntry,
-    MappedPages,
+    RowFile,
     cache_off,
     file_hashes,
     load_entry,
     load_recording,
-    mapped_pages,
     recording_entry,
+    row_file,
     save_entry,
     save_recording,
     writable_folder,
@@ -72,24 +72,23 @@ class Split:
     row_targets: torch.Tensor  # int16 [total_rows, max_len] each row's own line, all PAD where unlabelled
     row_lines: torch.Tensor  # int64 [total_rows] which text line each row executes (line_id), 0 where unlabelled
     target_lengths: torch.Tensor  # int64 [windows] BOS + tokens + EOS before cutting to max_len
-    # where its tensors lie in the mapped cache entry (load_prepared; None: in memory), never cached itself
-    mapped: MappedPages | None = field(default=None, init=False, repr=False, compare=False)
+    # `rows` in its cache entry (load_prepared; None: in memory), never cached itself
+    rows_file: RowFile | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Input rows at an index tensor of any shape ([B, window] for a batch of windows): a new tensor
-        [*rows.shape, channels]. Training and evaluation read `rows` through this alone, so this is where
-        the pages read from a mapped cache entry are counted and, every RELEASE_BYTES, released: the
-        process's resident set then stays flat in the data size. Nothing may write into a mapped split."""
-        out = self.rows.index_select(0, rows.flatten()).view(*rows.shape, self.rows.shape[1])
-        if self.mapped is not None:
-            self.mapped.note_read(out.nbytes)
-        return out
+        [*rows.shape, channels]. Training and evaluation read `rows` through this alone: from the cache
+        file with pread where the split was loaded from one, so that an epoch does not leave the pages it
+        read mapped in the process. `rows` itself is then the file's bytes: writing into it is not supported."""
+        if self.rows_file is not None:
+            return self.rows_file.take(rows.flatten()).view(*rows.shape, self.rows.shape[1])
+        return self.rows.index_select(0, rows.flatten()).view(*rows.shape, self.rows.shape[1])
 
     def stored(self) -> dict:
-        """What the cache keeps of the split: every field but where this process mapped it."""
+        """What the cache keeps of the split: every field but where this process reads its rows from."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
@@ -575,7 +574,7 @@ def load_prepared(path: Path) -> Prepared | None:
         return None
     splits = {k: Split(**v) for k, v in blob["splits"].items()}
     for split in splits.values():
-        split.mapped = mapped_pages(path, [t for t in split.stored().values() if isinstance(t, torch.Tensor)])
+        split.rows_file = row_file(path, split.rows)
     return Prepared(splits=splits, vocab=Vocab.from_dict(blob["vocab"]), features=Features(**blob["features"]),
                     summary=blob["summary"])
 
