@@ -5,8 +5,9 @@ its motor currents and IMU values scaled by 1 % noise, so every copy is a new fi
 for each k this measures, each in a fresh process: preparing cold, preparing from the per-recording
 cache (the prepared data removed), a cache hit, adding one recording to the prepared folder; then a
 real training run (`run.py model=multihead aug=3x trainer.max_epochs=1`): its epoch time and its peak
-memory, both the resident set (which counts the pages of the memory-mapped cache the epoch touched)
-and the anonymous memory the process itself allocated.
+memory, both the resident set (which would count every page of the memory-mapped cache the epoch read,
+had the windows not been read with pread: data.cache.RowFile) and the anonymous memory the process
+itself allocated.
 """
 
 from __future__ import annotations
