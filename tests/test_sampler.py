@@ -150,6 +150,28 @@ def test_schedules_from_their_config(tmp_path):
     assert step_lr.opt.param_groups[0]["lr"] == pytest.approx(0.5 * torch_cfg.trainer.lr)
 
 
+class Floored(WarmupCosine):
+    """A user's schedule: one key of its own, the rest handed to its base with **kwargs."""
+
+    def __init__(self, optimizer, floor: float = 0.1, **kwargs):
+        self.floor = floor
+        super().__init__(optimizer, **kwargs)
+
+    def factor(self, step: int) -> float:
+        return max(self.floor, super().factor(step))
+
+
+def test_a_schedule_that_hands_on_kwargs_is_given_the_run_length(tmp_path):
+    data = prepare(make_cfg(tmp=tmp_path))
+    model, _ = new_model(make_cfg("model=multihead"), data)
+    cfg = make_cfg("model=multihead", "trainer.scheduler._target_=tests.test_sampler.Floored",
+                   "+trainer.scheduler.floor=0.2", "trainer.max_epochs=3", tmp=tmp_path)
+    validate(cfg)
+    sched = Trainer(cfg, data, model, tmp_path, checkpoint={}).sched
+    assert type(sched).__name__ == "Floored" and sched.floor == 0.2  # (pytest imports this file under another name)
+    assert sched.total == 3 * sched.warmup / 2  # max_epochs and steps_per_epoch reached the base class
+
+
 class Recorder(Callback):
     def __init__(self):
         self.calls = []

@@ -4,17 +4,13 @@ from their config's `_target_`. A schedule is stepped once per optimiser step; a
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
 from hydra.utils import get_class
 from torch.optim.lr_scheduler import LRScheduler
 
-from gcode_exp.config import build
-
-# what the trainer passes a schedule, where its class takes them (torch's own take neither)
-SCHEDULE_GIVEN = ("optimizer", "steps_per_epoch", "max_epochs")
+from gcode_exp.config import build, keywords
 
 
 def new_optimizer(spec, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -23,8 +19,9 @@ def new_optimizer(spec, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def new_scheduler(spec, opt: torch.optim.Optimizer, steps_per_epoch: int, max_epochs: int) -> LRScheduler:
-    """trainer.scheduler for this optimiser; the run's length is passed where the class takes it."""
-    takes = inspect.signature(get_class(str(spec._target_))).parameters
+    """trainer.scheduler for this optimiser; the run's length is passed where the class (or a base it hands
+    `**kwargs` to) takes it: torch's own schedules take neither."""
+    takes = keywords(get_class(str(spec._target_)))
     known = {"optimizer": opt, "steps_per_epoch": steps_per_epoch, "max_epochs": max_epochs}
     return build(spec, "trainer.scheduler", **{k: v for k, v in known.items() if k in takes})
 
