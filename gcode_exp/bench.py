@@ -45,12 +45,20 @@ MODELS = {"nearest": [], "baseline": ["model=baseline", "aug=3x"], "multihead": 
           "new_programs": ["experiment=new_programs"]}
 
 
+def machine() -> str:
+    """What the figures were measured on: the CPU's threads, torch, and the GPU where there is one."""
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}{gpu}"
+
+
 def timed(fn, repeat: int = 1) -> float:
     """Best of `repeat` runs, in seconds: the least disturbed by other work on the machine."""
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
+        if torch.cuda.is_available():  # GPU work is queued: the clock stops when it is done
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -73,7 +81,7 @@ def bench_model(cfg, data, steps: int) -> dict:
     """Windows/s of the Trainer's real step on batches gathered once vs the full per-epoch pipeline (the
     Sampler's gathering, oversampling and augmentation, then the same step)."""
     trainer = trainer_for(cfg, data)
-    epoch = lambda: islice(trainer.sampler.epoch(torch.Generator().manual_seed(0)), steps)  # noqa: E731
+    epoch = lambda: islice(trainer.batches(torch.Generator().manual_seed(0)), steps)  # noqa: E731
     prebuilt = list(epoch())
     n = sum(len(b[0]) for b in prebuilt)
     train_steps(trainer, prebuilt[:3])  # warm-up
@@ -84,7 +92,7 @@ def bench_model(cfg, data, steps: int) -> dict:
            "pipeline_windows_per_s": n / full, "pipeline_vs_bare": bare / full,
            "device": str(trainer.device) + (", windows on it" if trainer.sampler.device is not None else "")}
     with torch.no_grad():
-        x1, y1 = prebuilt[0][0][:1], prebuilt[0][1][:1]
+        x1, y1 = (t[:1].to(trainer.device) for t in prebuilt[0][:2])
         big = [t.to(trainer.device) for t in next(batches(data.splits["train"], cfg.data.window, 256))[:2]]
         out["latency_ms_batch1"] = 1e3 * timed(lambda: model(x1, y1[:, :-1]), 20)
         # what live mode (task=predict predict.follow=true) spends on each new window: greedy decoding
@@ -255,7 +263,7 @@ def bench(args: argparse.Namespace) -> dict:
         data = prepared(cfg)
     new_data = prepared(cfgs["new_programs"])  # its own features; refused here, not after the timings
     result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "machine": machine(),
         "data_dir": args.data_dir,
         "train_windows": len(data.splits["train"]),
         "prepare_cold_s": cold,
@@ -295,7 +303,7 @@ def scale_report(args: argparse.Namespace, cfg: DictConfig, factors: list[int]) 
 
     prepared(cfg)  # a folder that cannot be prepared is refused here, before copies are written
     mine = [o for o in args.overrides if model_key(o) is None or has_key(cfg, model_key(o))]  # for run.py
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+    result = {"machine": machine(),
               "data_dir": args.data_dir, "scale": bench_scale(cfg, factors, cores(), mine)}
     write_out(args.out, result)
     print(f"JSON in {args.out}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -68,15 +68,18 @@ class Trainer:
         self.sched.step()
         return loss.item()
 
+    def batches(self, gen: torch.Generator) -> Iterator[Batch]:
+        """An epoch's batches from `gen`; on CUDA with the windows left on the host, made ahead in pinned memory
+        by a background thread (what the bench times as the pipeline)."""
+        batches = self.sampler.epoch(gen)
+        return prefetched(batches) if self.device.type == "cuda" and self.sampler.device is None else batches
+
     def train_epoch(self, epoch: int) -> dict:
         """One pass over the epoch's batches: the mean training loss (over every rank's windows)."""
         t0, total, seen, steps = time.perf_counter(), 0.0, 0, 0
         self.model.train()
         self.call("on_epoch_start", epoch, len(self.sampler))
-        batches = self.sampler.epoch(self.gen)
-        if self.device.type == "cuda" and self.sampler.device is None:  # windows on the host: made ahead, pinned
-            batches = prefetched(batches)
-        for batch in batches:
+        for batch in self.batches(self.gen):
             loss = self.step(batch)
             total, seen, steps = total + loss * len(batch[0]), seen + len(batch[0]), steps + 1
             self.call("on_step_end", loss, total / seen)
