@@ -10,6 +10,7 @@ writes: the run folder, its checkpoints, history, metrics, logs. Without these h
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 import os
 import sys
@@ -118,11 +119,13 @@ class DataParallel(DistributedDataParallel):
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The model under DDP when hardware=ddp (gradients averaged over the ranks in backward), else itself.
-    Its buffers are constants (no batch norm): not synchronised per step."""
+    Its buffers are constants (no batch norm): not synchronised per step (torch 2.13 names that switch
+    forward_sync_buffers; the torch 2.11 of a GPU machine checked, broadcast_buffers)."""
     if not active():
         return model
-    return DataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                        forward_sync_buffers=False)
+    switch = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    return DataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **{switch: False})
 
 
 def epoch_share(order: torch.Tensor, batch_size: int, gen: torch.Generator):
