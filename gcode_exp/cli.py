@@ -106,6 +106,20 @@ def one_line(hydra_error: str, argv: list[str]) -> str:
 
 def main() -> None:
     """The entry point of run.py, `python -m gcode_exp` and the `gcode-exp` command."""
+    from gcode_exp import distributed
+
+    if not distributed.launched():
+        return run_command()
+    try:  # under torchrun: the process ends with its exit code and without C++ teardown (distributed.leave)
+        run_command()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    distributed.leave(code)
+
+
+def run_command() -> None:
+    """Hydra's app on the command line; a command line Hydra refuses is one line and exit code 2."""
     sys.argv = sweep_ready(sys.argv)
     held = sys.stderr = HeldStderr(sys.stderr)
     try:

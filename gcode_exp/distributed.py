@@ -10,6 +10,7 @@ writes: the run folder, its checkpoints, history, metrics, logs. Without these h
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
 import logging
 import os
@@ -168,6 +169,26 @@ def total(*numbers: float) -> list[float]:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def finish() -> None:
+    """The end of a run that succeeded: the ranks meet (rank 0 has written everything), then leave the
+    process group."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def leave(code: int) -> None:
+    """End a process torchrun started: logs and output flushed, then out without the interpreter's teardown.
+    In that teardown a worker aborted now and then, after its run had finished (C++ "terminate called
+    without an active exception", SIGABRT: 2 runs in ~80 of 2 gloo processes on 2 cores, with or without
+    `finish`), and torchrun then reported the finished run as failed."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code)
 
 
 def from_main(value: T) -> T:

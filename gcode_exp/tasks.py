@@ -38,12 +38,15 @@ def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
         if hydra_cfg is not None and hydra_cfg.mode.name == "MULTIRUN":
             record_optuna_trial(run_dir)  # an Optuna trial records which folder it wrote
         if cfg.task == "prepare":
-            return prepare_job(cfg, run_dir)
-        if cfg.task == "predict":
+            out = prepare_job(cfg, run_dir)
+        elif cfg.task == "predict":
             from gcode_exp.predict import predict_job
 
-            return predict_job(cfg, run_dir)
-        return train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
+            out = predict_job(cfg, run_dir)
+        else:
+            out = train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
+    distributed.finish()  # hardware=ddp: every rank done (rank 0 has written all) before any leaves
+    return out
 
 
 def prepare_checked(cfg) -> Prepared:
