@@ -247,6 +247,14 @@ def sgd_with_momentum(ran: Ran) -> None:
     assert group["momentum"] == 0.9 and "betas" not in group, group
 
 
+def cosine_schedule(ran: Ran) -> None:
+    """README: the schedule group is applied: after the run's steps its rate is below the peak (constant: at it)."""
+    blob = torch.load(ran.folder / "checkpoints" / "last.pt", weights_only=True)
+    (group,) = blob["optimizer"]["param_groups"]
+    assert blob["config"]["trainer"]["scheduler"]["_target_"].endswith("WarmupCosine"), blob["config"]["trainer"]
+    assert 0 < group["lr"] < group["initial_lr"] and blob["scheduler"]["last_epoch"] > 0, group
+
+
 def scale_json(ran: Ran) -> None:
     scale = json.loads((ran.cwd / "docs/bench_scale.json").read_text())["scale"]
     assert [s["files"] for s in scale.values()] == [6, 12], scale
@@ -415,6 +423,7 @@ COMMANDS: dict[str, Doc] = {
         Doc(files=("metrics.json",)),
     "python run.py model=multihead trainer.optimizer._target_=torch.optim.SGD +trainer.optimizer.momentum=0.9":
         Doc(files=("metrics.json",), check=sgd_with_momentum),
+    "python run.py model=multihead trainer/scheduler=cosine": Doc(files=("metrics.json",), check=cosine_schedule),
     "python run.py task=prepare data.dir=DIR": Doc(files=("data_summary.json",), says=("train:", "test :")),
     "python run.py task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR":
         Doc(needs=(TOKEN_START,), files=("metrics.json",), check=eval_scores_the_checkpoint),
