@@ -264,6 +264,7 @@ SCHEMA: dict[str, Rule] = {
     "aug.noise": Float(ge=0, lt=1, optional=True),  # optional: an Augment subclass may not take them
     "aug.shift": Int(ge=0, optional=True),
     "aug.scale": Float(ge=0, lt=1, optional=True),
+    "aug.noise_pool": Int(ge=0, optional=True),
     # trainer
     "trainer.max_epochs": Int(ge=1),
     "trainer.limit_batches": Int(ge=0, note="0: all"),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import run_py
 
@@ -317,3 +318,19 @@ def test_a_last_pt_from_before_the_schedule_group_resumes(tmp_path, cache):
                               "(trainer.scheduler._target_"), refused
     ok(run_in(run, *train, "trainer.resume=true", cache=cache))
     assert history(run) == history(ref)
+
+
+def test_a_last_pt_from_before_the_noise_pool_resumes_drawing_noise_per_batch(tmp_path, cache):
+    """aug.noise_pool came with a default of 8 batches; a run interrupted before it keeps the noise it drew
+    (each batch its own: 0) when resumed, rather than today's default."""
+    run = tmp_path / "cut"
+    assert run_in(run, "trainer.max_epochs=2", "aug=3x", cache=cache, env={KILL_AFTER: "1"}).returncode == \
+        -signal.SIGKILL
+    last = run / "checkpoints" / "last.pt"
+    blob = torch.load(last, weights_only=True)
+    assert blob["config"]["aug"]["noise_pool"] == 8
+    aug = {k: v for k, v in blob["config"]["aug"].items() if k != "noise_pool"}
+    torch.save({**blob, "config": {**blob["config"], "aug": aug}}, last)
+    ok(run_in(run, "trainer.max_epochs=2", "trainer.resume=true", cache=cache))  # the run's own aug, data, model
+    assert yaml.safe_load((run / "resolved_config.yaml").read_text())["aug"]["noise_pool"] == 0
+    assert [r["epoch"] for r in history(run)] == ["1", "2"]

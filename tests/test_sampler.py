@@ -54,6 +54,28 @@ def test_oversampling_and_augmentation_statistics():
     assert not Augment(FEATS).perturbs and Augment(FEATS, shift=1).perturbs
 
 
+def test_a_noise_pool_gives_fresh_standard_normal_noise_per_batch():
+    """aug.noise_pool: each batch's noise is two random slices of a pool drawn afresh each epoch; standard
+    normal, no two batches alike, the same draws from the same generator, a new pool each epoch."""
+    aug = Augment(FEATS, noise=0.02, noise_pool=4)
+    s = torch.zeros(64, 32, 2)
+
+    def epoch(gen, steps=6):
+        aug.start_epoch()
+        return [aug.noise_like(s, gen).clone() for _ in range(steps)]
+
+    first = epoch(torch.Generator().manual_seed(0))
+    both = torch.stack(first)
+    assert both.mean().abs() < 0.02 and both.std() == pytest.approx(1.0, abs=0.02)
+    assert all(not torch.equal(a, b) for i, a in enumerate(first) for b in first[i + 1:])
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch(torch.Generator().manual_seed(0)), strict=True))
+    pool = aug._pool.clone()
+    epoch(torch.Generator().manual_seed(1))
+    assert not torch.equal(pool, aug._pool) and aug._pool.numel() == 4 * s.numel()
+    noisy = aug.perturb(torch.zeros(2000, 8, 3), torch.Generator().manual_seed(0))
+    assert noisy[..., :2].std().item() == pytest.approx(0.02, rel=0.05) and (noisy[..., 2] == 0).all()
+
+
 def test_shift_stays_inside_the_file(tiny_cfg):
     data = prepare(tiny_cfg())
     train = data.splits["train"]

@@ -19,13 +19,14 @@ class Augment:
     board presence flags or the elapsed-time input, which follow the channels)."""
 
     def __init__(self, features: Features, oversample_factor: int = 1, rare_commands: str | list[str] = "auto",
-                 noise: float = 0.0, shift: int = 0, scale: float = 0.0, name: str = "") -> None:
+                 noise: float = 0.0, shift: int = 0, scale: float = 0.0, noise_pool: int = 0,
+                 name: str = "") -> None:
         self.oversample_factor, self.rare_commands, self.name = int(oversample_factor), rare_commands, name
-        self.noise, self.shift, self.scale = float(noise), int(shift), float(scale)
+        self.noise, self.shift, self.scale, self.noise_pool = float(noise), int(shift), float(scale), int(noise_pool)
         self.n_sensor = len(features.channels)
         # z = (raw - mean) / std; scaling raw by k gives k z + (k - 1) mean / std
         self.offset = (torch.tensor(features.mean) / torch.tensor(features.std)).float()
-        self._scratch = torch.empty(0)
+        self._scratch, self._pool, self._pool_stale = torch.empty(0), torch.empty(0), True
 
     def scratch(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """A buffer for one batch's noise, reused while batches keep their shape: a fresh megabyte per batch
@@ -33,6 +34,26 @@ class Augment:
         if self._scratch.shape != shape or self._scratch.device != device:
             self._scratch = torch.empty(shape, device=device)
         return self._scratch
+
+    def start_epoch(self) -> None:
+        """The sampler starts an epoch: with a noise pool, the epoch's first batch draws it afresh."""
+        self._pool_stale = True
+
+    def noise_like(self, s: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Standard normal noise of `s`'s shape. noise_pool=0: drawn for this batch alone (on a CPU, drawing
+        it costs more than the rest of the batch's making). noise_pool=P: P batches' worth is drawn afresh
+        each epoch, and a batch takes the sum of two random slices of it over sqrt(2): still standard
+        normal, independent within the batch, and no two batches alike, for ~P/steps of the cost."""
+        if not self.noise_pool:
+            return self.scratch(s.shape, s.device).normal_(generator=gen)
+        n = s.numel()
+        if self._pool_stale or self._pool.numel() < n or self._pool.device != s.device:
+            self._pool = torch.randn(self.noise_pool * n, generator=gen, device=s.device)
+            self._pool_stale = False
+        a, b = torch.randint(self._pool.numel() - n + 1, (2,), generator=gen, device=s.device).tolist()
+        out = self.scratch(s.shape, s.device)
+        torch.add(self._pool[a : a + n].view(s.shape), self._pool[b : b + n].view(s.shape), out=out)
+        return out.mul_(2 ** -0.5)
 
     @property
     def perturbs(self) -> bool:
@@ -78,5 +99,5 @@ class Augment:
             k = 1 + (torch.rand(len(x), 1, 1, generator=gen, device=x.device) * 2 - 1) * self.scale
             s.mul_(k).add_((k - 1) * self.offset.to(x.device))
         if self.noise:
-            s.add_(self.scratch(s.shape, x.device).normal_(generator=gen), alpha=self.noise)
+            s.add_(self.noise_like(s, gen), alpha=self.noise)
         return x

@@ -106,6 +106,7 @@ class Sampler:
             seed = int(torch.randint(2**62, (1,), generator=aug_gen))
             aug_gen = torch.Generator(self.device).manual_seed(seed)
         aug = self.aug if self.aug.perturbs else None
+        self.aug.start_epoch()
         return batches(self.split, self.window, batch_size, order, aug, aug_gen, trim=True, row_labels=self.row_labels)
 
 

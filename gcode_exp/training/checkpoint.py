@@ -86,7 +86,7 @@ def folder_hint(path: Path) -> str:
 def upgraded(config: dict) -> dict:
     """A checkpoint's config in today's spelling, so that an older checkpoint evaluates, predicts and
     resumes as before: the classes it was built with, named (`_target_`): model, encoder, augmentation,
-    learning-rate schedule."""
+    learning-rate schedule; and the noise it drew (each batch its own, `aug.noise_pool: 0`)."""
     model = config.get("model")
     if isinstance(model, dict) and model.get("name") in OLD_MODELS:
         model = {"_target_": OLD_MODELS[model["name"]], **model}
@@ -95,7 +95,11 @@ def upgraded(config: dict) -> dict:
         config = {**config, "model": model}
     aug = config.get("aug")
     if isinstance(aug, dict) and "_target_" not in aug:
-        config = {**config, "aug": {"_target_": OLD_AUGMENT, **aug}}
+        aug = {"_target_": OLD_AUGMENT, **aug}
+    if isinstance(aug, dict) and aug["_target_"] == OLD_AUGMENT and "noise_pool" not in aug:
+        aug = {**aug, "noise_pool": 0}  # from before the noise pool: each batch drew its own noise
+    if aug is not config.get("aug"):
+        config = {**config, "aug": aug}
     trainer = config.get("trainer")
     if isinstance(trainer, dict) and str(trainer.get("scheduler")) in OLD_SCHEDULES:
         trainer = dict(trainer)
