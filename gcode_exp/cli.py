@@ -114,6 +114,8 @@ def main() -> None:
         run_command()
         code = 0
     except SystemExit as e:
+        if isinstance(e.code, str):  # what the interpreter would print for it
+            print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     distributed.leave(code)
 
