@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -102,10 +102,17 @@ def setup(cfg) -> None:
 
 
 def refuse(message: str) -> None:
-    """A one-line error from rank 0 (or the only process); torchrun's other processes stop quietly."""
+    """A one-line error from rank 0 (or the only process); torchrun's other processes stand down."""
     if os.environ.get("RANK", "0") != "0":
-        sys.exit(2)
+        stand_down()
     raise GcodeExpError(message)
+
+
+def stand_down() -> NoReturn:
+    """End a process other than rank 0 because rank 0 refuses the run or failed: quietly and with exit code 0,
+    so that torchrun waits for rank 0, which says why and gives the run its exit code. A non-zero exit here
+    had torchrun end rank 0 before it printed its one line (the user saw only torchrun's traceback)."""
+    sys.exit(0)
 
 
 class DataParallel(DistributedDataParallel):
@@ -201,8 +208,8 @@ def from_main(value: T) -> T:
 
 
 def on_main(fn: Callable[..., T], *args) -> T | None:
-    """`fn` on rank 0 only (what writes into the run folder); the others wait for it, and stop quietly
-    (exit 2) if it failed: rank 0 says why."""
+    """`fn` on rank 0 only (what writes into the run folder); the others wait for it, and stand down if it
+    failed: rank 0 says why."""
     if not active():
         return fn(*args)
     ok, out = False, None
@@ -212,7 +219,7 @@ def on_main(fn: Callable[..., T], *args) -> T | None:
         ok = True
     finally:
         if not from_main(ok) and not is_main():
-            sys.exit(2)
+            stand_down()
     return out
 
 

@@ -346,7 +346,8 @@ def _job_files(sweep_dir: Path) -> dict[str, int]:
 
 
 def _refuse(message: str, quiet: bool = False) -> None:
-    """Exit 2 with one error line (`quiet`: silently, where another torchrun process says it)."""
-    if not quiet:
-        print(f"error: {message}", file=sys.stderr)
+    """Exit 2 with one error line (`quiet`: a torchrun process that leaves it to rank 0 stands down)."""
+    if quiet:
+        distributed.stand_down()
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
