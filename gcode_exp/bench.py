@@ -35,8 +35,7 @@ from gcode_exp.atomic import write_text
 from gcode_exp.config import validate
 from gcode_exp.data.dataset import cores, prepare
 from gcode_exp.data.sampler import batches
-from gcode_exp.data.vocab import BOS
-from gcode_exp.models import NearestModel, new_model
+from gcode_exp.models import Windows, new_model
 from gcode_exp.training.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -96,21 +95,20 @@ def bench_model(cfg, data, steps: int) -> dict:
         big = [t.to(trainer.device) for t in next(batches(data.splits["train"], cfg.data.window, 256))[:2]]
         out["latency_ms_batch1"] = 1e3 * timed(lambda: model(x1, y1[:, :-1]), 20)
         # what live mode (task=predict predict.follow=true) spends on each new window: greedy decoding
-        out["live_ms_per_window"] = 1e3 * timed(lambda: model.generate(x1, cfg.data.max_len - 1, BOS), 10)
+        out["live_ms_per_window"] = 1e3 * timed(lambda: model.answer(x1), 10)
         out["latency_ms_per_window_batch256"] = 1e3 * timed(lambda: model(big[0], big[1][:, :-1]), 3) / len(big[0])
     return out
 
 
 def bench_nearest(cfg, data) -> dict:
-    """Seconds to build the reference from the training split, and answer latency per window."""
+    """The default model: seconds to fit it to the training split, and its answer latency per window."""
     train, window = data.splits["train"], cfg.data.window
-    model = NearestModel(cfg.model, max_len=cfg.data.max_len)
-    fit_s = timed(lambda: model.fit_reference(train, data.features, window), 3)
-    x1 = train.gather(train.starts[:1, None] + torch.arange(window))
-    big = train.gather(train.starts[:256, None] + torch.arange(window))
-    return {"reference_keys": len(model.keys), "fit_s": fit_s,
-            "latency_ms_batch1": 1e3 * timed(lambda: model.answer(x1), 20),
-            "latency_ms_per_window_batch256": 1e3 * timed(lambda: model.answer(big), 3) / len(big)}
+    model, _ = new_model(cfg, data)
+    fit_s = timed(lambda: model.fit(train, data.features, window), 3)
+    one, big = (Windows.of_split(train, window, torch.arange(min(n, len(train)))) for n in (1, 256))
+    return {"reference": model.brief(), "fit_s": fit_s,
+            "latency_ms_batch1": 1e3 * timed(lambda: model.predict(one), 20),
+            "latency_ms_per_window_batch256": 1e3 * timed(lambda: model.predict(big), 3) / len(big)}
 
 
 def bench_scaling(cfg, data) -> dict:
@@ -288,7 +286,7 @@ def bench(args: argparse.Namespace) -> dict:
               f"{m['pipeline_vs_bare']:9.2f} {m['latency_ms_batch1']:9.2f} {m['latency_ms_per_window_batch256']:9.3f} "
               f"{m['live_ms_per_window']:9.2f}")
     n = result["nearest"]
-    print(f"default (nearest, {n['reference_keys']} keys): reference built in {n['fit_s']:.2f} s, "
+    print(f"default (nearest, {n['reference']}): fitted in {n['fit_s']:.2f} s, "
           f"{n['latency_ms_batch1']:.2f} ms at batch 1, {n['latency_ms_per_window_batch256']:.3f} ms/window at 256")
     s = result["epoch_s_by_data_size"]
     print("epoch seconds at 1x/2x/4x data: " + " / ".join(f"{v:.2f}" for v in s.values())

@@ -237,7 +237,7 @@ SCHEMA: dict[str, Rule] = {
     "vocab.digits": Int(ge=1, le=6, note="10**digits buckets per parameter letter"),
     # model
     "model._target_": Importable("torch.nn:Module", "an importable model class (conf/model/*.yaml)"),
-    "model.name": OneOf("baseline", "multihead", "nearest"),
+    "model.name": OneOf("align", "baseline", "multihead", "nearest"),
     "model.encoder._target_": Importable(ENCODER, "an importable subclass of gcode_exp.models.encoder.SensorEncoder "
                                          "(conf/model/encoder/*.yaml)", only_if=TOKEN_MODELS),
     "model.encoder.kernel": Int(ge=1, optional=True, only_if=TOKEN_MODELS),  # the conv encoder's
@@ -247,9 +247,19 @@ SCHEMA: dict[str, Rule] = {
     "model.n_heads": Int(ge=1, only_if=TOKEN_MODELS),
     "model.dropout": Float(ge=0, lt=1, only_if=TOKEN_MODELS),
     "model.row_weight": Float(ge=0, only_if=TOKEN_MODELS),
-    "model.key": OneOf("auto", "position", "summary", only_if="model.name=nearest"),
+    "model.key": OneOf("auto", "position", "summary", "signal", only_if="model.name=nearest|align"),
     "model.motion_weight": Float(ge=0, only_if="model.name=nearest"),
     "model.elapsed_weight": Float(ge=0, only_if="model.name=nearest"),
+    "model.smooth": Int(ge=1, only_if="model.name=align"),
+    "model.spread": Float(ge=0, only_if="model.name=align"),
+    "model.dims": Int(ge=0, only_if="model.name=align"),
+    "model.max_step": Int(ge=1, le=8, only_if="model.name=align"),
+    "model.stay": Float(ge=0, only_if="model.name=align"),
+    "model.skip": Float(ge=0, only_if="model.name=align"),
+    "model.jump": Float(gt=0, only_if="model.name=align"),
+    "model.clip": Float(gt=0, only_if="model.name=align"),
+    "model.lag": Int(ge=0, only_if="model.name=align"),
+    "model.max_cells": Int(ge=0, only_if="model.name=align"),
     "model.loss_weights.type": Float(ge=0, only_if="model.name=multihead"),
     "model.loss_weights.command": Float(ge=0, only_if="model.name=multihead"),
     "model.loss_weights.param_type": Float(ge=0, only_if="model.name=multihead"),
@@ -292,6 +302,13 @@ SCHEMA: dict[str, Rule] = {
     "predict.poll_s": Float(gt=0),
     "predict.min_p": Float(ge=0, le=1),
     "predict.batch_size": Int(ge=1),
+    # perturb (task=eval and task=predict: the scored recordings changed as in shop use, gcode_exp/data/perturb.py)
+    "perturb.name": Text(),
+    "perturb.concat": Bool(),
+    "perturb.crop_start": Float(ge=0, le=0.9, note="share of each recording's rows dropped from its start"),
+    "perturb.shift": Int(ge=0, note="rows dropped from each recording's start"),
+    "perturb.pace": Float(ge=0.5, le=2.0, note="the job N times as fast"),
+    "perturb.seed": Int(ge=0),
     # hardware
     "hardware.device": OneOf("auto", "cpu", "cuda", "mps"),
     "hardware.amp": Bool(),
@@ -422,7 +439,7 @@ def keywords(cls: type) -> list[str]:
 def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
     """Rules between keys, and settings that would make the run meaningless."""
     get = flat.get
-    if get("model.name") != "nearest" and get("model.d_model") % get("model.n_heads"):
+    if get("model.name") in ("baseline", "multihead") and get("model.d_model") % get("model.n_heads"):
         raise _fail("model.d_model", get("model.d_model"), f"must be divisible by model.n_heads={get('model.n_heads')}")
     if get("model.key") == "position" and "controller" not in (get("features.groups") or []):
         raise _fail("model.key", "position", "needs the controller's work position among the inputs "
@@ -477,10 +494,28 @@ def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
     if get("task") not in ("eval", "predict") and get("ckpt_path"):
         _warn("ckpt_path", get("ckpt_path"), f"ignored with task={get('task')} (only task=eval and predict read it)")
     live = get("task") == "predict" and get("predict.follow")
+    _check_perturb(flat, live)
     if live and not get("data.path"):
         raise ConfigError("data.path: predict.follow=true needs data.path=FILE.csv (the recording being written)")
     if get("data.path") and not live:
         _warn("data.path", get("data.path"), "ignored without task=predict predict.follow=true (data.dir is read)")
+
+
+def _check_perturb(flat: dict[str, Any], live: bool) -> None:
+    """A perturbation changes a recording as a whole, and only the scored ones: refused in live mode (a file
+    read while it grows), ignored by the tasks that score nothing."""
+    from gcode_exp.data.perturb import applied
+
+    changed = applied({k.removeprefix("perturb."): v for k, v in flat.items() if k.startswith("perturb.")})
+    if not changed:
+        return
+    key, _, value = changed[0].partition("=")
+    if live:
+        raise ConfigError(f"{changed[0]}: not with predict.follow=true (live mode reads a recording while it is "
+                          "written; a perturbation changes a recording as a whole): use perturb=none")
+    if flat.get("task") not in ("eval", "predict"):
+        _warn(key, value, f"ignored with task={flat.get('task')} (only task=eval and task=predict score perturbed "
+              "recordings)")
 
 
 def _check_metric(key: str, value: Any, allowed: list[str], why: str) -> None:

@@ -90,9 +90,11 @@ def setup(cfg) -> None:
     if cfg.task != "train":
         refuse(f"hardware.distributed=true: only task=train runs data-parallel; run task={cfg.task} without "
                "torchrun and hardware=ddp")
-    if cfg.model.name == "nearest":
-        refuse("hardware.distributed=true: model=nearest trains nothing; run it without torchrun, or train a token "
-               "model (model=multihead or model=baseline)")
+    from gcode_exp.models import learns
+
+    if not learns(cfg.model):
+        refuse(f"hardware.distributed=true: model={cfg.model.name} trains nothing; run it without torchrun, or "
+               "train a token model (model=multihead or model=baseline)")
     if cfg.trainer.batch_size % n:
         refuse(f"trainer.batch_size={cfg.trainer.batch_size}: must be divisible by the {n} processes of "
                "hardware=ddp (each trains an equal share of every batch)")

@@ -32,10 +32,11 @@ import torch
 from omegaconf import OmegaConf
 
 from gcode_exp.atomic import write_csv, write_json, write_text
+from gcode_exp.data import perturb
 from gcode_exp.data.dataset import Features, prepare, run_inputs, same_recording_twice
 from gcode_exp.data.read import RUN_NAME, DataError, RecordedRun, channel_group, list_runs, read_run, run_name
-from gcode_exp.data.vocab import BOS, COMMAND, EOS, NUMERIC, PARAMETER, Vocab, parse_line
-from gcode_exp.models import NearestModel
+from gcode_exp.data.vocab import Vocab, parse_line
+from gcode_exp.models import Windows
 from gcode_exp.training.checkpoint import load_checkpoint, load_model
 from gcode_exp.training.device import autocast, pick_device
 
@@ -49,6 +50,7 @@ ROW_FIELDS = ("time", "row", "line", "p", "runner_up", "runner_up_p", "true_line
 class Recording:
     run: RecordedRun  # values and lines ("" where unlabelled, or everywhere when the file has no gcode_string)
     times: list[str]  # t_console per row, or the row index where the file has none
+    rows: np.ndarray | None = None  # perturb=...: each row's row in the recording it was read from (None: its own)
 
     @property
     def labelled(self) -> bool:
@@ -59,6 +61,16 @@ def read_recording(path: Path, max_nonfinite: float) -> Recording:
     """read_run's checks and messages, but a recording without labels is fine here."""
     run = read_run(path, max_nonfinite, labelled=False)
     return Recording(run=run, times=run.times)
+
+
+def perturbed(recordings: list[Recording], cfg, window: int, skipped: list[dict]) -> list[Recording]:
+    """perturb=...: the recordings changed as in shop use (gcode_exp/data/perturb.py), each row keeping the
+    number of the row it was read from (after concat: in its part); unchanged where perturb is neutral."""
+    if perturb.is_neutral(cfg.get("perturb")):
+        return recordings
+    changed = perturb.perturb_with_rows([r.run for r in recordings], cfg.get("perturb"), window=window,
+                                        on_error=cfg.data.on_error, skipped=skipped)
+    return [Recording(run=run, times=run.times, rows=rows) for run, rows in changed]
 
 
 def check_channels(path: Path | str, columns: list[str], feats: Features) -> None:
@@ -77,20 +89,6 @@ class Guess:
     rows: np.ndarray | None = None  # row-head probabilities [window, n_lines + 1], where the model has one
 
 
-def step_confidence(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Probability of the token `predict` picks at the last step: the flat softmax's maximum, or for the
-    multi-head model the product of the maxima of the heads that made it (type, then command, or letter,
-    or letter and bucket)."""
-    probs = {k: torch.softmax(v[:, -1].float(), -1).max(-1).values for k, v in out.items() if k != "rows"}
-    if "token" in probs:
-        return probs["token"]
-    kind = out["type"][:, -1].argmax(-1)
-    one = torch.ones_like(probs["type"])
-    p = probs["type"] * torch.where(kind == COMMAND, probs["command"], one)
-    p = p * torch.where((kind == PARAMETER) | (kind == NUMERIC), probs["param_type"], one)
-    return p * torch.where(kind == NUMERIC, probs["param_value"], one)
-
-
 class Predictor:
     """A checkpoint's model, vocabulary, features and window geometry: windows in, lines out."""
 
@@ -104,45 +102,21 @@ class Predictor:
 
     @torch.no_grad()
     def guess(self, x: np.ndarray, starts: list[int]) -> list[Guess]:
-        """Greedy-decode the windows x[s : s + window] (x: normalised inputs of one recording)."""
-        out: list[Guess] = []
-        for i in range(0, len(starts), self.batch_size):
-            part = starts[i : i + self.batch_size]
-            batch = torch.from_numpy(np.stack([x[s : s + self.window] for s in part])).to(self.device)
-            ids, p, rows = self.decode(batch)
-            per_window = list(rows) if rows is not None else [None] * len(part)
-            out += [Guess(s, self.vocab.decode(row), float(q), r)
-                    for s, row, q, r in zip(part, ids.tolist(), p.tolist(), per_window)]
-        return out
+        """The model's answers for the windows x[s : s + window] (x: normalised inputs of one recording)."""
+        if not starts:
+            return []
+        windows = Windows.of_rows(torch.from_numpy(x).to(self.device), torch.tensor(starts), self.window)
+        with autocast(self.device, self.amp):
+            answer = self.model.predict(windows, self.batch_size)
+        rows = answer.rows.float().cpu().numpy() if answer.rows is not None else [None] * len(starts)
+        return [Guess(s, self.vocab.decode(ids), float(p), r)
+                for s, ids, p, r in zip(starts, answer.tokens.tolist(), answer.p.tolist(), rows)]
 
     @property
     def lines(self) -> list[str]:
-        """The row answers as text: the row head's classes (the training windows' target lines), or the
-        nearest model's lines (every line a training row executes)."""
+        """The row answers as text (`Model.lines`: a row head's classes, the training windows' target lines,
+        or a reference's lines, every line a training row executes)."""
         return [self.vocab.decode(t[1:]) for t in self.model.lines.tolist()]
-
-    def decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-        """TokenModel.generate, keeping each sequence's probability up to and including its EOS; and the
-        row head's probabilities, where the model has one."""
-        m = self.model
-        if isinstance(m, NearestModel):  # certain answers, per row too (a row without a line: the last class)
-            rows = torch.nn.functional.one_hot(m.row_lines(x), len(m.lines) + 1).float().cpu().numpy()
-            return m.generate(x, self.max_len - 1, BOS).cpu(), torch.ones(len(x)), rows
-        with autocast(self.device, self.amp):
-            memory = m.encoder(x)
-            rows = m.rows(memory).float().softmax(-1).cpu().numpy() if m.row_head is not None else None
-            tokens = torch.full((len(x), 1), BOS, dtype=torch.long, device=x.device)
-            p = torch.ones(len(x), device=x.device)
-            done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-            for _ in range(self.max_len - 1):
-                out = m.heads(m.decoder(tokens, memory)[:, -1:])
-                nxt = m.predict(out)[:, -1]
-                p = torch.where(done, p, p * step_confidence(out))
-                done = done | (nxt == EOS)
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                if done.all():
-                    break
-        return tokens[:, 1:].cpu(), p.float().cpu(), rows
 
 
 # --- windows -> rows ---------------------------------------------------------------------------------------
@@ -353,6 +327,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
                 raise
             log.warning("skipping %s", e)
             skipped.append({"file": path.name, "error": str(e)})
+    recordings = perturbed(recordings, cfg, pred.window, skipped)
     if not recordings:
         raise DataError(f"{cfg.data.dir}: no usable recordings")
     counts = op_line_counts(blob, cfg, pred.vocab)
@@ -374,7 +349,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
         programs.append({"recording": run.name, "program": ranked[0][0], "p": f"{ranked[0][1]:.4f}",
                          "runner_up": ranked[1][0] if len(ranked) > 1 else "",
                          "runner_up_p": f"{ranked[1][1]:.4f}" if len(ranked) > 1 else "", "true_program": true_op})
-        if true_op:
+        if true_op and "+" not in true_op:  # perturb.concat's `a+b` holds two programs: not one to name
             totals.update(programs_known=1, program_right=ranked[0][0] == true_op,
                           majority_program=majority_op == true_op)
         if rec.labelled:
@@ -385,8 +360,10 @@ def predict_job(cfg, run_dir: Path) -> dict:
               f"program {ranked[0][0] or '?'} (p={ranked[0][1]:.2f}){f', true {true_op}' if true_op else ''}")
     write_csv(run_dir / "program.csv", programs)
     write_json(run_dir / "data_summary.json", {"data_dir": str(cfg.data.dir), "skipped_files": skipped,
-                                              "predict": {"files": [r.run.name for r in recordings]}})
-    metrics = {"ckpt_path": str(cfg.ckpt_path), "predict/files": len(recordings)}
+                                              "predict": {"files": [r.run.name for r in recordings]},
+                                              "perturb": perturb.summary(cfg.get("perturb"))})
+    metrics = {"ckpt_path": str(cfg.ckpt_path), "predict/files": len(recordings),
+               "perturb": perturb.describe(cfg.get("perturb"))}
     if totals["rows"]:
         for prefix, key in (("predict", ""), ("majority", "m_")):
             metrics[f"{prefix}/row_line_acc"] = totals[f"{key}right"] / totals["rows"]
@@ -402,9 +379,10 @@ def predict_job(cfg, run_dir: Path) -> dict:
 
 
 def write_rows(path: Path, votes: list[RowVote], rec: Recording, true: list[str]) -> None:
-    rows = [dict(zip(ROW_FIELDS, (rec.times[i], i, v.line, f"{v.p:.4g}", v.runner_up, f"{v.runner_up_p:.4g}",
+    source = rec.rows if rec.rows is not None else range(len(votes))  # perturb=...: the row it was read from
+    rows = [dict(zip(ROW_FIELDS, (rec.times[i], int(r), v.line, f"{v.p:.4g}", v.runner_up, f"{v.runner_up_p:.4g}",
                                   rec.run.lines[i], int(v.line == t) if t else ""), strict=True))
-            for i, (v, t) in enumerate(zip(votes, true))]
+            for i, (v, t, r) in enumerate(zip(votes, true, source))]
     write_csv(path, rows, list(ROW_FIELDS))
 
 

@@ -175,8 +175,7 @@ def describe(cfg: dict, trial: dict | None = None) -> dict:
         "approach": approach,
         "features": feats.get("name", "?") + ("" if feats.get("board_flags", True) else "-noflags"),
         "vocab": cfg.get("vocab", {}).get("name", "?"),
-        "aug": "-" if model.get("name") == "nearest" else  # nothing trained: no augmentation
-               f"{aug.get('oversample_factor', 1)}x" if aug.get("name") != "none" else "none",
+        "aug": f"{aug.get('oversample_factor', 1)}x" if aug.get("name") != "none" else "none",
         "multihead": model.get("name") == "multihead",
         "split": str(data.get("split_by", "file")) + (f" {data['folds']}-fold" if data.get("folds") else ""),
     }
@@ -223,6 +222,7 @@ def finished_runs(runs: list[RunResult]) -> Finished:
     added = [k for k in config if config[k].isna().any() and config[k].nunique() < 2]  # one value where present
     config = config.drop(columns=added).fillna("-")
     data = [k for k in config if k.startswith("data.") and k.split(".")[1] not in HOW_READ]
+    data += [k for k in config if k.startswith("perturb.")]  # perturbed recordings are another test set
     settings = config.drop(columns=[k for k in config if k in ("seed", "data.fold") or k.split(".")[0] == "hydra"])
     settings["optuna_trial"] = [f"{r.trial.get('study')} #{r.trial.get('trial')}" if r.trial else "-" for r in done]
     info = pd.DataFrame([describe(r.config, r.trial) for r in done], columns=LABEL).assign(

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from gcode_exp import GcodeExpError, distributed, plots, run_folder
 from gcode_exp.atomic import write_csv, write_json
 from gcode_exp.config import check_against_data, validate
+from gcode_exp.data import perturb
 from gcode_exp.data.dataset import Features, Prepared, build_split, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.logger import make_logger
@@ -120,6 +121,8 @@ def eval_job(cfg, run_dir: Path) -> dict:
     for key in ("dir", "pattern", "on_error", "max_nonfinite"):
         data_cfg[key] = cfg.data[key]
     runs, skipped = read_runs(list_runs(data_cfg.dir, data_cfg.pattern), data_cfg)
+    runs = perturb.perturb_recordings(runs, cfg.get("perturb"), window=data_cfg.window, stride=data_cfg.stride,
+                                      on_error=data_cfg.on_error, skipped=skipped)  # perturb=...: shop conditions
     if not runs:
         raise DataError(f"{data_cfg.dir}: no usable recordings")
     required = [c for c in feats.channels if "." not in c]
@@ -138,8 +141,9 @@ def eval_job(cfg, run_dir: Path) -> dict:
     majority = majority_metrics(blob["majority_line"], targets, vocab)
     metrics.update({f"majority/{k}": v for k, v in majority.items()})
     metrics["ckpt_path"] = str(cfg.ckpt_path)
+    metrics["perturb"] = perturb.describe(cfg.get("perturb"))
     summary = {"data_dir": str(data_cfg.dir), "test": {"files": split.files, "windows": len(split)},
-               "skipped_files": skipped}
+               "skipped_files": skipped, "perturb": perturb.summary(cfg.get("perturb"))}
     write_json(run_dir / "data_summary.json", summary)
     write_outputs(cfg, run_dir, metrics, pred, targets[:, 1:], vocab, None)
     return metrics

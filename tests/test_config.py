@@ -31,7 +31,7 @@ def config_warnings(caplog) -> list[str]:
     ["task=eval", "ckpt_path=runs/x/checkpoints/best.pt"],
     ["hparams_search=optuna", "optimized_metric=test/line_exact"],
     ["trainer.monitor=val/loss", "trainer.monitor_mode=min"],
-    ["data.target=lines", "aug.rare_commands=[G0,G2,G3]", "trainer.lr=1"],
+    ["data.target=lines", "aug=3x", "aug.rare_commands=[G0,G2,G3]", "trainer.lr=1"],
 ], ids=lambda o: " ".join(o))
 def test_good_configs_validate_in_silence(overrides, caplog):
     with caplog.at_level(logging.WARNING):
@@ -152,7 +152,7 @@ TOKENS = ["PAD", "BOS", "EOS", "UNK", "G0", "G1", "G2", "X", "NUM_X_00"]
 
 
 @pytest.mark.parametrize("overrides,tokens,cut,message", [
-    (["aug.rare_commands=[G3,M30]"], TOKENS, 0.0, "aug.rare_commands=[G3, M30]: names no command of the training"),
+    (["aug=3x", "aug.rare_commands=[G3,M30]"], TOKENS, 0.0, "aug.rare_commands=[G3, M30]: names no command of the training"),
     ([], TOKENS, 0.8, "data.max_len=16: cuts 80% of the targets; the longest needs data.max_len=40"),
 ])
 def test_data_checks_refuse(overrides, tokens, cut, message):
@@ -161,8 +161,8 @@ def test_data_checks_refuse(overrides, tokens, cut, message):
 
 
 @pytest.mark.parametrize("overrides,tokens,cut,message", [
-    (["aug.rare_commands=[G2,G3]"], TOKENS, 0.0, "aug.rare_commands=[G2, G3]: G3 never occurs"),
-    ([], TOKENS[:4] + ["G1", "X"], 0.0, "aug.oversample_factor=3: the training targets hold one command"),
+    (["aug=3x", "aug.rare_commands=[G2,G3]"], TOKENS, 0.0, "aug.rare_commands=[G2, G3]: G3 never occurs"),
+    (["aug=3x"], TOKENS[:4] + ["G1", "X"], 0.0, "aug.oversample_factor=3: the training targets hold one command"),
     ([], TOKENS, 0.1, "data.max_len=16: cuts 10% of the targets"),
 ])
 def test_data_checks_warn(overrides, tokens, cut, message, caplog):
@@ -174,7 +174,7 @@ def test_data_checks_warn(overrides, tokens, cut, message, caplog):
 def test_data_checks_pass_in_silence(caplog):
     with caplog.at_level(logging.WARNING):
         check_against_data(make_cfg(), TOKENS, 0.0)
-        check_against_data(make_cfg("aug.rare_commands=[G0,G2]"), TOKENS, 0.0)
+        check_against_data(make_cfg("aug=3x", "aug.rare_commands=[G0,G2]"), TOKENS, 0.0)
         check_against_data(make_cfg("aug=none", "aug.rare_commands=[M30]"), TOKENS, 0.0)  # no oversampling
     assert config_warnings(caplog) == []
 
@@ -194,7 +194,7 @@ HYDRA_FILES = {".hydra", "run.log"}  # and error.txt: run.py's one-line record o
 ])
 def test_run_py_refuses_bad_config_in_one_line(override, key, tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    result = run_py(override, f"hydra.run.dir={run_dir}", cache=cache, timeout=120)
+    result = run_py(*override.split(), f"hydra.run.dir={run_dir}", cache=cache, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -207,7 +207,7 @@ def test_run_py_refuses_bad_config_in_one_line(override, key, tmp_path):
 @pytest.mark.parametrize("override,line", [
     ("trainer.max_epoch=1", "trainer.max_epoch=1: unknown key; did you mean trainer.max_epochs?"),
     ("model.d_model=64", "model.d_model=64: not a key of this config (only with model.name=baseline|multihead)"),
-    ("model=transformer", "model=transformer: no such option of model; options: baseline, multihead, nearest"),
+    ("model=transformer", "model=transformer: no such option of model; options: align, baseline, multihead, nearest"),
     ("data.window=[1", "Error when parsing index"),
 ], ids=["typo", "other-model", "no-option", "syntax"])
 def test_hydra_refusals_are_one_line_too(override, line, tmp_path):
@@ -223,12 +223,12 @@ def test_hydra_refusals_are_one_line_too(override, line, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
-    ("aug.rare_commands=[G99]", "aug.rare_commands=[G99]: names no command of the training vocabulary"),
+    ("aug=3x aug.rare_commands=[G99]", "aug.rare_commands=[G99]: names no command of the training vocabulary"),
     ("data.max_len=4", "data.max_len=4: cuts 78% of the targets; the longest needs data.max_len=9"),
 ])
 def test_run_py_checks_settings_against_the_training_data(override, message, tmp_path):
     """Settings only the data can judge are refused once the sample is read, before any training."""
-    result = run_py(override, f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache", timeout=120)
+    result = run_py(*override.split(), f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache", timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -172,6 +172,14 @@ def eval_scores_the_checkpoint(ran: Ran) -> None:
     assert m["ckpt_path"].endswith("checkpoints/best.pt")
 
 
+def one_job_per_perturbation(ran: Ran) -> None:
+    """README, 'Perturbations': each job scored the recordings as its option changes them, and says so."""
+    done = [(json.loads((j / "data_summary.json").read_text())["perturb"]["name"], metrics(j)["perturb"])
+            for j in ran.jobs]
+    assert done[:3] == [("none", "none"), ("crop", "crop_start=0.25"), ("pace_slow", "pace=0.8")], done
+    assert len({p for _, p in done}) == 7, done
+
+
 def resumed_after_epoch_1(ran: Ran) -> None:
     assert "resuming after epoch 1 from" in ran.out
     assert metrics(ran.folder)["epochs"] == 2, "the resumed run must end with epoch 1 from last.pt plus epoch 2"
@@ -404,6 +412,8 @@ CV_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/
 WINDOW_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode "
                   "features=side_channel data.split_by=window data.folds=5 'data.fold=range(5)' "
                   "hydra.sweep.dir=multirun/real-window-default")
+PERTURBATIONS = ("python run.py -m task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR "
+                 "perturb=none,crop,pace_slow,pace_fast,shift,concat,shop")
 SUMMARY = ("summary.csv", "summary.md", "summary.png")
 FOUR = ("baseline", "augmented", "multihead", "multihead_aug")
 BEST = ("new_programs", "recommended")  # experiment=cv also runs the best token model and the default
@@ -433,6 +443,7 @@ COMMANDS: dict[str, Doc] = {
         Doc(needs=(TOKEN_START,), files=("metrics.json", "program.csv", "predictions")),
     "python run.py task=predict predict.follow=true ckpt_path=RUN/checkpoints/best.pt data.path=FILE.csv":
         Doc(needs=(TOKEN_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
+    PERTURBATIONS: Doc(needs=(TOKEN_START,), jobs=7, check=one_job_per_perturbation),
     "python run.py hardware=cuda": Doc(kind=CUDA, files=("metrics.json",), says=("on cuda",)),
     "torchrun --standalone --nproc_per_node=2 run.py hardware=ddp model=multihead":
         Doc(files=("metrics.json", "history.csv", "checkpoints/best.pt"), check=trained_by_two_processes),

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from gcode_exp.data.vocab import BOS, EOS, UNK, Vocab
+from gcode_exp.data.vocab import BOS, EOS, PAD, UNK, Vocab
 from gcode_exp.models import build_model
 from tests.conftest import ROOT
 
@@ -26,13 +26,16 @@ def test_shapes_loss_and_generation(name, encoder):
     model = make(name, encoder)
     x, tokens = torch.randn(3, 16, 7), torch.tensor([V.encode("G1 X1 Y2")[:8]] * 3)
     out = model(x, tokens[:, :-1])
-    pred = model.predict(out)
+    pred = model.token_ids(out)
     assert pred.shape == (3, 6) and pred.dtype == torch.long
     loss, parts = model.loss(out, tokens[:, 1:])
     loss.backward()
     assert torch.isfinite(loss) and parts
     model.eval()
-    assert model.generate(x, 7, BOS).shape == (3, 7)
+    answer = model.answer(x)
+    assert answer.tokens.shape == (3, 7) and answer.p.shape == (3,) and ((0 < answer.p) & (answer.p <= 1)).all()
+    ended = (answer.tokens == EOS).cumsum(1) > 0  # after its EOS a sequence holds only PAD
+    assert (answer.tokens[ended & (answer.tokens != EOS)] == PAD).all()
 
 
 def test_multihead_heads_and_composition():
@@ -47,7 +50,7 @@ def test_multihead_heads_and_composition():
         return torch.nn.functional.one_hot(torch.tensor([[i]]), n).float()
 
     def compose(kind, cmd=0, letter=0, value=0):
-        return model.predict({
+        return model.token_ids({
             "type": onehot(4, kind), "command": onehot(len(V.commands), cmd),
             "param_type": onehot(len(V.letters), letter), "param_value": onehot(100, value),
         }).item()

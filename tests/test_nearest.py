@@ -44,16 +44,17 @@ def test_position_key_answers_with_the_line_of_most_rows_told_apart_by_text():
                      [a, a, a, a, a, b, b, b, b, [PAD] * 8], window=10)
     feats = Features(channels=["posx", "posy", "posz"], boards=[], mean=[0.0] * 3, std=[1.0] * 3)
     model = NearestModel(CFG, max_len=8)
-    model.fit_reference(train, feats, window=10)
+    model.fit(train, feats, window=10)
     assert len(model.lines) == 3  # one per text, the unlabelled row left out
     # a test window at rows 0-8: 3 rows of text 11, 2 of 12, 4 of 13 -> text 13 has the most rows, although
     # the tokens of 11 and 12 together cover 5 rows
     x = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8], dtype=torch.float)[None, :, None].expand(1, 9, 3).clone()
     x[..., 1:] = 0
-    assert model.answer(x).tolist() == [b]
-    assert model.generate(x, 4, BOS).tolist() == [b[1:5]]
+    answer = model.answer(x)
+    assert answer.tokens.tolist() == [b[1:]] and answer.p.tolist() == [1.0]
+    assert answer.rows.argmax(-1)[0].tolist() == model.row_lines(x)[0].tolist()  # each row's own answer
     # the motion part of the key tells apart a pass going the other way over the same positions
-    assert model.answer(x.flip(1)).shape == (1, 8)
+    assert model.answer(x.flip(1)).tokens.shape == (1, 7)
 
 
 def test_summary_key_finds_the_same_moment_of_a_training_run():
@@ -71,11 +72,11 @@ def test_summary_key_finds_the_same_moment_of_a_training_run():
                   file_windows=[len(starts)], row_targets=torch.tensor(tokens).short(),
                   target_lengths=torch.zeros_like(starts), row_lines=texts)
     model = NearestModel(CFG, max_len=8)
-    model.fit_reference(train, feats, window)
+    model.fit(train, feats, window)
     assert model.mode.item() == 1  # summary: the inputs hold no work position
     # other sensor values, but the elapsed time of the third training window: its lines, row by row
     x = torch.stack([torch.zeros(window), (8 + torch.arange(window)) / 10], 1)[None]
-    assert model.answer(x).tolist() == [line(12)]
+    assert model.answer(x).tokens.tolist() == [line(12)[1:]]
     rows_of = model.row_lines(x)[0].tolist()
     assert [model.lines[i].tolist() if i < len(model.lines) else None for i in rows_of] == [line(12), None,
                                                                                          line(12), line(12)]
@@ -87,9 +88,9 @@ def test_training_windows_are_answered_with_their_own_targets(tiny_cfg):
         data = prepare(cfg)
         train = data.splits["train"]
         model = NearestModel(cfg.model, max_len=cfg.data.max_len)
-        model.fit_reference(train, data.features, cfg.data.window)
+        model.fit(train, data.features, cfg.data.window)
         x = train.rows[train.starts[:, None] + torch.arange(cfg.data.window)]
-        hit = (model.answer(x) == train.targets).all(1).float().mean().item()
+        hit = (model.answer(x).tokens == train.targets[:, 1:]).all(1).float().mean().item()
         assert model.mode.item() == (0 if features == "all" else 1)
         assert hit >= 0.95, (features, hit)
 
@@ -99,7 +100,7 @@ def test_position_key_needs_position_inputs(tiny_cfg):
     data = prepare(cfg)
     with pytest.raises(ConfigError, match="model.key=position"):
         model = NearestModel(cfg.model, max_len=cfg.data.max_len)
-        model.fit_reference(data.splits["train"], data.features, cfg.data.window)
+        model.fit(data.splits["train"], data.features, cfg.data.window)
 
 
 @pytest.mark.slow

@@ -199,15 +199,15 @@ def test_a_folder_without_run_folders_is_refused_and_nothing_written(tmp_path):
 
 def test_jobs_that_failed_before_their_config_are_listed_as_failed(tmp_path):
     for n, why in enumerate(("model.d_model=32: unknown key", "data.window=0: must be a whole number >= 1")):
-        job = tmp_path / f"{n}_nearest-3x-v2"
+        job = tmp_path / f"{n}_nearest-none-v2"
         job.mkdir()
         (job / "error.txt").write_text(why + "\nmore\n")
     ran = summarize_cmd(tmp_path)
     assert ran.returncode == 0 and ran.stderr == "", ran.stderr
     assert "2 run folders (0 finished)" in ran.stdout
     text = (tmp_path / "summary.md").read_text()
-    assert f"- {tmp_path / '0_nearest-3x-v2'}: failed: model.d_model=32: unknown key\n" in text
-    assert f"- {tmp_path / '1_nearest-3x-v2'}: failed: data.window=0: must be a whole number >= 1\n" in text
+    assert f"- {tmp_path / '0_nearest-none-v2'}: failed: model.d_model=32: unknown key\n" in text
+    assert f"- {tmp_path / '1_nearest-none-v2'}: failed: data.window=0: must be a whole number >= 1\n" in text
 
 
 def test_a_trial_file_without_a_trial_number_is_warned_about_and_skipped(tmp_path):

@@ -22,5 +22,8 @@ class BaselineModel(TokenModel):
         loss = F.cross_entropy(out["token"].flatten(0, 1).float(), target.flatten(), ignore_index=PAD)
         return loss, {"token": loss.item()}
 
-    def predict(self, out):
+    def token_ids(self, out):
         return out["token"].argmax(-1)
+
+    def step_p(self, out):
+        return torch.softmax(out["token"][:, -1].float(), -1).max(-1).values

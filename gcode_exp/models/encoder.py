@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gcode_exp.config import build
-from gcode_exp.data.vocab import Vocab
+from gcode_exp.data.vocab import BOS, EOS, PAD, Vocab
+from gcode_exp.models.base import Answer, Model
 
 
 class SensorEncoder(nn.Module):
@@ -81,7 +82,7 @@ class TokenDecoder(nn.Module):
         return self.norm(self.body(h, memory, tgt_mask=mask, tgt_is_causal=True))
 
 
-class TokenModel(nn.Module):
+class TokenModel(Model):
     """Encoder + decoder; subclasses add heads, a token loss and the mapping from head outputs to token ids.
 
     With `row_weight > 0` a row head is trained beside the decoder to name, for every input row, which
@@ -94,7 +95,7 @@ class TokenModel(nn.Module):
 
     def __init__(self, cfg, vocab: Vocab, n_inputs: int, window: int, max_len: int, lines: torch.Tensor | None):
         super().__init__()
-        self.window = window
+        self.window, self.max_len = window, max_len
         # the one class the config names (validate checked it is a SensorEncoder), nothing else it could call
         self.encoder = build(cfg.encoder, "model.encoder", n_inputs=n_inputs, window=window, d_model=cfg.d_model,
                              layers=cfg.enc_layers, dropout=cfg.dropout)
@@ -110,8 +111,12 @@ class TokenModel(nn.Module):
     def token_loss(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def predict(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def token_ids(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token ids [B, L] from head outputs."""
+        raise NotImplementedError
+
+    def step_p(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B] the probability of the token `token_ids` picks at the last step of `out`."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,11 +154,22 @@ class TokenModel(nn.Module):
         return torch.where((row_targets == 0).all(1), -1, labels)  # all PAD: an unlabelled row
 
     @torch.no_grad()
-    def generate(self, x: torch.Tensor, length: int, bos: int) -> torch.Tensor:
-        """Free-running greedy decoding of `length` tokens after BOS (the encoder runs once)."""
+    def answer(self, x: torch.Tensor) -> Answer:
+        """Greedy decoding after BOS (the encoder runs once), each sequence's probability up to and including
+        its EOS, and the row head's probabilities where the model has one."""
         memory = self.encoder(x)
-        tokens = torch.full((len(x), 1), bos, dtype=torch.long, device=x.device)
-        for _ in range(length):
+        rows = self.rows(memory).float().softmax(-1) if self.row_head is not None else None
+        tokens = torch.full((len(x), 1), BOS, dtype=torch.long, device=x.device)
+        p = torch.ones(len(x), device=x.device)
+        done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for _ in range(self.max_len - 1):
             out = self.heads(self.decoder(tokens, memory)[:, -1:])
-            tokens = torch.cat([tokens, self.predict(out)], dim=1)
-        return tokens[:, 1:]
+            nxt = self.token_ids(out)[:, -1]
+            p = torch.where(done, p, p * self.step_p(out))
+            nxt = torch.where(done, PAD, nxt)
+            done = done | (nxt == EOS)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if done.all():
+                break
+        tokens = F.pad(tokens[:, 1:], (0, self.max_len - tokens.shape[1]), value=PAD)
+        return Answer(tokens, p.float(), rows)

@@ -67,7 +67,17 @@ class MultiHeadModel(TokenModel):
                 parts[key] = part.item()
         return total, parts
 
-    def predict(self, out):
+    def step_p(self, out):
+        """The product of the maxima of the heads that made the token: type, then command, or letter, or
+        letter and bucket."""
+        probs = {k: torch.softmax(v[:, -1].float(), -1).max(-1).values for k, v in out.items() if k != "rows"}
+        kind = out["type"][:, -1].argmax(-1)
+        one = torch.ones_like(probs["type"])
+        p = probs["type"] * torch.where(kind == COMMAND, probs["command"], one)
+        p = p * torch.where((kind == PARAMETER) | (kind == NUMERIC), probs["param_type"], one)
+        return p * torch.where(kind == NUMERIC, probs["param_value"], one)
+
+    def token_ids(self, out):
         kind = out["type"].argmax(-1)
         letter = out["param_type"].argmax(-1)
         token = torch.full_like(kind, EOS)  # the only SPECIAL ever predicted is EOS

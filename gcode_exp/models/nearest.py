@@ -19,10 +19,10 @@ measures both on held-out program families).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from gcode_exp.config import ConfigError
 from gcode_exp.data.dataset import Features, Split
+from gcode_exp.models.base import Answer, Model
 
 POSITION = ("posx", "posy", "posz")  # work position: the frame of the G-code's X/Y/Z words
 KEYS = ("position", "summary")
@@ -35,20 +35,22 @@ def row_keys(x: torch.Tensor, columns: torch.Tensor, motion_weight: float) -> to
     return torch.cat([p, motion_weight * torch.diff(p, dim=1, prepend=p[:, :1])], dim=-1)
 
 
-class NearestModel(nn.Module):
+class NearestModel(Model):
     """Reference keys and answers from the training split (buffers, so a checkpoint carries them)."""
+
+    learns = False
 
     def __init__(self, cfg, max_len: int, **shapes):
         """`shapes` (vocab, n_inputs, window, lines: what build_model gives every model) are not needed:
-        the reference is filled by `fit_reference`."""
+        the reference is filled by `fit`."""
         super().__init__()
         self.cfg, self.max_len = cfg, max_len
         for name in ("keys", "line_ids", "lines", "columns", "mean", "std"):
             self.register_buffer(name, torch.zeros(0))
-        self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit_reference
+        self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
         self.register_buffer("elapsed", torch.tensor(False))  # the last input is features.elapsed
 
-    def fit_reference(self, split: Split, feats: Features, window: int) -> None:
+    def fit(self, split: Split, feats: Features, window: int) -> None:
         """Store the training split's keys and answers. `auto`: position where the inputs hold it."""
         key = self.cfg.key
         has_position = all(c in feats.channels for c in POSITION)
@@ -77,9 +79,9 @@ class NearestModel(nn.Module):
             x = split.rows[steps]
             raw = self.spread(x)
             self.mean, self.std = raw.mean(0), raw.std(0).clamp(min=1e-6)
-            self.keys, self.line_ids = self.summary(x), row_ids[steps]
+            self.keys, self.line_ids = self.window_key(x), row_ids[steps]
 
-    def summary(self, x: torch.Tensor) -> torch.Tensor:
+    def window_key(self, x: torch.Tensor) -> torch.Tensor:
         """[B, W, n_inputs] -> [B, k]: per-channel mean and std over the window (unit scale overall),
         then `elapsed_weight` x the elapsed input of the window's first row."""
         s = (self.spread(x) - self.mean) / self.std / len(self.mean) ** 0.5
@@ -93,36 +95,26 @@ class NearestModel(nn.Module):
         return torch.cat([sensors.mean(1), sensors.std(1)], dim=1).float()
 
     @torch.no_grad()
-    def answer(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, max_len] the target tokens (BOS ... EOS PAD) each window is answered with: the line with
-        the most rows among the rows' answers."""
-        return self.lines[most_rows(self.row_lines(x), none=len(self.lines))]
+    def answer(self, x: torch.Tensor) -> Answer:
+        """Each window: the line with the most rows among its rows' answers, certain (p 1), and each row's
+        answer as a one-hot over `lines` (last: a row without a line)."""
+        rows = self.row_lines(x)
+        tokens = self.lines[most_rows(rows, none=len(self.lines))][:, 1:]
+        one_hot = torch.nn.functional.one_hot(rows, len(self.lines) + 1).float()
+        return Answer(tokens, torch.ones(len(x), device=x.device), one_hot)
 
     @torch.no_grad()
     def row_lines(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """[B, W] each row's line (index into `lines`; len(lines): none): the nearest training row's, or
         the same row of the nearest training window's."""
         if KEYS[int(self.mode)] == "summary":
-            return self.line_ids[torch.cdist(self.summary(x), self.keys).argmin(1)]
+            return self.line_ids[torch.cdist(self.window_key(x), self.keys).argmin(1)]
         q = row_keys(x, self.columns, self.cfg.motion_weight).flatten(0, 1)
         near = torch.cat([torch.cdist(q[i : i + chunk], self.keys).argmin(1) for i in range(0, len(q), chunk)])
         return self.line_ids[near].view(x.shape[:2])
 
-    # the interface of TokenModel that evaluation, checkpoints and prediction use
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"tokens": self.answer(x)[:, 1 : 1 + tokens.shape[1]]}
-
-    def predict(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return out["tokens"]
-
-    def loss(self, out, target, rows=None) -> tuple[torch.Tensor, dict[str, float]]:
-        return torch.zeros(()), {}  # nothing is trained
-
-    def generate(self, x: torch.Tensor, length: int, bos: int) -> torch.Tensor:
-        return self.answer(x)[:, 1 : 1 + length]
-
-    def row_labels(self, row_targets: torch.Tensor) -> None:
-        return None
+    def brief(self) -> str:
+        return f"{len(self.keys)} reference keys ({KEYS[int(self.mode)]})"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in self._buffers:  # reference tables have the size of the training data they came from

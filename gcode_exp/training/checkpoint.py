@@ -13,7 +13,7 @@ from gcode_exp import GcodeExpError
 from gcode_exp.atomic import torch_save
 from gcode_exp.data.dataset import HOW_READ, Features, Prepared
 from gcode_exp.data.vocab import Vocab
-from gcode_exp.models import NearestModel, TokenModel, build_model
+from gcode_exp.models import Model, build_model
 from gcode_exp.training.metrics import majority_line
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,14 @@ def upgraded(config: dict) -> dict:
     return config
 
 
-def load_model(blob: dict, device) -> tuple[TokenModel | NearestModel, Vocab]:
+def load_model(blob: dict, device) -> tuple[Model, Vocab]:
     """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode."""
     cfg = OmegaConf.create(blob["config"])
     vocab = Vocab.from_dict(blob["vocab"])
     n_inputs = Features(**blob["features"]).n_inputs
     try:
         model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len, blob.get("lines"))
-        model.load_state_dict(blob["model"])
+        model.load_state(blob["model"])
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GcodeExpError(f"ckpt_path={blob.get('path', '?')}: its weights do not fit the model its config "

@@ -1,5 +1,6 @@
-"""Scoring a token model on a split: teacher-forced token metrics, and free-running decoding for
-line_exact (the metric users judge by). Used for validation, the final test and task=eval."""
+"""Scoring a model on a split: its answers (free-running) give line_exact, the metric users judge by; a
+model that learns is also scored teacher-forced (token metrics and loss), as during training. Used for
+validation, the final test and task=eval."""
 
 from __future__ import annotations
 
@@ -8,34 +9,40 @@ import torch
 from gcode_exp import distributed
 from gcode_exp.data.dataset import Split
 from gcode_exp.data.sampler import batches
-from gcode_exp.data.vocab import BOS, Vocab
-from gcode_exp.models import TokenModel
+from gcode_exp.data.vocab import Vocab
+from gcode_exp.models import Model, Windows
 from gcode_exp.training.device import autocast
 from gcode_exp.training.metrics import line_exact, token_metrics
 
 
 @torch.no_grad()
-def evaluate(model: TokenModel, split: Split, vocab: Vocab, cfg, device, with_lines: bool, limit: int = 0):
-    """Metrics of one split, and its teacher-forced predictions. `limit`: score only the split's first
-    `limit` windows (0: all; `scored_windows`). Under hardware=ddp each rank scores a part and every rank
-    gets the whole split's metrics (the same early-stopping calls)."""
+def evaluate(model: Model, split: Split, vocab: Vocab, cfg, device, with_lines: bool, limit: int = 0):
+    """Metrics of one split, and its predicted tokens (teacher-forced where the model learns, else its
+    answers). `limit`: score only the split's first `limit` windows (0: all; `scored_windows`). Under
+    hardware=ddp each rank scores a part and every rank gets the whole split's metrics (the same
+    early-stopping calls)."""
     model.eval()
     n = min(len(split), limit) if limit else len(split)
-    preds, gens, losses = [], [], []
-    for x, y, _ in batches(split, cfg.data.window, 256, distributed.shard(torch.arange(n))):
-        x, y = x.to(device), y.to(device)
-        with autocast(device, cfg.hardware.amp):
-            out = model(x, y[:, :-1])
-            losses.append(model.loss(out, y[:, 1:])[0].item() * len(x))
-            preds.append(model.predict(out).cpu())
-            if with_lines:
-                gens.append(model.generate(x, y.shape[1] - 1, BOS).cpu())
-    preds, gens, loss = distributed.gather(preds, gens, sum(losses))
-    pred, target = torch.cat(preds), split.targets[:n, 1:]
+    mine = distributed.shard(torch.arange(n))
+    preds, answers, losses = [], [], []
+    with autocast(device, cfg.hardware.amp):
+        if with_lines or not model.learns:
+            answers.append(model.predict(Windows.of_split(split, cfg.data.window, mine)).tokens.cpu())
+        if model.learns:
+            for x, y, _ in batches(split, cfg.data.window, 256, mine):
+                x, y = x.to(device), y.to(device)
+                out = model(x, y[:, :-1])
+                losses.append(model.loss(out, y[:, 1:])[0].item() * len(x))
+                preds.append(model.token_ids(out).cpu())
+    preds, answers, loss = distributed.gather(preds, answers, sum(losses))
+    target = split.targets[:n, 1:]
+    answered = torch.cat(answers)[:, : target.shape[1]] if answers else None
+    pred = torch.cat(preds) if model.learns else answered
     metrics = token_metrics(pred, target, vocab)
-    metrics["loss"] = loss / max(n, 1)
-    if with_lines:
-        metrics["line_exact"] = line_exact(torch.cat(gens), target)
+    if model.learns:
+        metrics["loss"] = loss / max(n, 1)
+    if with_lines or not model.learns:
+        metrics["line_exact"] = line_exact(answered, target)
     return metrics, pred
 
 

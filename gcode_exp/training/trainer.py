@@ -17,8 +17,7 @@ from gcode_exp.atomic import write_csv
 from gcode_exp.config import build
 from gcode_exp.data.dataset import Prepared
 from gcode_exp.data.sampler import Batch, Sampler, prefetched
-from gcode_exp.models import NearestModel, TokenModel, new_model
-from gcode_exp.models.nearest import KEYS
+from gcode_exp.models import Model, new_model
 from gcode_exp.training.callbacks import Callback, default_callbacks
 from gcode_exp.training.checkpoint import describe, load_checkpoint, resumed_settings, save_checkpoint
 from gcode_exp.training.device import autocast, pick_device
@@ -36,7 +35,7 @@ class Trainer:
     """Fits one token model to the training split of `data`, writing checkpoints/ and history.csv into
     `run_dir`: best.pt holds the best epoch by `trainer.monitor`, last.pt everything a resume needs."""
 
-    def __init__(self, cfg, data: Prepared, model: TokenModel, run_dir: Path, checkpoint: dict,
+    def __init__(self, cfg, data: Prepared, model: Model, run_dir: Path, checkpoint: dict,
                  callbacks: Sequence[Callback] = ()) -> None:
         self.cfg, self.tc, self.data, self.checkpoint = cfg, cfg.trainer, data, checkpoint
         self.device = pick_device(cfg.hardware)
@@ -142,7 +141,7 @@ class Trainer:
 
     def save(self, name: str, epoch: int, **extra) -> None:
         if distributed.is_main():
-            save_checkpoint(self.ckpt_dir / name, model=self.model.state_dict(), epoch=epoch, **self.checkpoint,
+            save_checkpoint(self.ckpt_dir / name, model=self.model.state(), epoch=epoch, **self.checkpoint,
                             **extra)
 
     def resume(self) -> None:
@@ -150,7 +149,7 @@ class Trainer:
         optimiser settings (trainer.lr, ...) win over the checkpoint's."""
         blob = load_checkpoint(self.ckpt_dir / "last.pt")
         resumed_settings(blob["config"], self.cfg)
-        self.model.load_state_dict(blob["model"])
+        self.model.load_state(blob["model"])
         wanted = dict(self.opt.defaults)
         self.opt.load_state_dict(blob["optimizer"])
         self.sched.load_state_dict(blob["scheduler"])
@@ -178,18 +177,17 @@ class Trainer:
 
 
 def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
-    """Train the config's model on `data` (tasks.train_job); the nearest model trains nothing: its
-    checkpoint is its reference."""
+    """Fit the config's model to `data` (tasks.train_job), then train it where it learns; a model that is
+    done once fitted (a reference) is checkpointed as it is."""
     pick_device(cfg.hardware)  # torch's thread count, as every later step sees it
     torch.manual_seed(cfg.seed)  # the initial weights and dropout
     model, lines = new_model(cfg, data)
     checkpoint = describe(cfg, data, lines)
-    if isinstance(model, NearestModel):
-        log.info("%s: %d reference keys (%s)", cfg.name, len(model.keys), KEYS[int(model.mode)])
+    if not model.learns:
+        log.info("%s: %s", cfg.name, model.brief())
         state = new_state()
         for name in ("best.pt", "last.pt"):
-            save_checkpoint(run_dir / "checkpoints" / name, model=model.state_dict(), epoch=0, state=state,
-                            **checkpoint)
+            save_checkpoint(run_dir / "checkpoints" / name, model=model.state(), epoch=0, state=state, **checkpoint)
         return state
     return Trainer(cfg, data, model, run_dir, checkpoint, default_callbacks(cfg, run_dir, logger)).fit()
 

@@ -1,0 +1,210 @@
+"""Recognition by alignment: where in which training recording each row of a recording is, found by
+matching the signal, not the clock. Nothing is trained.
+
+A recording made in a shop does not start with its job (a monitor switched on mid-job), runs at another
+pace (the feed override) and may hold several jobs. A window's summary cannot place it in its program
+(side-channel line exact 0.33 without the elapsed time, docs/RESULTS.md); a path through the training
+recordings can. Every training row is a state; the recording is walked row by row, and each of its rows
+moves the path on by 0 to `max_step` rows of the same training recording (a pace between about 1/2 and
+`max_step` times the training runs'), or jumps anywhere at cost `jump` (a new job, another training run of
+the same program, the first row). The cost of a row at a state is how far its key is from that training
+row's, clipped at `clip` so that one odd row cannot break a path. Costs are counted in one row of progress
+for the work position (exact up to when rows were taken) and in two random training rows' distance for a
+signal (noisy); `clip` in the latter for both. Each row is answered with the line of its state on the best
+path through the whole recording (past `max_cells`: the best path ending `lag` rows later), a window with
+the line holding most of its rows, as its target is defined.
+
+The key (`model.key`): `position` (features=all) compares the work position, the G-code's own frame;
+`signal` compares every input but the elapsed time, each channel smoothed over `smooth` rows.
+It answers only lines of programs seen in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gcode_exp.config import ConfigError
+from gcode_exp.data.dataset import Features, Split
+from gcode_exp.models.base import Answer, Model, Windows
+from gcode_exp.models.nearest import POSITION, most_rows
+
+KEYS = ("position", "signal")
+
+
+def smoothed(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """[T, C] -> each row the mean of the `rows` rows centred on it (inside the recording)."""
+    if rows <= 1:
+        return x
+    k = torch.ones(1, 1, rows, dtype=x.dtype) / rows
+    padded = torch.nn.functional.pad(x.T[:, None], (rows // 2, (rows - 1) // 2), mode="replicate")
+    return torch.nn.functional.conv1d(padded, k)[:, 0].T
+
+
+class AlignModel(Model):
+    """Training rows (keys, lines, recording boundaries) as buffers; `predict` aligns whole recordings."""
+
+    learns = False
+
+    def __init__(self, cfg, max_len: int, **shapes):
+        super().__init__()
+        self.cfg, self.max_len = cfg, max_len
+        for name in ("keys", "line_ids", "lines", "columns", "same_before", "scale", "clip_at", "centre", "basis"):
+            self.register_buffer(name, torch.zeros(0))
+        self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
+
+    def fit(self, split: Split, feats: Features, window: int) -> None:
+        key = self.cfg.key
+        has_position = all(c in feats.channels for c in POSITION)
+        if key == "auto":
+            key = "position" if has_position else "signal"
+        if key == "position" and not has_position:
+            raise ConfigError(f"model.key=position: needs the inputs {', '.join(POSITION)} (features=all), "
+                              "which these features lack")
+        self.mode = torch.tensor(KEYS.index(key))
+        if key == "position":
+            self.columns = torch.tensor([feats.channels.index(c) for c in POSITION])
+        else:  # every input but the elapsed time (the clock is what this model does without)
+            self.columns = torch.arange(feats.n_inputs - int(feats.elapsed))
+        labelled = torch.nonzero(split.row_lines != 0).flatten()
+        texts, ids = torch.unique(split.row_lines[labelled], return_inverse=True)
+        first = torch.full((len(texts),), len(labelled)).scatter_reduce(0, ids, torch.arange(len(labelled)), "amin")
+        self.lines = split.row_targets[labelled[first]].long()
+        self.line_ids = torch.full((len(split.rows),), len(texts))
+        self.line_ids[labelled] = ids
+        bounds = torch.unique(torch.cat([split.lo, split.hi + window]))  # every recording's first and end row
+        n, firsts = len(split.rows), bounds[bounds < len(split.rows)]
+        recording = torch.searchsorted(firsts, torch.arange(n), right=True) - 1
+        # how many rows before each belong to its recording, up to max_step: the steps a path may take to it
+        self.same_before = (torch.arange(n) - firsts[recording]).clamp(max=self.cfg.max_step)
+        keys = self.key_rows(split.gather(torch.arange(len(split.rows))), bounds)
+        self.centre, self.basis = keys.mean(0), torch.eye(keys.shape[1])
+        if 0 < self.cfg.dims < keys.shape[1]:  # the training keys' principal directions (SVD of a sample)
+            sample = keys[torch.randperm(len(keys), generator=torch.Generator().manual_seed(0))[:20000]]
+            self.basis = torch.linalg.svd(sample - self.centre, full_matrices=False)[2][: self.cfg.dims].T
+        keys = self.project(keys)
+        # the unit of every cost: the work position is exact up to when rows were taken, so there it is the
+        # median distance of a row to the next one (one row of progress); a signal is noisy, so there it
+        # is the mean distance of two training rows drawn at random. `clip` is in the latter unit for both.
+        pairs = torch.randint(len(keys), (2, 4096), generator=torch.Generator().manual_seed(0))
+        random_pair = (keys[pairs[0]] - keys[pairs[1]]).square().sum(1).mean().clamp(min=1e-12)
+        if key == "position":
+            next_row = (keys[1:] - keys[:-1]).square().sum(1)[self.same_before[1:] > 0]
+            self.scale = next_row[next_row > 0].median().clamp(min=1e-12) if (next_row > 0).any() else random_pair
+        else:
+            self.scale = random_pair
+        self.clip_at = self.cfg.clip * random_pair / self.scale
+        self.keys = keys / self.scale.sqrt()
+
+    def key_rows(self, x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        """[T, n_inputs] rows of recordings starting at `bounds` -> [T, k] keys, smoothed per recording."""
+        x = x[:, self.columns].float()
+        edges = [int(b) for b in bounds] + [len(x)]
+        parts = [self.local(x[a:b]) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        return torch.cat(parts) / parts[0].shape[1] ** 0.5
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """One recording's rows -> their local mean over `smooth` rows, and with `spread` the local mean
+        absolute deviation from it (how much a channel shakes: vibration, a motor's load changing)."""
+        m = smoothed(x, self.cfg.smooth)
+        if not self.cfg.spread or KEYS[int(self.mode)] == "position":
+            return m
+        return torch.cat([m, self.cfg.spread * smoothed((x - m).abs(), self.cfg.smooth)], dim=1)
+
+    def project(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys on the `model.dims` principal directions of the training keys (all of them: unchanged but for
+        the centring), so that comparing a row with every training row costs dims, not channels, per pair."""
+        return (keys - self.centre) @ self.basis
+
+    def brief(self) -> str:
+        return f"{len(self.keys)} reference rows ({KEYS[int(self.mode)]})"
+
+    @torch.no_grad()
+    def predict(self, windows: Windows, batch_size: int = 256) -> Answer:
+        out_rows = []
+        recordings = torch.unique(torch.stack([windows.first, windows.end], 1), dim=0)
+        row_of: dict[int, torch.Tensor] = {}
+        for a, b in recordings.tolist():
+            row_of[a] = self.align(windows.gather(torch.arange(a, b)))
+        steps = torch.arange(windows.length)
+        for i, s in enumerate(windows.starts.tolist()):
+            a = int(windows.first[i])
+            out_rows.append(row_of[a][s - a + steps])
+        rows = torch.stack(out_rows) if out_rows else torch.zeros(0, windows.length, dtype=torch.long)
+        tokens = self.lines[most_rows(rows, none=len(self.lines))][:, 1:] if len(rows) else \
+            torch.zeros(0, self.max_len - 1, dtype=torch.long)
+        one_hot = torch.nn.functional.one_hot(rows, len(self.lines) + 1).float()
+        agree = (rows == most_rows(rows, none=len(self.lines))[:, None]).float().mean(1) if len(rows) else rows
+        return Answer(tokens, agree.float(), one_hot)
+
+    def answer(self, x: torch.Tensor) -> Answer:
+        """Windows without their recording: each aligned on its own."""
+        n, w = x.shape[:2]
+        return self.predict(Windows.of_rows(x.reshape(n * w, -1), torch.arange(0, n * w, w), w)) if n else \
+            Answer(torch.zeros(0, self.max_len - 1, dtype=torch.long), torch.zeros(0))
+
+    def align(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """[T, n_inputs] one recording -> [T] each row's line (index into `lines`; len(lines): none).
+
+        Viterbi in numpy over float32 costs (its per-step overhead is a fraction of torch's at these sizes);
+        each step keeps, per state, how it was reached: 0 .. K rows on, or K + 1 for a jump (from `tops`)."""
+        cfg, T = self.cfg, len(x)
+        q = self.project(self.key_rows(x, torch.tensor([0]))) / self.scale.sqrt()
+        jump_cost = np.float32(cfg.jump)
+        S, K, lag = len(self.keys), int(cfg.max_step), int(cfg.lag)
+        # the cost of reaching row s from s - k (k = 0 .. K) of the same training recording; inf from another
+        step = torch.tensor([cfg.stay, 0.0, *(cfg.skip * (k - 1) for k in range(2, K + 1))])
+        penalty = torch.where(self.same_before >= torch.arange(K + 1)[:, None], step[:, None], torch.inf)
+        penalty = penalty.float().numpy()
+        whole = T * S <= cfg.max_cells  # the whole path is kept (offline); else the last `lag` steps
+        codes = np.zeros((T if whole else lag + 1, S), dtype=np.int8)
+        tops = np.zeros(T, dtype=np.int64)
+        states = np.zeros(T, dtype=np.int64)
+        padded = np.full(S + K, np.inf, dtype=np.float32)
+        best, cand, better = np.empty(S, np.float32), np.empty(S, np.float32), np.empty(S, bool)
+        prev = None
+
+        def trace(s: int, t: int, steps: int) -> int:
+            """The state `steps` rows before t on the path that is at state s at row t."""
+            for u in range(t, t - steps, -1):
+                c = int(codes[u if whole else u % (lag + 1)][s])
+                s = int(tops[u]) if c == K + 1 else s - c
+            return s
+
+        for c0 in range(0, T, chunk):
+            d = torch.cdist(q[c0 : c0 + chunk], self.keys).square_().clamp_(max=float(self.clip_at)).numpy()
+            for j in range(len(d)):
+                t = c0 + j
+                code = codes[t if whole else t % (lag + 1)]
+                if prev is None:
+                    prev = d[j].copy()
+                    code[:] = 0
+                    continue
+                padded[K:] = prev  # padded[K - k + s] = prev[s - k]
+                np.add(prev, penalty[0], out=best)
+                code[:] = 0
+                for k in range(1, K + 1):
+                    np.add(padded[K - k : K - k + S], penalty[k], out=cand)
+                    np.less(cand, best, out=better)
+                    np.minimum(best, cand, out=best)
+                    code[better] = k
+                tops[t] = int(prev.argmin())
+                jump = prev[tops[t]] + jump_cost
+                code[best > jump] = K + 1
+                np.minimum(best, jump, out=best)
+                best += d[j]
+                best -= best.min()
+                prev, best = best, prev
+                if not whole and t >= lag:  # fixed lag: the state `lag` rows ago on the best path ending now
+                    states[t - lag] = trace(int(prev.argmin()), t, lag)
+        end = int(prev.argmin())
+        for t in range(T - 1, (-1 if whole else max(T - 1 - lag, -1)), -1):
+            states[t] = end
+            end = trace(end, t, 1)
+        return self.line_ids[torch.from_numpy(states)]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self._buffers:  # reference tables have the size of the training data they came from
+            if prefix + name in state_dict:
+                self._buffers[name] = state_dict[prefix + name].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,104 @@
+"""The one model interface. Tasks, evaluation, prediction, checkpoints and the bench see every approach
+through it and never ask which one they hold: a reference search that trains nothing and a token model
+trained for an hour are peers.
+
+- `fit(train, features, window)`: what the model keeps of the training split before any optimiser step
+  (a reference; nothing for a token model). `learns` says whether optimiser steps follow (the Trainer).
+- `predict(windows)`: an `Answer` per window: its line's tokens, their probability, and per row the
+  probabilities over `lines` (the runner-up is the second of those). `Windows` carries whole recordings,
+  so a model that reads a window in the context of its recording (an alignment) has what it needs.
+- `state()` / `from_state(...)`: what a checkpoint stores, and the model rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from gcode_exp.data.dataset import Features, Split
+
+
+@dataclass
+class Answer:
+    """What a model says of a batch of windows."""
+
+    tokens: torch.Tensor  # int64 [B, L] the answered line's tokens after BOS (EOS, then PAD)
+    p: torch.Tensor  # float [B] the model's probability of that answer (1: a reference's certain answer)
+    rows: torch.Tensor | None = None  # float [B, window, len(lines) + 1] per row over `lines`, last: another line
+
+    @staticmethod
+    def cat(parts: list[Answer]) -> Answer:
+        rows = [a.rows for a in parts]
+        return Answer(torch.cat([a.tokens for a in parts]), torch.cat([a.p for a in parts]),
+                      torch.cat(rows) if parts and all(r is not None for r in rows) else None)
+
+
+@dataclass
+class Windows:
+    """Windows of one or more recordings laid end to end: window i covers rows `starts[i]` to
+    `starts[i] + length - 1` of `gather`'s row index, inside its recording's rows `first[i]` to `end[i] - 1`."""
+
+    gather: Callable[[torch.Tensor], torch.Tensor]  # a row index of any shape -> inputs [*shape, n_inputs]
+    starts: torch.Tensor  # int64 [B]
+    first: torch.Tensor  # int64 [B] the first row of each window's recording
+    end: torch.Tensor  # int64 [B] one past its last row
+    length: int  # rows per window
+
+    @staticmethod
+    def of_split(split: Split, window: int, index: torch.Tensor | None = None) -> Windows:
+        """The windows of a split (`index`: some of them, in that order)."""
+        i = torch.arange(len(split)) if index is None else index
+        return Windows(split.gather, split.starts[i], split.lo[i], split.hi[i] + window, window)
+
+    @staticmethod
+    def of_rows(rows: torch.Tensor, starts: torch.Tensor, window: int) -> Windows:
+        """The windows at `starts` of one recording's inputs [rows, n_inputs]."""
+        n = torch.full_like(starts, len(rows))
+        return Windows(lambda i: rows[i], starts, torch.zeros_like(starts), n, window)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def inputs(self, batch_size: int = 256) -> Iterator[torch.Tensor]:
+        """The windows' inputs [b, length, n_inputs], `batch_size` at a time, in order."""
+        steps = torch.arange(self.length)
+        for i in range(0, len(self), batch_size):
+            yield self.gather(self.starts[i : i + batch_size, None] + steps)
+
+
+class Model(nn.Module):
+    """Every approach. A subclass that answers each window on its own implements `answer`; one that reads
+    whole recordings overrides `predict`."""
+
+    learns: ClassVar[bool] = True  # trained by optimiser steps after `fit` (the Trainer), or done once fitted
+    lines: torch.Tensor  # int64 [n, max_len] the lines its row answers name (BOS ... EOS PAD)
+
+    def fit(self, train: Split, features: Features, window: int) -> None:
+        """Keep what the model needs of the training split before any optimiser step (default: nothing)."""
+
+    @torch.no_grad()
+    def predict(self, windows: Windows, batch_size: int = 256) -> Answer:
+        device = next(itertools.chain(self.parameters(), self.buffers())).device
+        return Answer.cat([self.answer(x.to(device)) for x in windows.inputs(batch_size)])
+
+    def answer(self, x: torch.Tensor) -> Answer:
+        """The answer for each window of inputs [B, window, n_inputs]."""
+        raise NotImplementedError
+
+    def brief(self) -> str:
+        """One line for the log: what the model is and holds."""
+        return f"{sum(p.numel() for p in self.parameters())} params"
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of the model."""
+        return self.state_dict()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of `state`, on a model built from the same config and shapes (`from_state`)."""
+        self.load_state_dict(state)

@@ -1,0 +1,136 @@
+"""The alignment model: rows placed on a path through the training recordings by their signal, so that a
+recording that starts mid-job, runs at another pace or holds two jobs is still read line by line."""
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from gcode_exp.config import ConfigError
+from gcode_exp.data.dataset import Features, Split
+from gcode_exp.data.vocab import BOS, EOS, PAD
+from gcode_exp.models import Windows
+from gcode_exp.models.align import AlignModel, smoothed
+from tests.conftest import ROOT
+
+LINES, ROWS_PER_LINE, C = 12, 20, 3
+
+
+def align_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf")):
+        return compose("config", overrides=["model=align", "features=side_channel", *overrides]).model
+
+
+def program(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A job of LINES lines, each a stretch of its own smooth signal; rows [n, C] and each row's line (0..)."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randn(LINES, C, generator=g) * 2
+    t = torch.linspace(0, 1, ROWS_PER_LINE)[:, None]
+    rows = torch.cat([lv + torch.sin(6 * t + k) for k, lv in enumerate(levels)])
+    return rows, torch.arange(LINES).repeat_interleave(ROWS_PER_LINE)
+
+
+def token(line: int) -> list[int]:
+    return [BOS, 10 + line, EOS, PAD, PAD]
+
+
+def split_of(recordings: list[tuple[torch.Tensor, torch.Tensor]], window: int) -> Split:
+    """Recordings laid end to end as a Split: windows at stride `window`, each row labelled by its line."""
+    rows, lines, starts, lo, hi, offset = [], [], [], [], [], 0
+    for r, ln in recordings:
+        n = len(r)
+        rows.append(r)
+        lines.append(ln)
+        s = torch.arange(0, n - window + 1, window)
+        starts.append(offset + s)
+        lo.append(torch.full_like(s, offset))
+        hi.append(torch.full_like(s, offset + n - window))
+        offset += n
+    rows_, lines_, starts_ = torch.cat(rows), torch.cat(lines), torch.cat(starts)
+    row_targets = torch.tensor([token(int(i)) for i in lines_]).short()
+    return Split(rows=rows_, starts=starts_, lo=torch.cat(lo), hi=torch.cat(hi),
+                 targets=row_targets[starts_].long(), files=[str(i) for i in range(len(recordings))],
+                 file_windows=[len(s) for s in starts], row_targets=row_targets,
+                 target_lengths=torch.zeros_like(starts_), row_lines=lines_ + 1)
+
+
+def fitted(*overrides: str) -> AlignModel:
+    feats = Features(channels=[f"frame.A{i}" for i in range(C)], boards=[], mean=[0.0] * C, std=[1.0] * C)
+    model = AlignModel(align_cfg("model.smooth=1", *overrides), max_len=5)
+    model.fit(split_of([program(0), program(1)], window=10), feats, window=10)
+    return model
+
+
+def read_lines(model: AlignModel, rows: torch.Tensor) -> list[int]:
+    """Each row's answered line number (-1: none)."""
+    ids = model.align(rows)
+    return [int(model.lines[i][1]) - 10 if i < len(model.lines) else -1 for i in ids.tolist()]
+
+
+def resampled(rows: torch.Tensor, lines: torch.Tensor, pace: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The job at `pace` times its speed: rows interpolated in time, labels of the executing row."""
+    pos = np.arange(0, len(rows) - 1, pace)
+    x = np.stack([np.interp(pos, np.arange(len(rows)), rows[:, c].numpy()) for c in range(C)], 1)
+    return torch.tensor(x, dtype=torch.float32), lines[torch.from_numpy(np.floor(pos).astype(np.int64))]
+
+
+def share_right(model, rows, lines) -> float:
+    return float(np.mean(np.array(read_lines(model, rows)) == lines.numpy()))
+
+
+def test_a_training_recording_is_read_back_line_by_line():
+    rows, lines = program(0)
+    assert share_right(fitted(), rows, lines) == 1.0
+
+
+@pytest.mark.parametrize("pace", [0.6, 0.8, 1.25, 1.8])
+def test_another_pace_is_followed(pace):
+    rows, lines = resampled(*program(1), pace)
+    assert share_right(fitted(), rows, lines) >= 0.95
+
+
+def test_a_recording_that_starts_mid_job_is_placed_from_its_first_rows():
+    rows, lines = program(0)
+    late = rows[100:], lines[100:]
+    assert share_right(fitted(), *late) >= 0.95
+
+
+def test_two_jobs_back_to_back_are_split_where_the_second_begins():
+    (a, la), (b, lb) = program(0), program(1)
+    got = read_lines(fitted(), torch.cat([a[60:], b[:150]]))
+    want = torch.cat([la[60:], lb[:150]]).tolist()
+    assert np.mean(np.array(got) == np.array(want)) >= 0.95
+    # the path leaves the first job within a few rows of its end
+    boundary = len(a) - 60
+    assert got[boundary - 5] == want[boundary - 5] and got[boundary + 5] == want[boundary + 5]
+
+
+def test_the_fixed_lag_path_answers_like_the_whole_path_on_a_clear_signal():
+    rows, lines = resampled(*program(0), 1.25)
+    assert read_lines(fitted("model.max_cells=0", "model.lag=8"), rows) == read_lines(fitted(), rows)
+
+
+def test_windows_take_the_line_of_most_rows_and_their_recording_is_read_whole():
+    model = fitted()
+    rows, lines = program(1)
+    windows = Windows.of_rows(rows, torch.arange(0, len(rows) - 10, 10), 10)
+    answer = model.predict(windows)
+    want = torch.tensor([token(int(lines[s : s + 10].mode().values))[1:] for s in windows.starts.tolist()])
+    assert torch.equal(answer.tokens, want)
+    assert answer.rows.shape == (len(windows), 10, len(model.lines) + 1) and (answer.p <= 1).all()
+
+
+def test_the_signal_key_leaves_out_the_elapsed_time_and_position_needs_position_inputs():
+    feats = Features(channels=["x_motor"], boards=[], mean=[0.0], std=[1.0], elapsed=True)
+    model = AlignModel(align_cfg(), max_len=5)
+    one = split_of([(torch.cat([program(0)[0][:, :1], torch.arange(240.0)[:, None]], 1), program(0)[1])], 10)
+    model.fit(one, feats, 10)
+    assert model.columns.tolist() == [0]  # the elapsed input (last) is not compared
+    with pytest.raises(ConfigError, match="model.key=position"):
+        AlignModel(align_cfg("model.key=position"), max_len=5).fit(one, feats, 10)
+
+
+def test_smoothing_stays_inside_the_recording():
+    x = torch.tensor([[0.0], [0.0], [3.0], [0.0], [0.0]])
+    assert smoothed(x, 3)[:, 0].tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert torch.equal(smoothed(x, 1), x)
