@@ -3,11 +3,11 @@
 Prints a table and writes JSON: training throughput of the full pipeline (batch gathering +
 augmentation + step) against the bare step on pre-built tensors, per token model; inference latency per
 window at batch 1 and 256, and live mode's cost per new window (greedy decoding at batch 1); for the
-default nearest-reference model, the seconds to build its reference and its latency; cold vs cached
+default model, the seconds to fit it and its latency; cold vs cached
 `prepare`; epoch time of the multi-head model at 1x/2x/4x the data; peak memory.
 
 Hydra overrides apply to every model timed; a model key (`model.d_model=32`, `model/encoder=lstm`) only
-to the models that have it (the token models' sizes mean nothing to nearest). Bad input (data folder,
+to the models that have it (the token models' sizes mean nothing to the default). Bad input (data folder,
 override, --steps, --out) is refused before any timing, with one line on stderr, `error: <file or key>:
 <what is wrong>`, and exit code 2; --out is written whole or not at all.
 """
@@ -39,8 +39,8 @@ from gcode_exp.models import Windows, new_model
 from gcode_exp.training.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-# what is timed: the default (nearest, nothing trained) and the token models, each composed with these
-MODELS = {"nearest": [], "baseline": ["model=baseline", "aug=3x"], "multihead": ["model=multihead", "aug=3x"],
+# what is timed: the default (nothing trained) and the token models, each composed with these
+MODELS = {"default": [], "baseline": ["model=baseline", "aug=3x"], "multihead": ["model=multihead", "aug=3x"],
           "new_programs": ["experiment=new_programs"]}
 
 
@@ -100,7 +100,7 @@ def bench_model(cfg, data, steps: int) -> dict:
     return out
 
 
-def bench_nearest(cfg, data) -> dict:
+def bench_default(cfg, data) -> dict:
     """The default model: seconds to fit it to the training split, and its answer latency per window."""
     train, window = data.splits["train"], cfg.data.window
     model, _ = new_model(cfg, data)
@@ -175,9 +175,10 @@ def configs(data_dir: str, overrides: list[str]) -> dict[str, DictConfig]:
                                 "model.KEY=VALUE (each goes to the models that have it)")
     shared = [o for o in overrides if model_key(o) is None]
     plain = {name: compose_checked([f"data.dir={data_dir}", *extra], shared) for name, extra in MODELS.items()}
-    if plain["nearest"].model.name != "nearest":  # an experiment that picks a model
+    default = compose_checked([f"data.dir={data_dir}"], []).model.name
+    if plain["default"].model.name != default:  # an experiment that picks a model
         chosen = [o for o in shared if o.lstrip("+~").startswith("experiment=")] or shared
-        raise GcodeExpError(f"{' '.join(chosen)}: sets model={plain['nearest'].model.name}; the bench times "
+        raise GcodeExpError(f"{' '.join(chosen)}: sets model={plain['default'].model.name}; the bench times "
                             f"{', '.join(MODELS)} itself")
     scoped = [o for o in overrides if model_key(o) is not None]
     for o in scoped:
@@ -253,7 +254,7 @@ def bench(args: argparse.Namespace) -> dict:
     cfgs = configs(args.data_dir, args.overrides)
     if factors:
         return scale_report(args, cfgs["multihead"], factors)
-    cfg = cfgs["nearest"]
+    cfg = cfgs["default"]
     with tempfile.TemporaryDirectory() as cache:  # a private cache: cold, then cached; nothing left behind
         cfg.data.cache_dir = cache
         cold = timed(lambda: prepared(cfg))
@@ -274,7 +275,7 @@ def bench(args: argparse.Namespace) -> dict:
         result["models"][name] = bench_model(mcfg, data if name != "new_programs" else new_data, args.steps)
         if name == "multihead":
             result["epoch_s_by_data_size"] = bench_scaling(mcfg, data)
-    result["nearest"] = bench_nearest(cfg, data)  # the default model
+    result["default"] = bench_default(cfg, data)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{result['machine']}; data {args.data_dir}: {result['train_windows']} train windows")
     print(f"prepare: cold {cold:.2f} s, cached {cached:.3f} s ({cold / cached:.0f}x); "
@@ -285,8 +286,8 @@ def bench(args: argparse.Namespace) -> dict:
         print(f"{name:16s} {m['params']:9d} {m['bare_windows_per_s']:9.0f} {m['pipeline_windows_per_s']:9.0f} "
               f"{m['pipeline_vs_bare']:9.2f} {m['latency_ms_batch1']:9.2f} {m['latency_ms_per_window_batch256']:9.3f} "
               f"{m['live_ms_per_window']:9.2f}")
-    n = result["nearest"]
-    print(f"default (nearest, {n['reference']}): fitted in {n['fit_s']:.2f} s, "
+    n = result["default"]
+    print(f"default ({cfg.model.name}, {n['reference']}): fitted in {n['fit_s']:.2f} s, "
           f"{n['latency_ms_batch1']:.2f} ms at batch 1, {n['latency_ms_per_window_batch256']:.3f} ms/window at 256")
     s = result["epoch_s_by_data_size"]
     print("epoch seconds at 1x/2x/4x data: " + " / ".join(f"{v:.2f}" for v in s.values())

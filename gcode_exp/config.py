@@ -236,8 +236,9 @@ SCHEMA: dict[str, Rule] = {
     "vocab.name": Text(),
     "vocab.digits": Int(ge=1, le=6, note="10**digits buckets per parameter letter"),
     # model
-    "model._target_": Importable("torch.nn:Module", "an importable model class (conf/model/*.yaml)"),
-    "model.name": OneOf("align", "baseline", "multihead", "nearest"),
+    "model._target_": Importable("gcode_exp.models.base:Model", "an importable subclass of gcode_exp.models.base.Model "
+                                 "(conf/model/*.yaml)"),
+    "model.name": Text(),
     "model.encoder._target_": Importable(ENCODER, "an importable subclass of gcode_exp.models.encoder.SensorEncoder "
                                          "(conf/model/encoder/*.yaml)", only_if=TOKEN_MODELS),
     "model.encoder.kernel": Int(ge=1, optional=True, only_if=TOKEN_MODELS),  # the conv encoder's
@@ -247,19 +248,6 @@ SCHEMA: dict[str, Rule] = {
     "model.n_heads": Int(ge=1, only_if=TOKEN_MODELS),
     "model.dropout": Float(ge=0, lt=1, only_if=TOKEN_MODELS),
     "model.row_weight": Float(ge=0, only_if=TOKEN_MODELS),
-    "model.key": OneOf("auto", "position", "summary", "signal", only_if="model.name=nearest|align"),
-    "model.motion_weight": Float(ge=0, only_if="model.name=nearest"),
-    "model.elapsed_weight": Float(ge=0, only_if="model.name=nearest"),
-    "model.smooth": Int(ge=1, only_if="model.name=align"),
-    "model.spread": Float(ge=0, only_if="model.name=align"),
-    "model.dims": Int(ge=0, only_if="model.name=align"),
-    "model.max_step": Int(ge=1, le=8, only_if="model.name=align"),
-    "model.stay": Float(ge=0, only_if="model.name=align"),
-    "model.skip": Float(ge=0, only_if="model.name=align"),
-    "model.jump": Float(gt=0, only_if="model.name=align"),
-    "model.clip": Float(gt=0, only_if="model.name=align"),
-    "model.lag": Int(ge=0, only_if="model.name=align"),
-    "model.max_cells": Int(ge=0, only_if="model.name=align"),
     "model.loss_weights.type": Float(ge=0, only_if="model.name=multihead"),
     "model.loss_weights.command": Float(ge=0, only_if="model.name=multihead"),
     "model.loss_weights.param_type": Float(ge=0, only_if="model.name=multihead"),
@@ -302,6 +290,8 @@ SCHEMA: dict[str, Rule] = {
     "predict.poll_s": Float(gt=0),
     "predict.min_p": Float(ge=0, le=1),
     "predict.batch_size": Int(ge=1),
+    "predict.segment_rows": Int(ge=1),
+    "predict.min_segment": Int(ge=1),
     # perturb (task=eval and task=predict: the scored recordings changed as in shop use, gcode_exp/data/perturb.py)
     "perturb.name": Text(),
     "perturb.concat": Bool(),
@@ -380,12 +370,18 @@ def validate(cfg: DictConfig) -> None:
                                 ("trainer.scheduler", "trainer/scheduler", "schedule")):
         if isinstance(flat.get(group), str):  # the spelling of before the group
             raise _fail(group, flat[group], f"the {what} is a config group: {folder}={flat[group]} (conf/{folder}/)")
+    own = model_rules(flat)
+    for key, rule in own.items():
+        if key not in flat:
+            raise ConfigError(f"{key}: missing from the config")
+        if not rule.ok(flat[key]):
+            raise _fail(key, flat[key], f"must be {rule.what}")
     for key, value in flat.items():
         built = next((b for b in BUILT if key.startswith(b + ".") and key != b + "._target_"), None)
         if built:
             _check_kwarg(flat, key, built)
             continue
-        if key not in SCHEMA:
+        if key not in SCHEMA and key not in own:
             near = difflib.get_close_matches(key, list(SCHEMA), n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             raise _fail(key, value, f"unknown key{hint} (gcode_exp/config.py SCHEMA lists every key)")
@@ -403,6 +399,13 @@ def validate(cfg: DictConfig) -> None:
         if not rule.ok(flat[key]):
             raise _fail(key, flat[key], f"must be {rule.what}")
     _check_rules(cfg, flat)
+
+
+def model_rules(flat: dict[str, Any]) -> dict[str, Rule]:
+    """The rules of the keys a model class declares itself (`Model.rules`, by key under `model.`), so that
+    a new approach brings its keys in its own module; none where the class does not import."""
+    cls = _class(flat.get("model._target_"), "gcode_exp.models.base:Model")
+    return {f"model.{k}": rule for k, rule in getattr(cls, "rules", {}).items()}
 
 
 def _check_kwarg(flat: dict[str, Any], key: str, built: str) -> None:

@@ -11,8 +11,9 @@ vote over the weights of all windows covering it, so a row all windows agree on 
 disagreement lowers it. Averaging whole token distributions instead is not possible: windows decode
 different token sequences, so only the decoded lines can be compared.
 
-Program naming is multinomial naive Bayes over the windows' predicted lines against each training
-operation's target lines (from `train_windows` in the checkpoint, or rebuilt from the training data).
+Program naming (gcode_exp/programs.py) is multinomial naive Bayes over the windows' predicted lines against
+each training operation's target lines, for the whole recording (program.csv) and for the rows around each
+row (its `program`; segments.csv: where that changes, a recording that holds several jobs).
 """
 
 from __future__ import annotations
@@ -29,20 +30,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from gcode_exp.atomic import write_csv, write_json, write_text
 from gcode_exp.data import perturb
-from gcode_exp.data.dataset import Features, prepare, run_inputs, same_recording_twice
+from gcode_exp.data.dataset import Features, run_inputs, same_recording_twice
 from gcode_exp.data.read import RUN_NAME, DataError, RecordedRun, channel_group, list_runs, read_run, run_name
-from gcode_exp.data.vocab import Vocab, parse_line
+from gcode_exp.data.vocab import parse_line
 from gcode_exp.models import Windows
+from gcode_exp.programs import name_program, op_line_counts, row_programs, segments
 from gcode_exp.training.checkpoint import load_checkpoint, load_model
 from gcode_exp.training.device import autocast, pick_device
 
 log = logging.getLogger(__name__)
 AXES = "XYZ"
-ROW_FIELDS = ("time", "row", "line", "p", "runner_up", "runner_up_p", "true_line", "correct")
+ROW_FIELDS = ("time", "row", "line", "p", "runner_up", "runner_up_p", "program", "true_line", "correct")
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -258,50 +259,6 @@ def score_rows(pred: list[str], true: list[str]) -> dict[str, float]:
 
 
 # --- program naming --------------------------------------------------------------------------------------
-def op_line_counts(blob: dict, cfg, vocab: Vocab) -> dict[str, Counter] | None:
-    """Per training operation: how many training windows have each target line.
-
-    From the checkpoint's `train_windows` ({"files", "file_windows", "targets"} of the training split);
-    checkpoints without it rebuild the training split from its data.dir (cached like training); None
-    (naming off, warned) where that folder cannot be read."""
-    train = blob.get("train_windows")
-    if train is None:
-        # the checkpoint's settings over today's defaults: keys added since it was saved keep their defaults
-        train_cfg = OmegaConf.merge(OmegaConf.to_container(cfg), blob["config"])
-        train_cfg.data.cache_dir = cfg.data.cache_dir
-        log.info("checkpoint has no train_windows: rebuilding the training split of %s", train_cfg.data.dir)
-        try:
-            split = prepare(train_cfg).splits["train"]
-        except Exception as e:  # a folder moved away, or a checkpoint older than today's data config
-            log.warning("program naming off: the checkpoint has no train_windows and its training data cannot be "
-                        "read (%s)", e)
-            return None
-        train = {"files": split.files, "file_windows": split.file_windows, "targets": split.targets}
-    counts: dict[str, Counter] = {}
-    row = 0
-    for name, n in zip(train["files"], train["file_windows"]):
-        op = run_name(Path(name))[1]
-        lines = [vocab.decode(t[1:]) for t in train["targets"][row : row + n].tolist()]
-        counts.setdefault(op, Counter()).update(lines)
-        row += n
-    return counts
-
-
-def name_program(lines: list[str], counts: dict[str, Counter], overlap: float, alpha: float = 1.0
-                 ) -> list[tuple[str, float]]:
-    """(operation, probability), most probable first: naive Bayes with a uniform prior and Laplace
-    smoothing over the windows' predicted lines. Overlapping windows repeat the same evidence, so the
-    log-likelihood is divided by the overlap (window/stride) before the softmax."""
-    known = set().union(*counts.values(), lines)
-    score = {}
-    for op, c in counts.items():
-        total = sum(c.values()) + alpha * (len(known) + 1)
-        score[op] = sum(math.log((c[t] + alpha) / total) for t in lines) / overlap
-    top = max(score.values())
-    z = sum(math.exp(s - top) for s in score.values())
-    return sorted(((op, math.exp(s - top) / z) for op, s in score.items()), key=lambda kv: -kv[1])
-
-
 # --- the job ---------------------------------------------------------------------------------------------
 def predict_job(cfg, run_dir: Path) -> dict:
     """Offline: every recording of data.dir; live (predict.follow=true): data.path as it is written."""
@@ -334,14 +291,23 @@ def predict_job(cfg, run_dir: Path) -> dict:
     majority_line = pred.vocab.decode(blob["majority_line"][1:].tolist())
     majority_op = max(sorted(counts), key=lambda op: sum(counts[op].values())) if counts else ""
     totals: Counter = Counter()
-    programs = []
+    programs, cuts = [], []
     out.mkdir(exist_ok=True)
     for rec in recordings:
         run = rec.run
         guesses = pred.guess(run_inputs(run, pred.feats), window_starts(len(run.lines), pred.window, pred.stride))
         votes = row_head_answers(vote(len(run.lines), guesses, pred.window), guesses, pred.lines, pred.window)
         true = [pred.vocab.decode(pred.vocab.encode(t)[1:]) if t else "" for t in run.lines]
-        write_rows(out / f"{run.name}.csv", votes, rec, true)
+        row_prog, row_p = [""] * len(votes), np.zeros(len(votes))
+        if counts:
+            row_prog, row_p = row_programs([v.line for v in votes], counts, cfg.predict.segment_rows,
+                                           pred.stride / pred.window)
+        write_rows(out / f"{run.name}.csv", votes, rec, true, row_prog)
+        source = rec.rows if rec.rows is not None else np.arange(len(votes))
+        found = segments(row_prog, row_p, cfg.predict.min_segment) if counts else []
+        cuts += [{"recording": run.name, "segment": k, "first_row": int(source[s["first_row"]]),
+                  "last_row": int(source[s["last_row"]]), "rows": s["last_row"] - s["first_row"] + 1,
+                  "program": s["program"], "p": f"{s['p']:.4f}"} for k, s in enumerate(found)]
         title = f"{run.name}: predicted by gcode-exp from {cfg.ckpt_path} ({len(votes)} rows, {len(guesses)} windows)"
         write_text(out / f"{run.name}.gcode", reconstruct(votes, rec.times, cfg.predict.min_p, title))
         ranked = name_program([g.line for g in guesses], counts, pred.window / pred.stride) if counts else [("", 0.0)]
@@ -359,6 +325,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
         print(f"{run.name}: {len(votes)} rows -> {len(merge_repeats([v.line for v in votes]))} lines; "
               f"program {ranked[0][0] or '?'} (p={ranked[0][1]:.2f}){f', true {true_op}' if true_op else ''}")
     write_csv(run_dir / "program.csv", programs)
+    write_csv(run_dir / "segments.csv", cuts, ["recording", "segment", "first_row", "last_row", "rows", "program", "p"])
     write_json(run_dir / "data_summary.json", {"data_dir": str(cfg.data.dir), "skipped_files": skipped,
                                               "predict": {"files": [r.run.name for r in recordings]},
                                               "perturb": perturb.summary(cfg.get("perturb"))})
@@ -378,11 +345,11 @@ def predict_job(cfg, run_dir: Path) -> dict:
     return metrics
 
 
-def write_rows(path: Path, votes: list[RowVote], rec: Recording, true: list[str]) -> None:
+def write_rows(path: Path, votes: list[RowVote], rec: Recording, true: list[str], programs: list[str]) -> None:
     source = rec.rows if rec.rows is not None else range(len(votes))  # perturb=...: the row it was read from
     rows = [dict(zip(ROW_FIELDS, (rec.times[i], int(r), v.line, f"{v.p:.4g}", v.runner_up, f"{v.runner_up_p:.4g}",
-                                  rec.run.lines[i], int(v.line == t) if t else ""), strict=True))
-            for i, (v, t, r) in enumerate(zip(votes, true, source))]
+                                  prog, rec.run.lines[i], int(v.line == t) if t else ""), strict=True))
+            for i, (v, t, r, prog) in enumerate(zip(votes, true, source, programs))]
     write_csv(path, rows, list(ROW_FIELDS))
 
 

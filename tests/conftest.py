@@ -67,6 +67,18 @@ def run_py(*args: str, cache: Path, timeout: int = 300, env: dict | None = None)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def default_run_and_two_programs(ws: Path) -> dict:
+    """The default model (nothing trained, seconds) run on the sample in `ws`, and a folder of two of its
+    recordings of different programs: what the task=eval and task=predict tests score."""
+    r = run_py(f"hydra.run.dir={ws / 'train'}", cache=ws / "cache")
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = ws / "two"
+    two.mkdir()
+    for name in ("face_003", "pocket_016"):
+        (two / f"{name}_aligned.csv.gz").symlink_to(SAMPLE / f"{name}_aligned.csv.gz")
+    return {"ws": ws, "ckpt": ws / "train" / "checkpoints" / "best.pt", "two": two, "cache": ws / "cache"}
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> str:
     """A running PostgreSQL server named by GCODE_EXP_PG_URL (CI: `bash .ci/postgres.sh start`).

@@ -134,3 +134,26 @@ def test_smoothing_stays_inside_the_recording():
     x = torch.tensor([[0.0], [0.0], [3.0], [0.0], [0.0]])
     assert smoothed(x, 3)[:, 0].tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
     assert torch.equal(smoothed(x, 1), x)
+
+
+@pytest.mark.slow
+def test_run_py_fits_the_default_and_scores_it_as_recorded_and_started_mid_job(tmp_path):
+    """`python run.py` fits the alignment (nothing trained); task=eval scores its checkpoint on the sample as
+    recorded and with every recording started a quarter into its job, above the majority line both times."""
+    import json
+
+    from tests.conftest import run_py
+
+    run = tmp_path / "run"
+    res = run_py(f"hydra.run.dir={run}", cache=tmp_path / "c")
+    assert res.returncode == 0 and "reference rows (position)" in res.stdout + res.stderr, res.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 0 and "test/loss" not in metrics  # nothing trained, no loss computed
+    assert metrics["test/line_exact"] > metrics["majority/line_exact"] + 0.3
+    for perturb in ("none", "crop"):
+        out = tmp_path / perturb
+        ran = run_py("task=eval", f"ckpt_path={run / 'checkpoints' / 'best.pt'}", f"perturb={perturb}",
+                     f"hydra.run.dir={out}", cache=tmp_path / "c")
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        scored = json.loads((out / "metrics.json").read_text())
+        assert scored["test/line_exact"] > scored["majority/line_exact"] + 0.3, (perturb, scored)

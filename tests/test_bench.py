@@ -23,19 +23,19 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
         assert m["latency_ms_batch1"] > 0 and m["latency_ms_per_window_batch256"] > 0 and m["live_ms_per_window"] > 0
     assert result["prepare_cold_s"] > result["prepare_cached_s"] > 0
     assert set(result["epoch_s_by_data_size"]) == {"1x", "2x", "4x"} and result["peak_rss_mb"] > 0
-    nearest = result["nearest"]  # the default model: a reference built, not trained
-    assert "reference keys" in nearest["reference"] and nearest["fit_s"] > 0
-    assert nearest["latency_ms_per_window_batch256"] > 0
+    default = result["default"]  # the default model: fitted, not trained
+    assert "reference rows" in default["reference"] and default["fit_s"] > 0
+    assert default["latency_ms_per_window_batch256"] > 0
     printed = capsys.readouterr().out
     assert "prepare: cold" in printed and "default" in printed and "4x/1x" in printed
 
 
 def test_model_keys_go_to_the_models_that_have_them():
-    cfgs = bench.configs(str(SAMPLE), ["model.d_model=32", "++model.n_heads=2", "model.key=summary", "data.window=32"])
-    assert list(cfgs) == ["nearest", "baseline", "multihead", "new_programs"]
+    cfgs = bench.configs(str(SAMPLE), ["model.d_model=32", "++model.n_heads=2", "model.key=signal", "data.window=32"])
+    assert list(cfgs) == ["default", "baseline", "multihead", "new_programs"]
     assert {n: c.model.name for n, c in cfgs.items()} == {
-        "nearest": "nearest", "baseline": "baseline", "multihead": "multihead", "new_programs": "multihead"}
-    assert "d_model" not in cfgs["nearest"].model and cfgs["nearest"].model.key == "summary"
+        "default": "align", "baseline": "baseline", "multihead": "multihead", "new_programs": "multihead"}
+    assert "d_model" not in cfgs["default"].model and cfgs["default"].model.key == "signal"
     for name in ("baseline", "multihead", "new_programs"):
         assert (cfgs[name].model.d_model, cfgs[name].model.n_heads, "key" in cfgs[name].model) == (32, 2, False)
     assert all(c.data.window == 32 for c in cfgs.values())
@@ -80,11 +80,11 @@ def test_an_unusable_data_dir_is_one_line(tmp_path, case):
 
 
 @pytest.mark.parametrize("override, line", [
-    ("model.d_modle=32", "error: model.d_modle=32: no model the bench times (nearest, baseline, multihead, "
+    ("model.d_modle=32", "error: model.d_modle=32: no model the bench times (default, baseline, multihead, "
                          "new_programs) has the key model.d_modle; did you mean model.d_model?"),
-    ("model=baseline", "error: model=baseline: the bench times nearest, baseline, multihead, new_programs itself; "
+    ("model=baseline", "error: model=baseline: the bench times default, baseline, multihead, new_programs itself; "
                        "give their keys as model.KEY=VALUE (each goes to the models that have it)"),
-    ("experiment=new_programs", "error: experiment=new_programs: sets model=multihead; the bench times nearest, "
+    ("experiment=new_programs", "error: experiment=new_programs: sets model=multihead; the bench times default, "
                                 "baseline, multihead, new_programs itself"),
     ("nosuch=1", "error: nosuch=1: Could not override 'nosuch'. To append to your config use +nosuch=1"),
     ("aug=nosuch", "error: aug=nosuch: In 'config': Could not find 'aug/nosuch' (options: 3x, 5x, none)"),

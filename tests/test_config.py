@@ -88,7 +88,8 @@ def _has(cfg, key: str) -> bool:
     (["+trainer.optimizer.params=[]"], "trainer.optimizer.params=[]: set by the trainer"),
     (["model=multihead", "model.encoder._target_=os.path"],
      "model.encoder._target_=os.path: must be an importable subclass of gcode_exp.models.encoder.SensorEncoder"),
-    (["model=multihead", "model._target_=no.such.Model"], "model._target_=no.such.Model: must be an importable model"),
+    (["model=multihead", "model._target_=no.such.Model"],
+     "model._target_=no.such.Model: must be an importable subclass of gcode_exp.models.base.Model"),
     (["model=nearest", "model.key=rows"], "model.key=rows: must be one of auto, position, summary"),
     (["model=nearest", "model.motion_weight=-1"], "model.motion_weight=-1: must be a number >= 0"),
     (["model=nearest", "model.key=position", "features=side_channel"],
@@ -152,7 +153,8 @@ TOKENS = ["PAD", "BOS", "EOS", "UNK", "G0", "G1", "G2", "X", "NUM_X_00"]
 
 
 @pytest.mark.parametrize("overrides,tokens,cut,message", [
-    (["aug=3x", "aug.rare_commands=[G3,M30]"], TOKENS, 0.0, "aug.rare_commands=[G3, M30]: names no command of the training"),
+    (["aug=3x", "aug.rare_commands=[G3,M30]"], TOKENS, 0.0,
+     "aug.rare_commands=[G3, M30]: names no command of the training"),
     ([], TOKENS, 0.8, "data.max_len=16: cuts 80% of the targets; the longest needs data.max_len=40"),
 ])
 def test_data_checks_refuse(overrides, tokens, cut, message):

@@ -121,7 +121,7 @@ def test_two_processes_train_like_one(tmp_path):
 @pytest.mark.slow
 def test_what_ddp_cannot_run_is_refused_in_one_line(tmp_path):
     """Under torchrun: the nearest model (nothing to train) and several processes without hardware=ddp."""
-    for args, message in ((["hardware=ddp"], "error: hardware.distributed=true: model=nearest trains nothing"),
+    for args, message in ((["hardware=ddp"], "error: hardware.distributed=true: model=align trains nothing"),
                           (["model=baseline"], "error: hardware.distributed=false: torchrun started several")):
         res = run(args, tmp_path, tmp_path / "cache", procs=2)
         assert res.returncode != 0

@@ -158,7 +158,7 @@ def test_run_folder_holds_the_resolved_config(tmp_path):
     composed, resolved = (run / ".hydra" / "config.yaml").read_text(), (run / "resolved_config.yaml").read_text()
     assert "${" in composed and "${" not in resolved
     cfg = yaml.safe_load(resolved)
-    assert cfg["name"] == "nearest-none-v2" and cfg["data"]["dir"] == str(SAMPLE)
+    assert cfg["name"] == "align-none-v2" and cfg["data"]["dir"] == str(SAMPLE)
 
 
 def test_resolved_config_belongs_to_the_run(tmp_path):

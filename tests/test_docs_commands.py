@@ -21,7 +21,7 @@ How `run_doc` runs a command, on tiny settings (conftest's TINY, 1 epoch, one to
   -> the embedded sample (a subset of that data), `$(hostname)-$$` -> `doc-host-1`, `$VAR` -> the
   entry's environment; an entry's `setup` gives its own (RELIABILITY.md's DIR, TMP and FOLDER, the
   interrupted RUN that `trainer.resume=true` continues);
-- `run.py` gets TINY (`tiny_for`: without the token-model sizes where it runs the nearest model) and
+- `run.py` gets TINY (`tiny_for`: without the token-model sizes where it runs a model that learns nothing) and
   TINY_RUN (these win over the documented values: the command's options are kept, its
   size is not), data.dir (the sample) and data.cache_dir (the session's) unless the command sets them,
   then the entry's `extra` (e.g. FEW_TRIALS), which win over everything.
@@ -62,7 +62,7 @@ from tests.conftest import ROOT, SAMPLE, TINY, tiny_for
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN, COMPOSE, PG, CUDA, CI, SERVER = "run", "compose-only", "postgres", "cuda", "ci", "server"
-TINY_RUN = ("trainer.line_exact=false", "hardware.threads=1")  # beside TINY (tiny_for: the nearest model has no sizes)
+TINY_RUN = ("trainer.line_exact=false", "hardware.threads=1")  # beside TINY (tiny_for: sizes for a learner)
 FEW_TRIALS = ("hydra.sweeper.n_trials=2",)  # an Optuna sweep runs 2 trials here, whatever the docs ask for
 BENCH_TINY = ("--steps", "2", *(o for o in TINY if o.startswith(("data.", "model.", "++model."))))
 PYTHON = re.compile(r"(?:^|&&\s*)(?:\S*/)?python3?\s")
@@ -245,7 +245,7 @@ def bench_json(name: str) -> Callable[[Ran], None]:
     def check(ran: Ran) -> None:
         result = json.loads((ran.cwd / name).read_text())
         assert set(result["models"]) == {"baseline", "multihead", "new_programs"}
-        assert result["nearest"]["fit_s"] > 0 and result["nearest"]["reference_keys"] > 0, result["nearest"]
+        assert result["default"]["fit_s"] > 0 and "reference rows" in result["default"]["reference"], result["default"]
         assert set(result["epoch_s_by_data_size"]) == {"1x", "2x", "4x"} and result["prepare_cold_s"] > 0
     return check
 
@@ -368,6 +368,27 @@ def user_encoder(s: DocSession) -> dict[str, str]:
     return {}
 
 
+def user_model(s: DocSession) -> dict[str, str]:
+    """README, 'Adding a model': its Python block as my_models.py and its YAML block as
+    my_conf/model/frequent.yaml, in the working folder, exactly as shown."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Adding a model"):readme.index("## Adding an encoder")]
+    (s.ws / "my_models.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    (s.ws / "my_conf" / "model").mkdir(parents=True, exist_ok=True)
+    (s.ws / "my_conf" / "model" / "frequent.yaml").write_text(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    return {}
+
+
+def scored_like_the_majority(ran: Ran) -> None:
+    """The user's model ran as a peer: fitted, checkpointed, scored; answering the most frequent line it
+    scores what the majority reference scores, and its own key is in the run's config."""
+    m = metrics(ran.folder)
+    assert m["epochs"] == 0 and m["test/line_exact"] == m["majority/line_exact"], m
+    assert (ran.folder / "checkpoints" / "best.pt").is_file() and ran.folder.name.endswith("frequent-none-v2")
+    resolved = yaml.safe_load((ran.folder / "resolved_config.yaml").read_text())
+    assert resolved["model"]["_target_"] == "my_models.MostFrequentLine" and resolved["model"]["top"] == 1
+
+
 def trained_the_user_encoder(ran: Ran) -> None:
     resolved = yaml.safe_load((ran.folder / "resolved_config.yaml").read_text())
     assert resolved["model"]["encoder"] == {"_target_": "my_encoders.GRUEncoder", "stride": 2}, resolved["model"]
@@ -453,6 +474,8 @@ COMMANDS: dict[str, Doc] = {
     "python run.py debug=profile": Doc(files=("metrics.json", "profile/trace.json"), check=profiled_steps),
     "python -m gcode_exp debug=fast": Doc(files=("metrics.json",), check=few_batches),
     "gcode-exp debug=fast data.dir=DIR": Doc(files=("metrics.json",), check=few_batches),
+    "python -m gcode_exp model=frequent hydra.searchpath=[file://my_conf]":
+        Doc(setup=user_model, files=("metrics.json",), check=scored_like_the_majority),
     "python -m gcode_exp model=multihead model/encoder=gru hydra.searchpath=[file://my_conf]":
         Doc(setup=user_encoder, files=("metrics.json",), check=trained_the_user_encoder),
     EXPERIMENTS: Doc(jobs=4, check=named_by_experiment),
@@ -516,10 +539,12 @@ COMMANDS: dict[str, Doc] = {
     REAL_COMPARISON: Doc(jobs=24),
     "python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
     "seed=0,1,2 hydra.sweep.dir=multirun/real-new-programs": Doc(jobs=6),
-    "python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel seed=0,1,2 "
+    "python run.py -m model=nearest data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel seed=0,1,2 "
     "hydra.sweep.dir=multirun/real-nearest": Doc(jobs=6),
-    "python run.py -m data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
+    "python run.py -m model=nearest data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
     "data.train_share=0.125,0.25,0.5,1.0 hydra.sweep.dir=multirun/real-nearest-curve": Doc(jobs=8),
+    "python run.py data.dir=../shared/data/cnc_sensor_gcode model=nearest features=side_channel":
+        Doc(files=("metrics.json",)),
     "python -m gcode_exp.summarize multirun/real-comparison":
         Doc(needs=(REAL_COMPARISON,), files=SUMMARY, says=("24 run folders (24 finished)",),
             check=summary_rows(*(f"{m}-{a}-v2" for m in ("baseline", "multihead") for a in ("none", "3x")

@@ -31,7 +31,7 @@ def test_every_experiment_file_is_tested():
 
 def test_recommended_is_what_run_py_runs_by_default():
     recommended, default = compose_conf("experiment=recommended"), compose_conf()
-    assert recommended.name == "recommended" and recommended.model.name == "nearest" and recommended.features.elapsed
+    assert recommended.name == "recommended" and recommended.model.name == "align"
     recommended.name = default.name
     assert recommended == default
     side = compose_conf("features=side_channel")  # the same model picks its side-channel key itself

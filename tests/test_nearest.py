@@ -104,9 +104,9 @@ def test_position_key_needs_position_inputs(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_run_py_trains_evaluates_and_predicts_with_the_default_model(tmp_path):
+def test_run_py_fits_evaluates_and_predicts_with_the_nearest_model(tmp_path):
     run = tmp_path / "run"
-    res = run_py(f"hydra.run.dir={run}", "trainer.line_exact=true", cache=tmp_path / "c")
+    res = run_py("model=nearest", f"hydra.run.dir={run}", "trainer.line_exact=true", cache=tmp_path / "c")
     assert res.returncode == 0, res.stderr[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 0 and metrics["n_params"] == 0  # nothing trained
@@ -117,7 +117,7 @@ def test_run_py_trains_evaluates_and_predicts_with_the_default_model(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert scored["test/line_exact"] > 0 and 0 < scored["test/overall_acc"] <= 1
-    side = run_py(f"hydra.run.dir={tmp_path / 'side'}", "features=side_channel", cache=tmp_path / "c")
+    side = run_py("model=nearest", f"hydra.run.dir={tmp_path / 'side'}", "features=side_channel", cache=tmp_path / "c")
     assert side.returncode == 0 and "(summary)" in side.stdout + side.stderr
     pred = run_py(f"hydra.run.dir={tmp_path / 'pred'}", "task=predict", f"ckpt_path={run / 'checkpoints/best.pt'}",
                   "data.dir=data/sample", cache=tmp_path / "c")

@@ -28,7 +28,7 @@ from gcode_exp.data.perturb import (
     shift_start,
 )
 from gcode_exp.data.read import DataError, RecordedRun
-from tests.conftest import ROOT, SAMPLE, make_cfg, run_py
+from tests.conftest import ROOT, default_run_and_two_programs, make_cfg, run_py
 
 OPTIONS = sorted(p.stem for p in (ROOT / "conf" / "perturb").glob("*.yaml"))
 
@@ -211,15 +211,7 @@ def test_live_mode_refuses_and_training_ignores_a_perturbation(caplog):
 # --- what users type -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> dict:
-    """The default model (nearest: nothing trained, seconds) on the sample, and a folder of two programs."""
-    ws = tmp_path_factory.mktemp("perturb")
-    r = run_py(f"hydra.run.dir={ws / 'train'}", cache=ws / "cache")
-    assert r.returncode == 0, r.stderr[-2000:]
-    two = ws / "two"
-    two.mkdir()
-    for name in ("face_003", "pocket_016"):
-        (two / f"{name}_aligned.csv.gz").symlink_to(SAMPLE / f"{name}_aligned.csv.gz")
-    return {"ws": ws, "ckpt": ws / "train" / "checkpoints" / "best.pt", "two": two, "cache": ws / "cache"}
+    return default_run_and_two_programs(tmp_path_factory.mktemp("perturb"))
 
 
 def test_eval_sweep_over_perturbations_and_its_summary(checkpoint):

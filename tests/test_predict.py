@@ -24,7 +24,6 @@ from gcode_exp.predict import (
     RowVote,
     axis_moves,
     edit_similarity,
-    name_program,
     position_weights,
     reconstruct,
     row_head_answers,
@@ -32,7 +31,8 @@ from gcode_exp.predict import (
     vote,
     window_starts,
 )
-from tests.conftest import ROOT, SAMPLE, run_py
+from gcode_exp.programs import name_program
+from tests.conftest import ROOT, SAMPLE, default_run_and_two_programs, run_py
 
 LIVE_LINE = re.compile(r"^\S+  .*  \(p=\d\.\d\d\)$")
 
@@ -136,14 +136,7 @@ def test_program_naming_picks_the_operation_whose_lines_match():
 # --- the job, on a tiny model trained once ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
-    ws = tmp_path_factory.mktemp("predict")
-    r = run_py(f"hydra.run.dir={ws / 'train'}", cache=ws / "cache")
-    assert r.returncode == 0, r.stderr[-2000:]
-    two = ws / "two"
-    two.mkdir()
-    for name in ("face_003", "pocket_016"):
-        (two / f"{name}_aligned.csv.gz").symlink_to(SAMPLE / f"{name}_aligned.csv.gz")
-    return {"ws": ws, "ckpt": ws / "train" / "checkpoints" / "best.pt", "two": two, "cache": ws / "cache"}
+    return default_run_and_two_programs(tmp_path_factory.mktemp("predict"))
 
 
 def predict_py(t: dict, out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

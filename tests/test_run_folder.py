@@ -229,7 +229,7 @@ def test_multirun_into_an_earlier_sweep_folder_is_refused_at_once(tmp_path, cach
     sweep = tmp_path / "s"
     ok(run_py("-m", "task=prepare", "seed=0,1", f"hydra.sweep.dir={sweep}", cache=cache))
     before = hashes(sweep)
-    assert {"multirun.yaml", "0_nearest-none-v2/data_summary.json", "1_nearest-none-v2/run.log"} <= set(before)
+    assert {"multirun.yaml", "0_align-none-v2/data_summary.json", "1_align-none-v2/run.log"} <= set(before)
 
     line = one_error_line(run_py("-m", "task=prepare", "seed=2,3", f"hydra.sweep.dir={sweep}", cache=cache))
     assert line == (f"{sweep} already holds an earlier sweep (multirun.yaml); pass overwrite=true to replace it, "
@@ -238,7 +238,7 @@ def test_multirun_into_an_earlier_sweep_folder_is_refused_at_once(tmp_path, cach
 
     ok(run_py("-m", "task=prepare", "seed=2,3", "overwrite=true", f"hydra.sweep.dir={sweep}", cache=cache))
     assert "seed=2,3" in (sweep / "multirun.yaml").read_text()
-    assert "seed: 3" in (sweep / "1_nearest-none-v2" / ".hydra" / "config.yaml").read_text()
+    assert "seed: 3" in (sweep / "1_align-none-v2" / ".hydra" / "config.yaml").read_text()
 
 
 def test_sweep_overwrite_replaces_the_whole_earlier_sweep_once_a_job_works(tmp_path, cache):
@@ -255,7 +255,7 @@ def test_sweep_overwrite_replaces_the_whole_earlier_sweep_once_a_job_works(tmp_p
     failed = run_py("-m", "task=prepare", "seed=5", "overwrite=true", f"data.dir={bad}", f"hydra.sweep.dir={sweep}",
                     cache=cache)
     assert failed.returncode == 2
-    assert {k: v for k, v in hashes(sweep).items() if not k.startswith("0_nearest")} == before
+    assert {k: v for k, v in hashes(sweep).items() if not k.startswith("0_align")} == before
     assert not (sweep / ".replaced").exists()
 
 
@@ -285,7 +285,7 @@ def test_a_sweep_where_one_job_succeeded_exits_0(tmp_path, cache):
     res = ok(run_py("-m", "task=prepare", "data.window=0,32", f"hydra.sweep.dir={s}", cache=cache))
     assert [line for line in res.stderr.splitlines() if line.startswith("error: ")] == [
         "error: data.window=0: must be a whole number >= 1"]
-    assert (s / "0_nearest-none-v2" / "error.txt").exists() and (s / "1_nearest-none-v2" / "data_summary.json").exists()
+    assert (s / "0_align-none-v2" / "error.txt").exists() and (s / "1_align-none-v2" / "data_summary.json").exists()
 
 
 def test_resume_without_a_checkpoint_is_one_line(tmp_path, cache):

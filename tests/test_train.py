@@ -98,7 +98,7 @@ def test_eval_and_predict_read_recordings_as_the_checkpoint_was_trained(tmp_path
         out = tmp_path / task
         assert run_py(f"task={task}", ckpt, f"hydra.run.dir={out}", cache=cache).returncode == 0
         resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
-        assert resolved["features"]["name"] == "side_channel" and resolved["model"]["name"] == "nearest"
+        assert resolved["features"]["name"] == "side_channel" and resolved["model"]["name"] == "align"
 
 
 @pytest.mark.slow

@@ -24,10 +24,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gcode_exp.config import ConfigError
+from gcode_exp.config import Float, Int, OneOf
 from gcode_exp.data.dataset import Features, Split
 from gcode_exp.models.base import Answer, Model, Windows
-from gcode_exp.models.nearest import POSITION, most_rows
+from gcode_exp.models.nearest import POSITION, most_rows, pick_key
 
 KEYS = ("position", "signal")
 
@@ -36,7 +36,7 @@ def smoothed(x: torch.Tensor, rows: int) -> torch.Tensor:
     """[T, C] -> each row the mean of the `rows` rows centred on it (inside the recording)."""
     if rows <= 1:
         return x
-    k = torch.ones(1, 1, rows, dtype=x.dtype) / rows
+    k = torch.ones(1, 1, rows, dtype=x.dtype, device=x.device) / rows
     padded = torch.nn.functional.pad(x.T[:, None], (rows // 2, (rows - 1) // 2), mode="replicate")
     return torch.nn.functional.conv1d(padded, k)[:, 0].T
 
@@ -45,6 +45,9 @@ class AlignModel(Model):
     """Training rows (keys, lines, recording boundaries) as buffers; `predict` aligns whole recordings."""
 
     learns = False
+    rules = {"key": OneOf("auto", *KEYS), "smooth": Int(ge=1), "dims": Int(ge=0), "max_step": Int(ge=1, le=8),
+             "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
+             "max_cells": Int(ge=0)}
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
@@ -54,13 +57,7 @@ class AlignModel(Model):
         self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
 
     def fit(self, split: Split, feats: Features, window: int) -> None:
-        key = self.cfg.key
-        has_position = all(c in feats.channels for c in POSITION)
-        if key == "auto":
-            key = "position" if has_position else "signal"
-        if key == "position" and not has_position:
-            raise ConfigError(f"model.key=position: needs the inputs {', '.join(POSITION)} (features=all), "
-                              "which these features lack")
+        key = pick_key(self.cfg.key, feats, otherwise="signal")
         self.mode = torch.tensor(KEYS.index(key))
         if key == "position":
             self.columns = torch.tensor([feats.channels.index(c) for c in POSITION])
@@ -100,16 +97,8 @@ class AlignModel(Model):
         """[T, n_inputs] rows of recordings starting at `bounds` -> [T, k] keys, smoothed per recording."""
         x = x[:, self.columns].float()
         edges = [int(b) for b in bounds] + [len(x)]
-        parts = [self.local(x[a:b]) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        parts = [smoothed(x[a:b], self.cfg.smooth) for a, b in zip(edges[:-1], edges[1:]) if b > a]
         return torch.cat(parts) / parts[0].shape[1] ** 0.5
-
-    def local(self, x: torch.Tensor) -> torch.Tensor:
-        """One recording's rows -> their local mean over `smooth` rows, and with `spread` the local mean
-        absolute deviation from it (how much a channel shakes: vibration, a motor's load changing)."""
-        m = smoothed(x, self.cfg.smooth)
-        if not self.cfg.spread or KEYS[int(self.mode)] == "position":
-            return m
-        return torch.cat([m, self.cfg.spread * smoothed((x - m).abs(), self.cfg.smooth)], dim=1)
 
     def project(self, keys: torch.Tensor) -> torch.Tensor:
         """Keys on the `model.dims` principal directions of the training keys (all of them: unchanged but for
@@ -154,8 +143,8 @@ class AlignModel(Model):
         S, K, lag = len(self.keys), int(cfg.max_step), int(cfg.lag)
         # the cost of reaching row s from s - k (k = 0 .. K) of the same training recording; inf from another
         step = torch.tensor([cfg.stay, 0.0, *(cfg.skip * (k - 1) for k in range(2, K + 1))])
-        penalty = torch.where(self.same_before >= torch.arange(K + 1)[:, None], step[:, None], torch.inf)
-        penalty = penalty.float().numpy()
+        penalty = torch.where(self.same_before.cpu() >= torch.arange(K + 1)[:, None], step[:, None], torch.inf)
+        penalty = penalty.float().cpu().numpy()  # the walk runs on the CPU; distances where the keys are
         whole = T * S <= cfg.max_cells  # the whole path is kept (offline); else the last `lag` steps
         codes = np.zeros((T if whole else lag + 1, S), dtype=np.int8)
         tops = np.zeros(T, dtype=np.int64)
@@ -172,7 +161,7 @@ class AlignModel(Model):
             return s
 
         for c0 in range(0, T, chunk):
-            d = torch.cdist(q[c0 : c0 + chunk], self.keys).square_().clamp_(max=float(self.clip_at)).numpy()
+            d = torch.cdist(q[c0 : c0 + chunk], self.keys).square_().clamp_(max=float(self.clip_at)).cpu().numpy()
             for j in range(len(d)):
                 t = c0 + j
                 code = codes[t if whole else t % (lag + 1)]
@@ -201,7 +190,7 @@ class AlignModel(Model):
         for t in range(T - 1, (-1 if whole else max(T - 1 - lag, -1)), -1):
             states[t] = end
             end = trace(end, t, 1)
-        return self.line_ids[torch.from_numpy(states)]
+        return self.line_ids[torch.from_numpy(states).to(self.line_ids.device)]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in self._buffers:  # reference tables have the size of the training data they came from

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from gcode_exp.config import Rule
     from gcode_exp.data.dataset import Features, Split
 
 
@@ -77,6 +78,7 @@ class Model(nn.Module):
     whole recordings overrides `predict`."""
 
     learns: ClassVar[bool] = True  # trained by optimiser steps after `fit` (the Trainer), or done once fitted
+    rules: ClassVar[dict[str, Rule]] = {}  # the model's own config keys (under `model.`) and what each accepts
     lines: torch.Tensor  # int64 [n, max_len] the lines its row answers name (BOS ... EOS PAD)
 
     def fit(self, train: Split, features: Features, window: int) -> None:

@@ -20,12 +20,24 @@ from __future__ import annotations
 
 import torch
 
-from gcode_exp.config import ConfigError
+from gcode_exp.config import ConfigError, Float, OneOf
 from gcode_exp.data.dataset import Features, Split
 from gcode_exp.models.base import Answer, Model
 
 POSITION = ("posx", "posy", "posz")  # work position: the frame of the G-code's X/Y/Z words
 KEYS = ("position", "summary")
+
+
+def pick_key(key: str, feats: Features, otherwise: str) -> str:
+    """`model.key`: auto is position where the inputs hold the work position, else `otherwise`; position
+    without it is refused by name."""
+    has_position = all(c in feats.channels for c in POSITION)
+    if key == "auto":
+        return "position" if has_position else otherwise
+    if key == "position" and not has_position:
+        raise ConfigError(f"model.key=position: needs the inputs {', '.join(POSITION)} (features=all), "
+                          "which these features lack")
+    return key
 
 
 def row_keys(x: torch.Tensor, columns: torch.Tensor, motion_weight: float) -> torch.Tensor:
@@ -39,6 +51,7 @@ class NearestModel(Model):
     """Reference keys and answers from the training split (buffers, so a checkpoint carries them)."""
 
     learns = False
+    rules = {"key": OneOf("auto", *KEYS), "motion_weight": Float(ge=0), "elapsed_weight": Float(ge=0)}
 
     def __init__(self, cfg, max_len: int, **shapes):
         """`shapes` (vocab, n_inputs, window, lines: what build_model gives every model) are not needed:
@@ -52,13 +65,7 @@ class NearestModel(Model):
 
     def fit(self, split: Split, feats: Features, window: int) -> None:
         """Store the training split's keys and answers. `auto`: position where the inputs hold it."""
-        key = self.cfg.key
-        has_position = all(c in feats.channels for c in POSITION)
-        if key == "auto":
-            key = "position" if has_position else "summary"
-        if key == "position" and not has_position:
-            raise ConfigError(f"model.key=position: needs the inputs {', '.join(POSITION)} (features=all), "
-                              "which these features lack")
+        key = pick_key(self.cfg.key, feats, otherwise="summary")
         self.mode, self.elapsed = torch.tensor(KEYS.index(key)), torch.tensor(bool(feats.elapsed))
         covered = torch.zeros(len(split.rows), dtype=torch.bool)
         for s in split.starts.tolist():
