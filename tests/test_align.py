@@ -157,3 +157,12 @@ def test_run_py_fits_the_default_and_scores_it_as_recorded_and_started_mid_job(t
         assert ran.returncode == 0, ran.stderr[-2000:]
         scored = json.loads((out / "metrics.json").read_text())
         assert scored["test/line_exact"] > scored["majority/line_exact"] + 0.3, (perturb, scored)
+
+
+def test_windows_without_their_recording_are_each_aligned_alone():
+    model = fitted()
+    rows, lines = program(0)
+    x = torch.stack([rows[30:40], rows[200:210]])  # two windows of one job, out of order
+    answer = model.answer(x)
+    assert answer.tokens[:, 0].tolist() == [10 + int(lines[35]), 10 + int(lines[205])]
+    assert answer.rows.shape == (2, 10, len(model.lines) + 1)

@@ -119,18 +119,19 @@ class AlignModel(Model):
         for i, s in enumerate(windows.starts.tolist()):
             a = int(windows.first[i])
             out_rows.append(row_of[a][s - a + steps])
-        rows = torch.stack(out_rows) if out_rows else torch.zeros(0, windows.length, dtype=torch.long)
-        tokens = self.lines[most_rows(rows, none=len(self.lines))][:, 1:] if len(rows) else \
-            torch.zeros(0, self.max_len - 1, dtype=torch.long)
+        if not out_rows:
+            return Answer(torch.zeros(0, self.max_len - 1, dtype=torch.long), torch.zeros(0))
+        rows = torch.stack(out_rows)
+        best = most_rows(rows, none=len(self.lines))
         one_hot = torch.nn.functional.one_hot(rows, len(self.lines) + 1).float()
-        agree = (rows == most_rows(rows, none=len(self.lines))[:, None]).float().mean(1) if len(rows) else rows
-        return Answer(tokens, agree.float(), one_hot)
+        # the window's probability: the share of its rows on its line (the path gives no other measure)
+        return Answer(self.lines[best][:, 1:], (rows == best[:, None]).float().mean(1), one_hot)
 
     def answer(self, x: torch.Tensor) -> Answer:
         """Windows without their recording: each aligned on its own."""
         n, w = x.shape[:2]
-        return self.predict(Windows.of_rows(x.reshape(n * w, -1), torch.arange(0, n * w, w), w)) if n else \
-            Answer(torch.zeros(0, self.max_len - 1, dtype=torch.long), torch.zeros(0))
+        flat, starts = x.reshape(n * w, -1), torch.arange(0, n * w, w)
+        return self.predict(Windows(lambda i: flat[i], starts, starts, starts + w, w))
 
     def align(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """[T, n_inputs] one recording -> [T] each row's line (index into `lines`; len(lines): none).
