@@ -26,7 +26,7 @@ import torch
 
 from gcode_exp.config import Float, Int, OneOf
 from gcode_exp.data.dataset import Features, Split
-from gcode_exp.models.base import Answer, Model, Windows
+from gcode_exp.models.base import Answer, Reference, Windows
 from gcode_exp.models.nearest import POSITION, most_rows, pick_key
 
 KEYS = ("position", "signal")
@@ -41,10 +41,9 @@ def smoothed(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.nn.functional.conv1d(padded, k)[:, 0].T
 
 
-class AlignModel(Model):
+class AlignModel(Reference):
     """Training rows (keys, lines, recording boundaries) as buffers; `predict` aligns whole recordings."""
 
-    learns = False
     rules = {"key": OneOf("auto", *KEYS), "smooth": Int(ge=1), "dims": Int(ge=0), "max_step": Int(ge=1, le=8),
              "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
              "max_cells": Int(ge=0)}
@@ -192,9 +191,3 @@ class AlignModel(Model):
             states[t] = end
             end = trace(end, t, 1)
         return self.line_ids[torch.from_numpy(states).to(self.line_ids.device)]
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in self._buffers:  # reference tables have the size of the training data they came from
-            if prefix + name in state_dict:
-                self._buffers[name] = state_dict[prefix + name].clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -7,7 +7,7 @@ trained for an hour are peers.
 - `predict(windows)`: an `Answer` per window: its line's tokens, their probability, and per row the
   probabilities over `lines` (the runner-up is the second of those). `Windows` carries whole recordings,
   so a model that reads a window in the context of its recording (an alignment) has what it needs.
-- `state()` / `from_state(...)`: what a checkpoint stores, and the model rebuilt from it.
+- `state()` / `load_state(...)`: what a checkpoint stores, and a model built from the same config given it.
 """
 
 from __future__ import annotations
@@ -102,5 +102,18 @@ class Model(nn.Module):
         return self.state_dict()
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """The inverse of `state`, on a model built from the same config and shapes (`from_state`)."""
+        """The inverse of `state`, on a model built from the same config and shapes."""
         self.load_state_dict(state)
+
+
+class Reference(Model):
+    """A model that keeps (part of) the training data and trains nothing: its tables are buffers whose size
+    is the training data's, so a checkpoint's are taken at their own size."""
+
+    learns = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self._buffers:
+            if prefix + name in state_dict:
+                self._buffers[name] = state_dict[prefix + name].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

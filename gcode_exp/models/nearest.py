@@ -22,7 +22,7 @@ import torch
 
 from gcode_exp.config import ConfigError, Float, OneOf
 from gcode_exp.data.dataset import Features, Split
-from gcode_exp.models.base import Answer, Model
+from gcode_exp.models.base import Answer, Reference
 
 POSITION = ("posx", "posy", "posz")  # work position: the frame of the G-code's X/Y/Z words
 KEYS = ("position", "summary")
@@ -47,10 +47,9 @@ def row_keys(x: torch.Tensor, columns: torch.Tensor, motion_weight: float) -> to
     return torch.cat([p, motion_weight * torch.diff(p, dim=1, prepend=p[:, :1])], dim=-1)
 
 
-class NearestModel(Model):
+class NearestModel(Reference):
     """Reference keys and answers from the training split (buffers, so a checkpoint carries them)."""
 
-    learns = False
     rules = {"key": OneOf("auto", *KEYS), "motion_weight": Float(ge=0), "elapsed_weight": Float(ge=0)}
 
     def __init__(self, cfg, max_len: int, **shapes):
@@ -122,12 +121,6 @@ class NearestModel(Model):
 
     def brief(self) -> str:
         return f"{len(self.keys)} reference keys ({KEYS[int(self.mode)]})"
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in self._buffers:  # reference tables have the size of the training data they came from
-            if prefix + name in state_dict:
-                self._buffers[name] = state_dict[prefix + name].clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def most_rows(row_lines: torch.Tensor, none: int) -> torch.Tensor:
