@@ -25,10 +25,11 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from gcode_exp import GcodeExpError  # noqa: E402
+from gcode_exp import GcodeExpError, trust  # noqa: E402
 from gcode_exp.config import seed_of  # noqa: E402, F401  (registers the resolver used by conf/hparams_search)
 
 log = logging.getLogger("gcode_exp")
+trust.redact_logs()  # no storage password in any log line, the console's, run.log's or Hydra's own
 CONF = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's conf/, whatever the working folder
 
 
@@ -75,7 +76,7 @@ class HeldStderr(io.TextIOBase):
 
     def pass_on(self) -> None:
         self.passing = True
-        self.real.write("".join(self.held))
+        self.real.write(trust.redact_text("".join(self.held)))
         self.held = []
 
 
@@ -115,7 +116,7 @@ def main() -> None:
         code = 0
     except SystemExit as e:
         if isinstance(e.code, str):  # what the interpreter would print for it
-            print(e.code, file=sys.stderr)
+            print(trust.redact_text(e.code), file=sys.stderr)
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     distributed.leave(code)
 
@@ -128,7 +129,7 @@ def run_command() -> None:
         app()
     except SystemExit as e:
         if not held.passing and e.code == 1 and held.held:  # Hydra refused the command line
-            print(f"error: {one_line(''.join(held.held), sys.argv[1:])}", file=held.real)
+            print(f"error: {trust.redact_text(one_line(''.join(held.held), sys.argv[1:]))}", file=held.real)
             held.held = []
             sys.exit(2)
         raise
@@ -146,6 +147,7 @@ def app(cfg: DictConfig) -> float | None:
     if isinstance(sys.stderr, HeldStderr):  # the command line composed: the job speaks for itself now
         sys.stderr.pass_on()
         sys.stderr = sys.stderr.real
+    sys.argv[1:] = [trust.redact_text(a) for a in sys.argv[1:]]  # Hydra has read it; wandb records it later
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
@@ -162,7 +164,7 @@ def app(cfg: DictConfig) -> float | None:
             run_folder.write_error(run_dir, e)
             if multirun:  # a refused Optuna trial still names its folder
                 record_optuna_trial(run_dir)
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {trust.redact_text(message)}", file=sys.stderr)
     if multirun:  # the sweep goes on; Optuna records a NaN objective as a failed trial
         return math.nan
     sys.exit(2)

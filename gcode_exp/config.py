@@ -193,6 +193,7 @@ def _split_ok(v: Any) -> bool:
     return isinstance(v, list) and len(v) == 3 and all(_is_num(f) and f > 0 for f in v) and abs(sum(v) - 1) < 1e-6
 
 
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 COMMAND_WORD = re.compile(r"^([GM])(\d+(?:\.\d+)?)$")
 FEATURE_GROUPS = ("controller", "motors", "boards")
 
@@ -202,6 +203,8 @@ SCHEMA: dict[str, Rule] = {
     "seed": Int(ge=0),
     "ckpt_path": Nullable(Text()),
     "overwrite": Bool(),
+    "trusted_modules": Rule("a list of module names such as [mylab, mylab.models]", lambda v: isinstance(v, list)
+                            and all(isinstance(m, str) and MODULE_NAME.fullmatch(m) for m in v)),  # gcode_exp/trust.py
     "name": Text(),
     "optimized_metric": Nullable(Text(optional=True)),  # hparams_search: checked against the run's metrics
     "optuna_storage": Text(optional=True),

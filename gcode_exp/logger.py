@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from gcode_exp import trust
+
 
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -25,7 +27,8 @@ class WandbLogger:
         lc = cfg.logger
         self.run = wandb.init(
             project=lc.project, entity=lc.entity, group=lc.group or group, tags=list(lc.tags), mode=lc.mode,
-            dir=str(run_dir), name=f"{run_dir.name}", config=flatten(OmegaConf.to_container(cfg, resolve=True)),
+            dir=str(run_dir), name=f"{run_dir.name}",
+            config=flatten(trust.redact(OmegaConf.to_container(cfg, resolve=True))),  # no storage password
             reinit="finish_previous",
         )
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from gcode_exp import GcodeExpError, distributed
+from gcode_exp import GcodeExpError, distributed, trust
 from gcode_exp.atomic import write_text
 from gcode_exp.data.dataset import HOW_READ
 
@@ -70,9 +70,9 @@ def resumed_config(cfg: DictConfig, run_dir: Path, explicit: list[str] | None) -
     if explicit is None:
         return cfg
     if cfg.task == "train" and cfg.trainer.resume:
-        path, scoring = run_dir / "checkpoints" / "last.pt", False
+        path, scoring, source = run_dir / "checkpoints" / "last.pt", False, f"trainer.resume=true: {run_dir}"
     elif cfg.task in ("eval", "predict") and cfg.get("ckpt_path"):
-        path, scoring = Path(str(cfg.ckpt_path)), True
+        path, scoring, source = Path(str(cfg.ckpt_path)), True, None
     else:
         return cfg
     if not path.is_file():
@@ -80,7 +80,9 @@ def resumed_config(cfg: DictConfig, run_dir: Path, explicit: list[str] | None) -
     from gcode_exp.training.checkpoint import load_checkpoint
 
     try:
-        old = load_checkpoint(path)["config"]
+        old = load_checkpoint(path, source and f"{source}: checkpoints/last.pt")["config"]
+    except trust.UntrustedConfig:
+        raise  # refused before anything is imported, built or written
     except GcodeExpError:
         return cfg  # claim, or the job, reports the damaged checkpoint
     keys = [o.lstrip("+~").split("=")[0] for o in explicit]
@@ -177,11 +179,14 @@ def record(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig | None) -> Iter
     (run_dir / "error.txt").unlink(missing_ok=True)  # left by a failed attempt to resume this run: stale now
     out = run_dir / ".hydra"
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml")
-    write_text(run_dir / "resolved_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    # each redacted (gcode_exp/trust.py): a storage URL's password stays out of the run folder
+    write_text(out / "config.yaml", trust.to_yaml(cfg))
+    write_text(run_dir / "resolved_config.yaml", trust.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
     if hydra_cfg is not None:
-        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
-        OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
+        write_text(out / "hydra.yaml", trust.to_yaml({"hydra": hydra_cfg}))
+        write_text(out / "overrides.yaml", trust.to_yaml(hydra_cfg.overrides.task))
+        if hydra_cfg.mode.name == "MULTIRUN":  # Hydra's own copy of the command line, in the sweep folder
+            trust.redact_file(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
@@ -228,7 +233,7 @@ def write_error(run_dir: Path, error: BaseException) -> None:
         detail = str(error) or type(error).__name__
     else:
         detail = "".join(traceback.format_exception(error))
-    write_text(run_dir / "error.txt", detail + "\n")
+    write_text(run_dir / "error.txt", trust.redact_text(detail) + "\n")
 
 
 class Guard(Callback):
@@ -275,6 +280,7 @@ class Guard(Callback):
         if self.before is None:  # refused at the start
             return
         sweep_dir = Path(config.hydra.sweep.dir)
+        trust.redact_file(sweep_dir / "multirun.yaml")  # also where the jobs ran in other processes
         now = _job_files(sweep_dir)
         # a job that ran (re)wrote its run.log or error.txt; one that failed left a new error.txt
         ran = {Path(f).parent for f in self.before.keys() | now.keys() if self.before.get(f) != now.get(f)}
@@ -349,5 +355,5 @@ def _refuse(message: str, quiet: bool = False) -> None:
     """Exit 2 with one error line (`quiet`: a torchrun process that leaves it to rank 0 stands down)."""
     if quiet:
         distributed.stand_down()
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {trust.redact_text(message)}", file=sys.stderr)
     sys.exit(2)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gcode_exp import GcodeExpError, distributed, plots, run_folder
+from gcode_exp import GcodeExpError, distributed, plots, run_folder, trust
 from gcode_exp.atomic import write_csv, write_json
 from gcode_exp.config import check_against_data, validate
 from gcode_exp.data import perturb
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
     """Validate the config, claim the run folder (gcode_exp/run_folder.py), then run the job it names."""
     run_dir = Path(run_dir)
+    trust.use(cfg)  # what a checkpoint's config may name: from this command, before any checkpoint is read
     cfg = run_folder.resumed_config(cfg, run_dir, list(hydra_cfg.overrides.task) if hydra_cfg is not None else None)
     validate(cfg)
     distributed.setup(cfg)  # hardware=ddp: checked, the process group joined; else nothing

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from gcode_exp import GcodeExpError
+from gcode_exp import GcodeExpError, trust
 from gcode_exp.atomic import torch_save
 from gcode_exp.data.dataset import HOW_READ, Features, Prepared
 from gcode_exp.data.vocab import Vocab
@@ -42,7 +42,7 @@ def describe(cfg, data: Prepared, lines: torch.Tensor) -> dict:
     return {
         "vocab": data.vocab.to_dict(),
         "features": vars(data.features),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": trust.redact(OmegaConf.to_container(cfg, resolve=True)),  # no storage password in a .pt
         "majority_line": majority_line(train.targets),
         "lines": lines,
         # what task=predict names programs from: the training windows' targets per file
@@ -52,7 +52,8 @@ def describe(cfg, data: Prepared, lines: torch.Tensor) -> dict:
 
 def load_checkpoint(path: str | Path, source: str | None = None) -> dict:
     """Load and check a checkpoint; a missing file or a foreign one is a one-line error, which begins
-    with `source`, where the path came from (default: `ckpt_path=PATH`, what the user typed)."""
+    with `source`, where the path came from (default: `ckpt_path=PATH`, what the user typed). A checkpoint
+    may come from someone else: its config may name only allowed classes (gcode_exp/trust.py)."""
     path = Path(path)
     where = source or f"ckpt_path={path}"
     if path.is_dir():
@@ -71,7 +72,10 @@ def load_checkpoint(path: str | Path, source: str | None = None) -> dict:
     except Exception as e:
         raise GcodeExpError(f"{where}: a damaged checkpoint ({type(e).__name__} reading its "
                             "features and vocabulary)") from None
+    if not isinstance(blob["config"], dict):
+        raise GcodeExpError(f"{where}: a damaged checkpoint (its config is not a mapping)")
     blob["config"], blob["path"] = upgraded(blob["config"]), str(path)
+    trust.check_stored(blob["config"], where)  # before any reader imports or builds what it names
     return blob
 
 
