@@ -33,9 +33,10 @@ import torch
 
 from gcode_exp.atomic import write_csv, write_json, write_text
 from gcode_exp.data import perturb
-from gcode_exp.data.dataset import Features, run_inputs, same_recording_twice
+from gcode_exp.data.dataset import same_recording_twice
 from gcode_exp.data.read import RUN_NAME, DataError, RecordedRun, channel_group, list_runs, read_run, run_name
 from gcode_exp.data.vocab import parse_line
+from gcode_exp.data.windows import Features, run_inputs
 from gcode_exp.models import Windows
 from gcode_exp.programs import name_program, op_line_counts, row_programs, segments
 from gcode_exp.training.checkpoint import load_checkpoint, load_model

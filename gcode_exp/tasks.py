@@ -13,8 +13,9 @@ from gcode_exp import GcodeExpError, distributed, plots, run_folder, trust
 from gcode_exp.atomic import write_csv, write_json
 from gcode_exp.config import check_against_data, validate
 from gcode_exp.data import perturb
-from gcode_exp.data.dataset import Features, Prepared, build_split, prepare, read_runs
+from gcode_exp.data.dataset import Prepared, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
+from gcode_exp.data.windows import Features, build_split
 from gcode_exp.logger import make_logger
 from gcode_exp.sweeps import record_optuna_trial
 from gcode_exp.training.checkpoint import load_checkpoint, load_model

@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from gcode_exp.data.dataset import (
-    encode_target,
-    fit_features,
-    prepare,
-    run_inputs,
-    split_files,
-    window_target,
-)
+from gcode_exp.data.dataset import prepare
 from gcode_exp.data.read import RecordedRun, read_run
+from gcode_exp.data.splits import split_files
 from gcode_exp.data.vocab import BOS, EOS, PAD, Vocab
+from gcode_exp.data.windows import encode_target, fit_features, run_inputs, window_target
 from tests.conftest import SAMPLE, make_cfg
 
 
@@ -230,7 +225,7 @@ PARENT = os.getpid()
 
 def _dies_in_a_worker(path, max_nonfinite):
     """read_or_error, except in a pool's process, which exits as SIGKILL would leave it."""
-    from gcode_exp.data.dataset import read_run
+    from gcode_exp.data.read import read_run
 
     if os.getpid() != PARENT:
         os._exit(9)

@@ -7,8 +7,9 @@ import torch
 from omegaconf import OmegaConf
 
 from gcode_exp.config import ConfigError
-from gcode_exp.data.dataset import Features, Split, prepare
+from gcode_exp.data.dataset import prepare
 from gcode_exp.data.vocab import BOS, EOS, PAD
+from gcode_exp.data.windows import Features, Split
 from gcode_exp.models.nearest import NearestModel, most_rows
 from tests.conftest import run_py
 

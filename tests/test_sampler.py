@@ -9,9 +9,10 @@ from conftest import make_cfg
 
 from gcode_exp.config import ConfigError, validate
 from gcode_exp.data.augment import Augment
-from gcode_exp.data.dataset import Features, prepare
+from gcode_exp.data.dataset import prepare
 from gcode_exp.data.sampler import Sampler, batches
 from gcode_exp.data.vocab import PAD
+from gcode_exp.data.windows import Features
 from gcode_exp.models import new_model
 from gcode_exp.training.callbacks import Callback
 from gcode_exp.training.optim import WarmupCosine

@@ -19,17 +19,10 @@ from omegaconf import open_dict
 
 from gcode_exp import summarize
 from gcode_exp.config import ConfigError, validate
-from gcode_exp.data.dataset import (
-    WINDOW_WARNING,
-    covered_rows,
-    family,
-    file_hashes,
-    fold_of_files,
-    prepare,
-    prepared_key,
-    split_runs,
-)
+from gcode_exp.data.cache import file_hashes
+from gcode_exp.data.dataset import prepare, prepared_key
 from gcode_exp.data.read import RecordedRun, find_recordings, run_name
+from gcode_exp.data.splits import WINDOW_WARNING, covered_rows, family, fold_of_files, split_runs
 from tests.conftest import ROOT, SAMPLE, make_cfg, run_py
 
 SAMPLE_NAMES = sorted(run_name(p)[0] for p in SAMPLE.glob("*_aligned.csv*"))

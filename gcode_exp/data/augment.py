@@ -10,8 +10,8 @@ from collections import Counter
 
 import torch
 
-from gcode_exp.data.dataset import Features
 from gcode_exp.data.vocab import COMMAND, Vocab
+from gcode_exp.data.windows import Features
 
 
 class Augment:

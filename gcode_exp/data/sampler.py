@@ -18,8 +18,8 @@ import torch
 
 from gcode_exp import distributed
 from gcode_exp.data.augment import Augment
-from gcode_exp.data.dataset import Split
 from gcode_exp.data.vocab import PAD, Vocab
+from gcode_exp.data.windows import Split
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 

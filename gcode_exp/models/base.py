@@ -22,7 +22,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from gcode_exp.config import Rule
-    from gcode_exp.data.dataset import Features, Split
+    from gcode_exp.data.windows import Features, Split
 
 
 @dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from gcode_exp.config import ConfigError, Float, OneOf
-from gcode_exp.data.dataset import Features, Split
+from gcode_exp.data.windows import Features, Split
 from gcode_exp.models.base import Answer, Reference
 
 POSITION = ("posx", "posy", "posz")  # work position: the frame of the G-code's X/Y/Z words

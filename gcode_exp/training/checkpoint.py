@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from gcode_exp import GcodeExpError, trust
 from gcode_exp.atomic import torch_save
-from gcode_exp.data.dataset import HOW_READ, Features, Prepared
+from gcode_exp.data.dataset import HOW_READ, Prepared
 from gcode_exp.data.vocab import Vocab
+from gcode_exp.data.windows import Features
 from gcode_exp.models import Model, build_model
 from gcode_exp.training.metrics import majority_line
 

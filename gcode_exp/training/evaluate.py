@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from gcode_exp import distributed
-from gcode_exp.data.dataset import Split
 from gcode_exp.data.sampler import batches
 from gcode_exp.data.vocab import Vocab
+from gcode_exp.data.windows import Split
 from gcode_exp.models import Model, Windows
 from gcode_exp.training.device import autocast
 from gcode_exp.training.metrics import line_exact, token_metrics
