@@ -7,10 +7,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gcode_exp.config import ConfigError
-from gcode_exp.data.dataset import Features, Split
 from gcode_exp.data.vocab import BOS, EOS, PAD
+from gcode_exp.data.windows import Features, Split
 from gcode_exp.models import Windows
-from gcode_exp.models.align import AlignModel, smoothed
+from gcode_exp.models.align import KEYS, AlignModel, smoothed
 from tests.conftest import ROOT
 
 LINES, ROWS_PER_LINE, C = 12, 20, 3
@@ -68,10 +68,10 @@ def read_lines(model: AlignModel, rows: torch.Tensor) -> list[int]:
 
 
 def resampled(rows: torch.Tensor, lines: torch.Tensor, pace: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The job at `pace` times its speed: rows interpolated in time, labels of the executing row."""
+    """The job at `pace` times its speed: rows interpolated in time, each labelled by its nearest original row."""
     pos = np.arange(0, len(rows) - 1, pace)
     x = np.stack([np.interp(pos, np.arange(len(rows)), rows[:, c].numpy()) for c in range(C)], 1)
-    return torch.tensor(x, dtype=torch.float32), lines[torch.from_numpy(np.floor(pos).astype(np.int64))]
+    return torch.tensor(x, dtype=torch.float32), lines[torch.from_numpy(np.rint(pos).astype(np.int64))]
 
 
 def share_right(model, rows, lines) -> float:
@@ -166,3 +166,40 @@ def test_windows_without_their_recording_are_each_aligned_alone():
     answer = model.answer(x)
     assert answer.tokens[:, 0].tolist() == [10 + int(lines[35]), 10 + int(lines[205])]
     assert answer.rows.shape == (2, 10, len(model.lines) + 1)
+
+
+def noisy_job(seed: int, n: int = 240) -> tuple[torch.Tensor, torch.Tensor]:
+    """One smooth program signal under each recording's own noise, with lines of two rows: the signal places
+    a row only to within several rows, as a side channel does on the real mill."""
+    g = torch.Generator().manual_seed(100)
+    t = torch.linspace(0, 1, n)[:, None]
+    base = torch.sin((torch.rand(1, C, generator=g) * 6 + 2) * 6.28 * t + torch.rand(1, C, generator=g) * 6)
+    return base + 0.6 * torch.randn(n, C, generator=torch.Generator().manual_seed(seed)), torch.arange(n) // 2
+
+
+def fitted_on(recordings, channels: list[str], *overrides: str) -> AlignModel:
+    feats = Features(channels=channels, boards=[], mean=[0.0] * C, std=[1.0] * C)
+    model = AlignModel(align_cfg("model.smooth=1", *overrides), max_len=5)
+    model.fit(split_of(recordings, window=10), feats, window=10)
+    return model
+
+
+@pytest.mark.parametrize("straight, at_least, below", [(True, 0.95, 1.01), (False, 0.0, 0.6)])
+def test_a_signal_that_places_rows_roughly_is_read_at_one_pace(straight, at_least, below):
+    """A path traced on the noisy signal wanders a few rows about the job; the line fitted to it does not."""
+    channels = [f"frame.A{i}" for i in range(C)]
+    model = fitted_on([noisy_job(0), noisy_job(1)], channels, f"model.straight={straight}")
+    rows, lines = noisy_job(2)
+    assert at_least <= share_right(model, rows, lines) < below
+
+
+def test_the_work_position_is_left_as_traced_pause_and_all():
+    """key=position follows a pause exactly; one pace fitted over the recording would walk through it."""
+    rows, lines = program(0)
+    model = fitted_on([program(0), program(1)], ["posx", "posy", "posz"])
+    paused = torch.cat([rows[:100], rows[100:101].repeat(60, 1), rows[100:]]), torch.cat(
+        [lines[:100], lines[100:101].repeat(60), lines[100:]])
+    assert KEYS[int(model.mode)] == "position"
+    assert share_right(model, *paused) >= 0.95
+    assert read_lines(model, paused[0]) == read_lines(
+        fitted_on([program(0), program(1)], ["posx", "posy", "posz"], "model.straight=false"), paused[0])

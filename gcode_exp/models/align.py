@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gcode_exp.config import Float, Int, OneOf
-from gcode_exp.data.dataset import Features, Split
+from gcode_exp.config import Bool, Float, Int, OneOf
+from gcode_exp.data.windows import Features, Split
 from gcode_exp.models.base import Answer, Reference, Windows
 from gcode_exp.models.nearest import POSITION, most_rows, pick_key
 
@@ -46,12 +46,13 @@ class AlignModel(Reference):
 
     rules = {"key": OneOf("auto", *KEYS), "smooth": Int(ge=1), "dims": Int(ge=0), "max_step": Int(ge=1, le=8),
              "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
-             "max_cells": Int(ge=0)}
+             "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0)}
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
         self.cfg, self.max_len = cfg, max_len
-        for name in ("keys", "line_ids", "lines", "columns", "same_before", "scale", "clip_at", "centre", "basis"):
+        for name in ("keys", "line_ids", "lines", "columns", "same_before", "scale", "clip_at", "centre", "basis",
+                     "firsts"):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
 
@@ -73,6 +74,7 @@ class AlignModel(Reference):
         recording = torch.searchsorted(firsts, torch.arange(n), right=True) - 1
         # how many rows before each belong to its recording, up to max_step: the steps a path may take to it
         self.same_before = (torch.arange(n) - firsts[recording]).clamp(max=self.cfg.max_step)
+        self.firsts = torch.cat([firsts, torch.tensor([n])])  # each training recording's first row, and the end
         keys = self.key_rows(split.gather(torch.arange(len(split.rows))), bounds)
         self.centre, self.basis = keys.mean(0), torch.eye(keys.shape[1])
         if 0 < self.cfg.dims < keys.shape[1]:  # the training keys' principal directions (SVD of a sample)
@@ -190,4 +192,43 @@ class AlignModel(Reference):
         for t in range(T - 1, (-1 if whole else max(T - 1 - lag, -1)), -1):
             states[t] = end
             end = trace(end, t, 1)
-        return self.line_ids[torch.from_numpy(states).to(self.line_ids.device)]
+        states = torch.from_numpy(states).to(self.line_ids.device)
+        if whole and cfg.straight and KEYS[int(self.mode)] == "signal" and len(self.firsts):
+            states = self.straightened(states)
+        return self.line_ids[states]
+
+    def straightened(self, states: torch.Tensor) -> torch.Tensor:
+        """Each stretch of the path in one training recording walked at one pace: a line fitted to it, its
+        ends put on the recording's first or last row where they come within `snap` rows of it.
+
+        A signal places a row only to within several rows (smoothed, repeated motions) while a line of
+        G-code may last one row, and a job keeps its pace; so the stretch's pace and offset, fitted over all
+        its rows, place each row better than the path does, and a job's first and last rows fix them. The
+        work position (key=position) places rows exactly, pauses included, and is left as traced."""
+        cfg = self.cfg
+        recording = torch.searchsorted(self.firsts, states, right=True) - 1
+        cuts = (torch.nonzero(recording[1:] != recording[:-1]).flatten() + 1).tolist()
+        out = states.clone()
+        for t0, t1 in zip([0, *cuts], [*cuts, len(states)]):
+            if t1 - t0 < max(2 * cfg.snap, 2 * cfg.max_step):
+                continue
+            first, n = int(self.firsts[recording[t0]]), int(self.firsts[recording[t0] + 1] - self.firsts[recording[t0]])
+            t = torch.arange(t0, t1, dtype=torch.float64)
+            place = (states[t0:t1] - first).double()
+            fit = torch.stack([torch.ones_like(t), t], 1)
+            keep = torch.ones(len(t), dtype=torch.bool)
+            for _ in range(4):  # least squares, then again on the 70 % of rows nearest the line
+                a, b = torch.linalg.lstsq(fit[keep], place[keep, None]).solution.flatten().tolist()
+                miss = (place - (a + b * t)).abs()
+                keep = miss <= miss.quantile(0.7)
+            b = min(max(b, 1 / (cfg.max_step + 1)), float(cfg.max_step))
+            starts = abs(a + b * t0) <= cfg.snap
+            ends = abs(a + b * (t1 - 1) - (n - 1)) <= cfg.snap
+            if starts and ends and 1 / (cfg.max_step + 1) <= (n - 1) / (t1 - 1 - t0) <= cfg.max_step:
+                b = (n - 1) / (t1 - 1 - t0)
+            if starts:
+                a = -b * t0
+            elif ends:
+                a = (n - 1) - b * (t1 - 1)
+            out[t0:t1] = (a + b * t).round().long().clamp(0, n - 1) + first
+        return out
