@@ -52,7 +52,7 @@ class AlignModel(Reference):
         super().__init__()
         self.cfg, self.max_len = cfg, max_len
         for name in ("keys", "line_ids", "lines", "columns", "same_before", "scale", "clip_at", "centre", "basis",
-                     "firsts"):
+                     "firsts", "programs"):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
 
@@ -75,6 +75,7 @@ class AlignModel(Reference):
         # how many rows before each belong to its recording, up to max_step: the steps a path may take to it
         self.same_before = (torch.arange(n) - firsts[recording]).clamp(max=self.cfg.max_step)
         self.firsts = torch.cat([firsts, torch.tensor([n])])  # each training recording's first row, and the end
+        self.programs = same_program(self.line_ids, self.firsts)
         keys = self.key_rows(split.gather(torch.arange(len(split.rows))), bounds)
         self.centre, self.basis = keys.mean(0), torch.eye(keys.shape[1])
         if 0 < self.cfg.dims < keys.shape[1]:  # the training keys' principal directions (SVD of a sample)
@@ -194,10 +195,10 @@ class AlignModel(Reference):
             end = trace(end, t, 1)
         states = torch.from_numpy(states).to(self.line_ids.device)
         if whole and cfg.straight and KEYS[int(self.mode)] == "signal" and len(self.firsts):
-            states = self.straightened(states)
+            states = self.straightened(states, q)
         return self.line_ids[states]
 
-    def straightened(self, states: torch.Tensor) -> torch.Tensor:
+    def straightened(self, states: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Each stretch of the path in one training recording walked at one pace: a line fitted to it, its
         ends put on the recording's first or last row where they come within `snap` rows of it.
 
@@ -207,28 +208,62 @@ class AlignModel(Reference):
         work position (key=position) places rows exactly, pauses included, and is left as traced."""
         cfg = self.cfg
         recording = torch.searchsorted(self.firsts, states, right=True) - 1
-        cuts = (torch.nonzero(recording[1:] != recording[:-1]).flatten() + 1).tolist()
+        programs = self.programs if len(self.programs) else torch.arange(len(self.firsts) - 1)  # older checkpoints
+        # a stretch may pass through several training runs of its program, at about the same place in each;
+        # it ends where the program changes, or the place moves far as it enters another run (a new job)
+        program, place = programs[recording], states - self.firsts[recording]
+        moved = (recording[1:] != recording[:-1]) & ((place[1:] - place[:-1]).abs() > 2 * cfg.snap)
+        cuts = (torch.nonzero((program[1:] != program[:-1]) | moved).flatten() + 1).tolist()
         out = states.clone()
         for t0, t1 in zip([0, *cuts], [*cuts, len(states)]):
             if t1 - t0 < max(2 * cfg.snap, 2 * cfg.max_step):
                 continue
-            first, n = int(self.firsts[recording[t0]]), int(self.firsts[recording[t0] + 1] - self.firsts[recording[t0]])
+            runs = recording[t0:t1]
+            home = int(runs.mode().values)  # the training run most of the stretch is in: its rows are the answer
+            first, n = int(self.firsts[home]), int(self.firsts[home + 1] - self.firsts[home])
             t = torch.arange(t0, t1, dtype=torch.float64)
-            place = (states[t0:t1] - first).double()
-            fit = torch.stack([torch.ones_like(t), t], 1)
+            fit, rows = torch.stack([torch.ones_like(t), t], 1), place[t0:t1].double()
             keep = torch.ones(len(t), dtype=torch.bool)
             for _ in range(4):  # least squares, then again on the 70 % of rows nearest the line
-                a, b = torch.linalg.lstsq(fit[keep], place[keep, None]).solution.flatten().tolist()
-                miss = (place - (a + b * t)).abs()
+                a, b = torch.linalg.lstsq(fit[keep], rows[keep, None]).solution.flatten().tolist()
+                miss = (rows - (a + b * t)).abs()
                 keep = miss <= miss.quantile(0.7)
             b = min(max(b, 1 / (cfg.max_step + 1)), float(cfg.max_step))
             starts = abs(a + b * t0) <= cfg.snap
             ends = abs(a + b * (t1 - 1) - (n - 1)) <= cfg.snap
-            if starts and ends and 1 / (cfg.max_step + 1) <= (n - 1) / (t1 - 1 - t0) <= cfg.max_step:
-                b = (n - 1) / (t1 - 1 - t0)
             if starts:
                 a = -b * t0
             elif ends:
                 a = (n - 1) - b * (t1 - 1)
+            # the stretch as the whole job, its first and last rows on the run's: taken where both ends came
+            # near, or where its rows match the run better than the line fitted (a pace the path did not follow)
+            whole = (n - 1) / max(t1 - 1 - t0, 1)
+            if 1 / (cfg.max_step + 1) <= whole <= cfg.max_step and (
+                    (starts and ends) or self.line_cost(q[t0:t1], first, n, -whole * t0 + whole * t) <
+                    self.line_cost(q[t0:t1], first, n, a + b * t)):
+                a, b = -whole * t0, whole
             out[t0:t1] = (a + b * t).round().long().clamp(0, n - 1) + first
         return out
+
+
+    def line_cost(self, q: torch.Tensor, first: int, n: int, place: torch.Tensor) -> float:
+        """The mean clipped cost of rows `q` laid at `place` (rows into the training run at `first` of `n`
+        rows); a row placed off the run costs the clip."""
+        at = place.round().long()
+        inside = (at >= 0) & (at < n)
+        d = (q - self.keys[first + at.clamp(0, n - 1)]).square().sum(1).clamp(max=float(self.clip_at))
+        return float(torch.where(inside, d, self.clip_at.to(d.dtype)).mean())
+
+
+def same_program(line_ids: torch.Tensor, firsts: torch.Tensor, overlap: float = 0.5) -> torch.Tensor:
+    """[recordings] a program number per training recording: recordings whose sets of lines overlap by at
+    least `overlap` (shared / either's) ran the same program. Runs of one program share nearly all lines,
+    different programs (feed variants included) a few of 50-300."""
+    sets, programs = [], []
+    for a, b in zip(firsts[:-1].tolist(), firsts[1:].tolist()):
+        lines = set(line_ids[a:b].unique().tolist())
+        match = [i for i, s in enumerate(sets) if len(s & lines) >= overlap * len(s | lines)]
+        if not match:
+            sets.append(lines)
+        programs.append(match[0] if match else len(sets) - 1)
+    return torch.tensor(programs, dtype=torch.long)
