@@ -203,3 +203,19 @@ def test_the_work_position_is_left_as_traced_pause_and_all():
     assert share_right(model, *paused) >= 0.95
     assert read_lines(model, paused[0]) == read_lines(
         fitted_on([program(0), program(1)], ["posx", "posy", "posz"], "model.straight=false"), paused[0])
+
+
+def job_alike_inside(seed: int, n: int = 300, edge: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Idle, a long middle that looks alike everywhere (a repeated pass), a finishing pass of its own; lines
+    of 10 rows. Only the job's ends say where a row of the middle is."""
+    level = torch.zeros(n, C)
+    level[edge:], level[n - edge :] = 2.0, 1.0
+    return level + 0.3 * torch.randn(n, C, generator=torch.Generator().manual_seed(seed)), torch.arange(n) // 10
+
+
+@pytest.mark.parametrize("pace", [0.8, 1.0, 1.25])
+def test_a_whole_job_is_read_from_its_first_to_its_last_row_at_any_pace(pace):
+    """The path may cross the alike middle at the training pace and catch up at the end; the job read whole
+    (its first and last rows on the training run's) places every row, at the pace the recording ran."""
+    model = fitted_on([job_alike_inside(0), job_alike_inside(1)], [f"frame.A{i}" for i in range(C)])
+    assert share_right(model, *resampled(*job_alike_inside(2), pace)) >= 0.9

@@ -46,13 +46,14 @@ class AlignModel(Reference):
 
     rules = {"key": OneOf("auto", *KEYS), "smooth": Int(ge=1), "dims": Int(ge=0), "max_step": Int(ge=1, le=8),
              "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
-             "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0)}
+             "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0),
+             "max_lag": Int(ge=0)}
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
         self.cfg, self.max_len = cfg, max_len
         for name in ("keys", "line_ids", "lines", "columns", "same_before", "scale", "clip_at", "centre", "basis",
-                     "firsts", "programs"):
+                     "firsts", "programs", "lagged_ids"):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
 
@@ -94,6 +95,7 @@ class AlignModel(Reference):
             self.scale = random_pair
         self.clip_at = self.cfg.clip * random_pair / self.scale
         self.keys = keys / self.scale.sqrt()
+        self.lagged_ids = self.lagged() if key == "signal" and self.cfg.max_lag else self.line_ids
 
     def key_rows(self, x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
         """[T, n_inputs] rows of recordings starting at `bounds` -> [T, k] keys, smoothed per recording."""
@@ -195,10 +197,11 @@ class AlignModel(Reference):
             end = trace(end, t, 1)
         states = torch.from_numpy(states).to(self.line_ids.device)
         if whole and cfg.straight and KEYS[int(self.mode)] == "signal" and len(self.firsts):
-            states = self.straightened(states, q)
-        return self.line_ids[states]
+            states, clocked = self.straightened(states, q)
+            return torch.where(clocked, self.line_ids[states], self.lagged_ids[states])
+        return self.lagged_ids[states] if len(self.lagged_ids) else self.line_ids[states]
 
-    def straightened(self, states: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def straightened(self, states: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each stretch of the path in one training recording walked at one pace: a line fitted to it, its
         ends put on the recording's first or last row where they come within `snap` rows of it.
 
@@ -214,7 +217,7 @@ class AlignModel(Reference):
         program, place = programs[recording], states - self.firsts[recording]
         moved = (recording[1:] != recording[:-1]) & ((place[1:] - place[:-1]).abs() > 2 * cfg.snap)
         cuts = (torch.nonzero((program[1:] != program[:-1]) | moved).flatten() + 1).tolist()
-        out = states.clone()
+        out, clocked = states.clone(), torch.zeros(len(states), dtype=torch.bool)
         for t0, t1 in zip([0, *cuts], [*cuts, len(states)]):
             if t1 - t0 < max(2 * cfg.snap, 2 * cfg.max_step):
                 continue
@@ -243,6 +246,37 @@ class AlignModel(Reference):
                     self.line_cost(q[t0:t1], first, n, a + b * t)):
                 a, b = -whole * t0, whole
             out[t0:t1] = (a + b * t).round().long().clamp(0, n - 1) + first
+            # its first or last row on the run's: placed by the controller's clock, not the signal
+            clocked[t0:t1] = abs(a + b * t0) < 0.5 or abs(a + b * (t1 - 1) - (n - 1)) < 0.5
+        if not len(self.lagged_ids):
+            clocked[:] = True
+        return out, clocked
+
+    def lagged(self) -> torch.Tensor:
+        """Each training row's line where its board signal says the job was: the line `lag` rows before,
+        `lag` being how far its recording's signal trails its controller rows against the other training
+        runs of its program (up to `model.max_lag` rows either way; the median over those runs).
+
+        The boards keep their own clock: runs of one program whose G-code lines line up at the same row
+        match best with their signals shifted by up to ~25 rows (docs/RESULTS.md). A row placed by the
+        signal takes its line from where the signal was; one placed from its recording's first row (the
+        controller's clock, `straightened`) keeps the controller's line."""
+        firsts, most, clip = self.firsts.tolist(), int(self.cfg.max_lag), float(self.clip_at)
+        spans = list(zip(firsts[:-1], firsts[1:]))
+        out = self.line_ids.clone()
+        for i, (a, b) in enumerate(spans):
+            lags = []
+            for j, (c, d) in enumerate(spans):
+                if j == i or self.programs[j] != self.programs[i]:
+                    continue
+                signal, cost = best_offset(torch.cdist(self.keys[a:b], self.keys[c:d]).square_().clamp_(max=clip), most)
+                same = (self.line_ids[a:b, None] == self.line_ids[None, c:d]).float()
+                label, agree = best_offset(-same, most)
+                if cost < 0.8 * clip and -agree > 0.5:  # runs whose boards match at all, and whose lines do
+                    lags.append(label - signal)
+            if lags:  # row r of i: its signal is where its controller was `lag` rows before
+                lag = int(torch.tensor(lags, dtype=torch.float).median().round())
+                out[a:b] = self.line_ids[(torch.arange(a, b) - lag).clamp(a, b - 1)]
         return out
 
 
@@ -267,3 +301,15 @@ def same_program(line_ids: torch.Tensor, firsts: torch.Tensor, overlap: float = 
             sets.append(lines)
         programs.append(match[0] if match else len(sets) - 1)
     return torch.tensor(programs, dtype=torch.long)
+
+
+def best_offset(cost: torch.Tensor, most: int) -> tuple[int, float]:
+    """The shift o in -most .. most at which row r of one recording against row r + o of another has the
+    lowest mean `cost` [rows, other rows] over the rows both have (at least half the shorter), and that mean."""
+    best = (0, float("inf"))
+    for o in range(-most, most + 1):
+        i = torch.arange(max(0, -o), min(cost.shape[0], cost.shape[1] - o))
+        if len(i) >= min(cost.shape) // 2:
+            mean = float(cost[i, i + o].mean())
+            best = min(best, (o, mean), key=lambda om: om[1])
+    return best
