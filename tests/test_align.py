@@ -219,3 +219,18 @@ def test_a_whole_job_is_read_from_its_first_to_its_last_row_at_any_pace(pace):
     (its first and last rows on the training run's) places every row, at the pace the recording ran."""
     model = fitted_on([job_alike_inside(0), job_alike_inside(1)], [f"frame.A{i}" for i in range(C)])
     assert share_right(model, *resampled(*job_alike_inside(2), pace)) >= 0.9
+
+
+def test_a_training_run_whose_boards_trail_its_controller_is_read_at_its_boards_place():
+    """Three runs of one program with the same lines at the same rows; the third's signal comes 6 rows late
+    (its boards' clock). A row of it placed by the signal takes the line from 6 rows before; the others keep
+    theirs, and with model.max_lag=0 nothing moves."""
+    (rows, lines), lag = program(0), 6
+    late = torch.cat([rows[:1].repeat(lag, 1), rows[:-lag]]), lines
+    channels = [f"frame.A{i}" for i in range(C)]
+    model = fitted_on([(rows, lines), (rows.clone(), lines), late], channels)
+    n = len(rows)
+    assert torch.equal(model.lagged_ids[: 2 * n], model.line_ids[: 2 * n])
+    assert torch.equal(model.lagged_ids[2 * n + lag :], model.line_ids[2 * n : 3 * n - lag])
+    unmoved = fitted_on([(rows, lines), (rows.clone(), lines), late], channels, "model.max_lag=0")
+    assert torch.equal(unmoved.lagged_ids, unmoved.line_ids)

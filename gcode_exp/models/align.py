@@ -255,7 +255,7 @@ class AlignModel(Reference):
     def lagged(self) -> torch.Tensor:
         """Each training row's line where its board signal says the job was: the line `lag` rows before,
         `lag` being how far its recording's signal trails its controller rows against the other training
-        runs of its program (up to `model.max_lag` rows either way; the median over those runs).
+        runs of its program (up to `model.max_lag` rows either way; the median over those runs and itself).
 
         The boards keep their own clock: runs of one program whose G-code lines line up at the same row
         match best with their signals shifted by up to ~25 rows (docs/RESULTS.md). A row placed by the
@@ -265,7 +265,7 @@ class AlignModel(Reference):
         spans = list(zip(firsts[:-1], firsts[1:]))
         out = self.line_ids.clone()
         for i, (a, b) in enumerate(spans):
-            lags = []
+            lags = [0]  # the run against itself: with one other run, or two that disagree, nothing moves
             for j, (c, d) in enumerate(spans):
                 if j == i or self.programs[j] != self.programs[i]:
                     continue
@@ -274,7 +274,7 @@ class AlignModel(Reference):
                 label, agree = best_offset(-same, most)
                 if cost < 0.8 * clip and -agree > 0.5:  # runs whose boards match at all, and whose lines do
                     lags.append(label - signal)
-            if lags:  # row r of i: its signal is where its controller was `lag` rows before
+            if len(lags) > 2:  # row r of i: its signal is where its controller was `lag` rows before
                 lag = int(torch.tensor(lags, dtype=torch.float).median().round())
                 out[a:b] = self.line_ids[(torch.arange(a, b) - lag).clamp(a, b - 1)]
         return out
