@@ -15,14 +15,20 @@ path through the whole recording (past `max_cells`: the best path ending `lag` r
 the line holding most of its rows, as its target is defined.
 
 The key (`model.key`): `position` (features=all) compares the work position, the G-code's own frame;
-`signal` compares every input but the elapsed time, each channel smoothed over `smooth` rows.
+`signal` compares every input but the elapsed time, each channel smoothed over `smooth` rows. A signal
+places a row only roughly, so there each stretch of the path in one program is read at one pace
+(`straightened`), and each training run's lines are moved by how far its sensor boards trail its
+controller rows (`lagged`).
 It answers only lines of programs seen in training.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from gcode_exp.config import Bool, Float, Int, OneOf
 from gcode_exp.data.windows import Features, Split
@@ -49,9 +55,13 @@ class AlignModel(Reference):
              "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0),
              "max_lag": Int(ge=0)}
 
+    # keys newer than the first checkpoints of this model: where a checkpoint's config lacks them, it is read
+    # the way it was then (the path as traced, no lags)
+    since_first = {"straight": False, "snap": 0, "max_lag": 0}
+
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
-        self.cfg, self.max_len = cfg, max_len
+        self.cfg, self.max_len = OmegaConf.merge(self.since_first, cfg), max_len
         for name in ("keys", "line_ids", "lines", "columns", "same_before", "scale", "clip_at", "centre", "basis",
                      "firsts", "programs", "lagged_ids"):
             self.register_buffer(name, torch.zeros(0))
@@ -202,8 +212,11 @@ class AlignModel(Reference):
         return self.lagged_ids[states] if len(self.lagged_ids) else self.line_ids[states]
 
     def straightened(self, states: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each stretch of the path in one training recording walked at one pace: a line fitted to it, its
-        ends put on the recording's first or last row where they come within `snap` rows of it.
+        """Each stretch of the path in one program read at one pace: a line fitted to its places in the
+        training run it is most in, the line's ends put on that run's first or last row where they come
+        within `snap` rows of it, or the stretch taken as the whole job where both do or that matches the
+        signal better. Also, per row, whether it was so placed from a run's first or last row (the
+        controller's clock) rather than by the signal alone.
 
         A signal places a row only to within several rows (smoothed, repeated motions) while a line of
         G-code may last one row, and a job keeps its pace; so the stretch's pace and offset, fitted over all
@@ -269,16 +282,15 @@ class AlignModel(Reference):
             for j, (c, d) in enumerate(spans):
                 if j == i or self.programs[j] != self.programs[i]:
                     continue
-                signal, cost = best_offset(torch.cdist(self.keys[a:b], self.keys[c:d]).square_().clamp_(max=clip), most)
-                same = (self.line_ids[a:b, None] == self.line_ids[None, c:d]).float()
-                label, agree = best_offset(-same, most)
-                if cost < 0.8 * clip and -agree > 0.5:  # runs whose boards match at all, and whose lines do
+                signal, cost = best_offset(self.keys[a:b], self.keys[c:d], most,
+                                           lambda u, v: (u - v).square().sum(-1).clamp(max=clip))
+                label, differ = best_offset(self.line_ids[a:b], self.line_ids[c:d], most, torch.ne)
+                if cost < 0.8 * clip and differ < 0.5:  # runs whose boards match at all, and whose lines do
                     lags.append(label - signal)
             if len(lags) > 2:  # row r of i: its signal is where its controller was `lag` rows before
                 lag = int(torch.tensor(lags, dtype=torch.float).median().round())
                 out[a:b] = self.line_ids[(torch.arange(a, b) - lag).clamp(a, b - 1)]
         return out
-
 
     def line_cost(self, q: torch.Tensor, first: int, n: int, place: torch.Tensor) -> float:
         """The mean clipped cost of rows `q` laid at `place` (rows into the training run at `first` of `n`
@@ -303,13 +315,13 @@ def same_program(line_ids: torch.Tensor, firsts: torch.Tensor, overlap: float = 
     return torch.tensor(programs, dtype=torch.long)
 
 
-def best_offset(cost: torch.Tensor, most: int) -> tuple[int, float]:
-    """The shift o in -most .. most at which row r of one recording against row r + o of another has the
-    lowest mean `cost` [rows, other rows] over the rows both have (at least half the shorter), and that mean."""
-    best = (0, float("inf"))
-    for o in range(-most, most + 1):
-        i = torch.arange(max(0, -o), min(cost.shape[0], cost.shape[1] - o))
-        if len(i) >= min(cost.shape) // 2:
-            mean = float(cost[i, i + o].mean())
-            best = min(best, (o, mean), key=lambda om: om[1])
-    return best
+def best_offset(x: torch.Tensor, other: torch.Tensor, most: int, cost: Callable) -> tuple[int, float]:
+    """The shift o in -most .. most at which rows r of `x` against rows r + o of `other` (those both have, at
+    least half the shorter's) have the lowest mean `cost(x rows, other rows)` (a cost per row), and that mean."""
+    at = torch.arange(len(x))[None] + torch.arange(-most, most + 1)[:, None]  # [shifts, rows] rows of `other`
+    both = (at >= 0) & (at < len(other))
+    per_row = cost(x[None].expand(len(at), *x.shape), other[at.clamp(0, len(other) - 1)]).float() * both
+    mean = per_row.sum(1) / both.sum(1).clamp(min=1)
+    mean[both.sum(1) < min(len(x), len(other)) // 2] = torch.inf
+    o = int(mean.argmin())
+    return o - most, float(mean[o])
