@@ -561,19 +561,27 @@ def test_truncated_real_checkpoint_is_refused(tmp_path, trained):
 
 
 @pytest.mark.slow
+def missing_first_tensor(blob: dict) -> str:
+    name = sorted(blob["model"])[0]
+    del blob["model"][name]
+    return name
+
+
 @pytest.mark.parametrize("damage,message", [
-    (lambda b: b["model"].pop(sorted(b["model"])[0]),  # a tensor the model has is missing
+    (missing_first_tensor,  # a tensor the model has is missing: the line names it
      "its weights do not fit the model its config describes (Error(s) in loading state_dict for"),
     (lambda b: b["features"].update(foo=1), "a damaged checkpoint (TypeError reading its features and vocabulary)"),
 ], ids=["weights-vs-config", "features"])
 def test_damaged_parts_of_a_real_checkpoint_are_one_line(tmp_path, trained, damage, message):
-    """A checkpoint that loads but whose parts do not fit together: one line naming it, exit 2."""
+    """A checkpoint that loads but whose parts do not fit together: one line naming it (and what does not
+    fit), exit 2."""
     blob = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
-    damage(blob)
+    named = damage(blob)
     bad = tmp_path / "bad.pt"
     torch.save(blob, bad)
     line = one_error_line(cli(tmp_path, "task=eval", f"ckpt_path={bad}", f"data.dir={SAMPLE}"))
     assert line.startswith(f"ckpt_path={bad}: {message}"), line
+    assert named is None or f'"{named}"' in line, line
 
 
 @pytest.mark.slow

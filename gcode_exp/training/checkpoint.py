@@ -124,9 +124,9 @@ def load_model(blob: dict, device) -> tuple[Model, Vocab]:
         model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len, blob.get("lines"))
         model.load_state(blob["model"])
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = " ".join(str(e).split()) or type(e).__name__  # torch names the missing keys on its second line
         raise GcodeExpError(f"ckpt_path={blob.get('path', '?')}: its weights do not fit the model its config "
-                            f"describes ({first[:200]})") from None
+                            f"describes ({why[:300]})") from None
     return model.to(device).eval(), vocab
 
 
