@@ -237,14 +237,18 @@ def test_a_training_run_whose_boards_trail_its_controller_is_read_at_its_boards_
     assert torch.equal(unmoved.lagged_ids, unmoved.line_ids)
 
 
-def test_a_checkpoint_config_from_before_the_stretch_reading_is_read_as_it_was_then():
-    """An align checkpoint saved before model.straight/snap/max_lag existed loads and answers as the path."""
+def test_a_checkpoint_from_before_the_stretch_reading_is_read_as_it_was_then():
+    """An align checkpoint saved before model.straight/snap/max_lag and their tables existed loads and
+    answers as the path."""
     old = OmegaConf.create(OmegaConf.to_container(align_cfg("model.smooth=1")))  # as a checkpoint stores it
     for key in ("straight", "snap", "max_lag"):
         del old[key]
     feats = Features(channels=[f"frame.A{i}" for i in range(C)], boards=[], mean=[0.0] * C, std=[1.0] * C)
+    then = AlignModel(old, max_len=5)
+    then.fit(split_of([noisy_job(0), noisy_job(1)], window=10), feats, window=10)
+    state = {k: v for k, v in then.state().items() if k not in AlignModel.tables_since_first}
     model = AlignModel(old, max_len=5)
-    model.fit(split_of([noisy_job(0), noisy_job(1)], window=10), feats, window=10)
+    model.load_state(state)
     rows, _ = noisy_job(2)
     path = fitted_on([noisy_job(0), noisy_job(1)], [f"frame.A{i}" for i in range(C)], "model.straight=false",
                      "model.max_lag=0")

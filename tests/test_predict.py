@@ -374,3 +374,20 @@ def test_live_mode_that_fails_later_keeps_the_whole_rows_written(trained):
         written = list(csv.reader(f))
     assert written[0] == ["time", "start_row", "line", "p"] and len(written) > 1
     assert all(len(row) == 4 and int(row[1]) + 32 <= 100 for row in written[1:]), written
+
+
+def test_recordings_named_in_upper_case_or_by_their_suffix_alone_are_predicted(trained, tmp_path):
+    """A logger that writes FACE_003_ALIGNED.CSV.GZ, and a file called `_aligned.csv.gz`: both are read (not
+    skipped by the pattern's case), the first as a face recording, the second under its file name."""
+    folder = tmp_path / "named"
+    folder.mkdir()
+    (folder / "FACE_003_ALIGNED.CSV.GZ").symlink_to(SAMPLE / "face_003_aligned.csv.gz")
+    (folder / "_aligned.csv.gz").symlink_to(SAMPLE / "pocket_016_aligned.csv.gz")
+    out = tmp_path / "pred"
+    r = predict_py({**trained, "two": folder}, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (out / "predictions").glob("*.csv")) == ["FACE_003.csv", "_aligned.csv.gz.csv"]
+    with open(out / "program.csv", newline="") as f:
+        programs = {row["recording"]: row for row in csv.DictReader(f)}
+    assert programs["FACE_003"]["true_program"] == "face" and programs["FACE_003"]["program"] == "face"
+    assert programs["_aligned.csv.gz"]["program"] == "pocket"

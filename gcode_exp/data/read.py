@@ -8,6 +8,7 @@ report), `t_console` (wall clock) and `momo` (the controller's motion mode, i.e.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import gzip
 import logging
 import os
@@ -72,9 +73,12 @@ def channel_group(column: str) -> str | None:
 
 def run_name(path: Path) -> tuple[str, str]:
     """(name, operation) from a file name such as `face150025_003_aligned.csv.gz`."""
-    name = path.name.removesuffix(".gz").removesuffix(".csv").removesuffix("_aligned")
-    m = RUN_NAME.match(name)
-    return name, (m.group("op") if m else name.split("_")[0])
+    name = path.name
+    for suffix in (".gz", ".csv", "_aligned"):  # in any case: FACE_003_ALIGNED.CSV.GZ is face_003's kind
+        name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
+    name = name or path.name  # `_aligned.csv`: nothing left but the suffix, so the file keeps its name
+    m = RUN_NAME.match(name.lower())
+    return name, (m.group("op") if m else name.split("_")[0].lower())
 
 
 def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = True) -> RecordedRun:
@@ -225,7 +229,10 @@ def find_recordings(data_dir: str | Path, pattern: str) -> tuple[list[Path], lis
     folder = Path(data_dir)
     if not folder.is_dir():
         raise DataError(f"{folder}: data.dir is not a folder")
-    matched = sorted(folder.glob(pattern))
+    if "/" in pattern or os.sep in pattern:
+        matched = sorted(folder.glob(pattern))
+    else:  # in any case, as RECORDING_SUFFIXES: a logger that writes FACE_001.CSV.GZ is not ignored
+        matched = sorted(p for p in folder.iterdir() if fnmatch.fnmatch(p.name.lower(), pattern.lower()))
     if not matched:
         raise DataError(f"{folder}: no files match data.pattern={pattern!r}")
     files, ignored = [], []

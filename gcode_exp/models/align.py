@@ -55,9 +55,10 @@ class AlignModel(Reference):
              "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0),
              "max_lag": Int(ge=0)}
 
-    # keys newer than the first checkpoints of this model: where a checkpoint's config lacks them, it is read
-    # the way it was then (the path as traced, no lags)
+    # keys and tables newer than the first checkpoints of this model: where a checkpoint lacks them, it is
+    # read the way it was then (the path as traced, no lags; an empty table is not used)
     since_first = {"straight": False, "snap": 0, "max_lag": 0}
+    tables_since_first = ("firsts", "programs", "lagged_ids")
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
@@ -66,6 +67,9 @@ class AlignModel(Reference):
                      "firsts", "programs", "lagged_ids"):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state({**{k: torch.zeros(0) for k in self.tables_since_first}, **state})
 
     def fit(self, split: Split, feats: Features, window: int) -> None:
         key = pick_key(self.cfg.key, feats, otherwise="signal")
