@@ -339,18 +339,20 @@ def test_recording_without_a_motor_channel_is_refused_as_eval_refuses_it(tmp_pat
     assert [s["file"] for s in data.summary["skipped_files"]] == [short.name]
 
 
-def test_same_recording_twice_is_an_error_naming_both(tmp_path, frame, caplog):
+@pytest.mark.parametrize("twin", ["pocket_101_aligned.csv.gz", "POCKET_101_ALIGNED.CSV.GZ"])
+def test_same_recording_twice_is_an_error_naming_both(tmp_path, frame, caplog, twin):
     folder = good_folder(tmp_path / "data", frame, n=4)
     csv_path = folder / "pocket_101_aligned.csv"
-    gz_path = folder / "pocket_101_aligned.csv.gz"
+    gz_path = folder / twin
     gz_path.write_bytes(gzip.compress(csv_path.read_bytes()))
-    message = f"{csv_path}, {gz_path}: the same recording twice (each reads as run 'pocket_101'); keep one"
+    first, second = sorted([csv_path, gz_path])
+    message = f"{first}, {second}: the same recording twice (each reads as run 'pocket_101'); keep one"
     with pytest.raises(DataError, match=re.escape(message)):
         prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path))
     with caplog.at_level(logging.WARNING):  # skip mode: both are left out, neither is picked silently
         summary = prepare(make_cfg(f"data.dir={folder}", "data.on_error=skip", tmp=tmp_path)).summary
-    assert summary["skipped_files"] == [{"file": csv_path.name, "error": message},
-                                        {"file": gz_path.name, "error": message}]
+    assert summary["skipped_files"] == [{"file": first.name, "error": message},
+                                        {"file": second.name, "error": message}]
     assert sorted(f for split in ("train", "val", "test") for f in summary[split]["files"]) == [
         "pocket_102", "pocket_103", "pocket_104"]
 

@@ -115,7 +115,7 @@ def same_recording_twice(paths: list[Path]) -> dict[Path, str]:
     """`x_aligned.csv` beside `x_aligned.csv.gz`: which one is the run? Each such path -> why it is refused."""
     by_name: dict[str, list[Path]] = {}
     for path in paths:
-        by_name.setdefault(run_name(path)[0], []).append(path)
+        by_name.setdefault(run_name(path)[0].lower(), []).append(path)  # POCKET_101.CSV.GZ is pocket_101 too
     return {path: f"{', '.join(map(str, same))}: the same recording twice (each reads as run '{name}'); keep one"
             for name, same in by_name.items() if len(same) > 1 for path in same}
 
