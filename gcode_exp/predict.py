@@ -39,7 +39,7 @@ from gcode_exp.data.vocab import parse_line
 from gcode_exp.data.windows import Features, run_inputs
 from gcode_exp.models import Windows
 from gcode_exp.programs import name_program, op_line_counts, row_programs, segments
-from gcode_exp.training.checkpoint import load_checkpoint, load_model
+from gcode_exp.training.checkpoint import load_checkpoint, load_model, seen_in_training
 from gcode_exp.training.device import autocast, pick_device
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
     recordings = perturbed(recordings, cfg, pred.window, skipped)
     if not recordings:
         raise DataError(f"{cfg.data.dir}: no usable recordings")
+    seen_in_training(blob, [rec.run.name for rec in recordings])
     counts = op_line_counts(blob, cfg, pred.vocab)
     majority_line = pred.vocab.decode(blob["majority_line"][1:].tolist())
     majority_op = max(sorted(counts), key=lambda op: sum(counts[op].values())) if counts else ""

@@ -18,7 +18,7 @@ from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.data.windows import Features, build_split
 from gcode_exp.logger import make_logger
 from gcode_exp.sweeps import record_optuna_trial
-from gcode_exp.training.checkpoint import load_checkpoint, load_model
+from gcode_exp.training.checkpoint import load_checkpoint, load_model, seen_in_training
 from gcode_exp.training.device import pick_device
 from gcode_exp.training.evaluate import evaluate, scored_windows
 from gcode_exp.training.metrics import majority_metrics, per_class
@@ -145,6 +145,7 @@ def eval_job(cfg, run_dir: Path) -> dict:
     metrics["ckpt_path"] = str(cfg.ckpt_path)
     metrics["perturb"] = perturb.describe(cfg.get("perturb"))
     summary = {"data_dir": str(data_cfg.dir), "test": {"files": split.files, "windows": len(split)},
+               "seen_in_training": seen_in_training(blob, split.files),
                "skipped_files": skipped, "perturb": perturb.summary(cfg.get("perturb"))}
     write_json(run_dir / "data_summary.json", summary)
     write_outputs(cfg, run_dir, metrics, pred, targets[:, 1:], vocab, None)

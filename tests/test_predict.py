@@ -391,3 +391,18 @@ def test_recordings_named_in_upper_case_or_by_their_suffix_alone_are_predicted(t
         programs = {row["recording"]: row for row in csv.DictReader(f)}
     assert programs["FACE_003"]["true_program"] == "face" and programs["FACE_003"]["program"] == "face"
     assert programs["_aligned.csv.gz"]["program"] == "pocket"
+
+
+def test_scoring_recordings_the_checkpoint_trained_on_is_warned_and_recorded(trained, tmp_path):
+    """task=eval of the sample with a checkpoint fitted on part of it: the training recordings among the
+    scored ones are named in a warning and in data_summary.json (their scores are not of unseen runs)."""
+    train_files = json.loads((trained["ws"] / "train" / "data_summary.json").read_text())["train"]["files"]
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "task=eval", f"ckpt_path={trained['ckpt']}",
+                        f"data.dir={SAMPLE}", f"data.cache_dir={trained['cache']}", "hardware.threads=1",
+                        f"hydra.run.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((out / "data_summary.json").read_text())
+    assert sorted(summary["seen_in_training"]) == sorted(train_files)
+    assert f"{len(train_files)} of the {len(summary['test']['files'])} scored recordings were in the checkpoint's " \
+           "training split" in r.stdout + r.stderr

@@ -51,6 +51,18 @@ def describe(cfg, data: Prepared, lines: torch.Tensor) -> dict:
     }
 
 
+def seen_in_training(blob: dict, names: list[str]) -> list[str]:
+    """The recordings among `names` (a perturbed `a+b`: either part) that were in the checkpoint's own
+    training split, warned about: their scores are of memorised recordings, not unseen ones."""
+    train = {n.lower() for n in (blob.get("train_windows") or {}).get("files", [])}
+    seen = [n for n in names if any(part.lower() in train for part in n.split("+"))]
+    if seen:
+        log.warning("%d of the %d scored recordings were in the checkpoint's training split (%s%s): their scores "
+                    "are not those of unseen recordings", len(seen), len(names), ", ".join(seen[:5]),
+                    " ..." if len(seen) > 5 else "")
+    return seen
+
+
 def load_checkpoint(path: str | Path, source: str | None = None) -> dict:
     """Load and check a checkpoint; a missing file or a foreign one is a one-line error, which begins
     with `source`, where the path came from (default: `ckpt_path=PATH`, what the user typed). A checkpoint
