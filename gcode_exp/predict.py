@@ -313,7 +313,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
         title = f"{run.name}: predicted by gcode-exp from {cfg.ckpt_path} ({len(votes)} rows, {len(guesses)} windows)"
         write_text(out / f"{run.name}.gcode", reconstruct(votes, rec.times, cfg.predict.min_p, title))
         ranked = name_program([g.line for g in guesses], counts, pred.window / pred.stride) if counts else [("", 0.0)]
-        true_op = run.op if RUN_NAME.match(run.name.lower()) else ""
+        true_op = run.op if RUN_NAME.match(run.name) else ""
         programs.append({"recording": run.name, "program": ranked[0][0], "p": f"{ranked[0][1]:.4f}",
                          "runner_up": ranked[1][0] if len(ranked) > 1 else "",
                          "runner_up_p": f"{ranked[1][1]:.4f}" if len(ranked) > 1 else "", "true_program": true_op})

@@ -33,7 +33,15 @@ from gcode_exp.data.cache import (
     save_recording,
     writable_folder,
 )
-from gcode_exp.data.read import DataError, RecordedRun, channel_group, find_recordings, read_run, run_name
+from gcode_exp.data.read import (
+    DataError,
+    RecordedRun,
+    channel_group,
+    find_recordings,
+    read_run,
+    recording_key,
+    run_name,
+)
 from gcode_exp.data.splits import SPLITS, WINDOW_WARNING, covered_rows, split_runs, split_windows
 from gcode_exp.data.vocab import PAD, UNK, Vocab
 from gcode_exp.data.windows import Features, Split, build_split, fit_features
@@ -115,7 +123,7 @@ def same_recording_twice(paths: list[Path]) -> dict[Path, str]:
     """`x_aligned.csv` beside `x_aligned.csv.gz`: which one is the run? Each such path -> why it is refused."""
     by_name: dict[str, list[Path]] = {}
     for path in paths:
-        by_name.setdefault(run_name(path)[0].lower(), []).append(path)  # POCKET_101.CSV.GZ is pocket_101 too
+        by_name.setdefault(recording_key(run_name(path)[0]), []).append(path)
     return {path: f"{', '.join(map(str, same))}: the same recording twice (each reads as run '{name}'); keep one"
             for name, same in by_name.items() if len(same) > 1 for path in same}
 

@@ -28,7 +28,7 @@ TARGET_AND_PROXIES = ("gcode_line", "gcode_string", "line", "raw_json", "t_conso
 ALWAYS_EMPTY = ("vel", "plane")
 CONTROLLER = ("posx", "posy", "posz", "mpox", "mpoy", "mpoz", "feed", "stat", "unit", "dist", "coor")
 MOTORS = ("spindle", "x_motor", "y_motor", "z_motor")
-RUN_NAME = re.compile(r"^(?P<op>[a-z]+\d*)_(?P<idx>\d+)")
+RUN_NAME = re.compile(r"^(?P<op>[a-z]+\d*)_(?P<idx>\d+)", re.IGNORECASE)  # FACE_003 is face_003
 RECORDING_SUFFIXES = (".csv", ".csv.gz")  # any case; everything else the pattern matches is not read
 SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'"}  # what a one-column header holding them was saved with
 FIELDS = re.compile(r"Expected (?P<want>\d+) fields in line (?P<row>\d+), saw (?P<saw>\d+)")  # pandas' words
@@ -77,8 +77,13 @@ def run_name(path: Path) -> tuple[str, str]:
     for suffix in (".gz", ".csv", "_aligned"):  # in any case: FACE_003_ALIGNED.CSV.GZ is face_003's kind
         name = name[: -len(suffix)] if name.lower().endswith(suffix) else name
     name = name or path.name  # `_aligned.csv`: nothing left but the suffix, so the file keeps its name
-    m = RUN_NAME.match(name.lower())
-    return name, (m.group("op") if m else name.split("_")[0].lower())
+    m = RUN_NAME.match(name)
+    return name, (m.group("op") if m else name.split("_")[0]).lower()
+
+
+def recording_key(name: str) -> str:
+    """A recording's name as names are compared: FACE_003 and face_003 are one recording."""
+    return name.lower()
 
 
 def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = True) -> RecordedRun:

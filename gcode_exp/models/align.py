@@ -58,7 +58,6 @@ class AlignModel(Reference):
     # keys and tables newer than the first checkpoints of this model: where a checkpoint lacks them, it is
     # read the way it was then (the path as traced, no lags; an empty table is not used)
     since_first = {"straight": False, "snap": 0, "max_lag": 0}
-    tables_since_first = ("firsts", "programs", "lagged_ids")
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
@@ -69,7 +68,10 @@ class AlignModel(Reference):
         self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_state({**{k: torch.zeros(0) for k in self.tables_since_first}, **state})
+        firsts = state.get("firsts", torch.zeros(0, dtype=torch.long))
+        older = {"firsts": firsts, "programs": torch.arange(max(len(firsts) - 1, 0)),  # each run its own program
+                 "lagged_ids": state["line_ids"]}  # no lags: every row keeps its controller line
+        super().load_state({**older, **state})
 
     def fit(self, split: Split, feats: Features, window: int) -> None:
         key = pick_key(self.cfg.key, feats, otherwise="signal")
@@ -213,7 +215,7 @@ class AlignModel(Reference):
         if whole and cfg.straight and KEYS[int(self.mode)] == "signal" and len(self.firsts):
             states, clocked = self.straightened(states, q)
             return torch.where(clocked, self.line_ids[states], self.lagged_ids[states])
-        return self.lagged_ids[states] if len(self.lagged_ids) else self.line_ids[states]
+        return self.lagged_ids[states]
 
     def straightened(self, states: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each stretch of the path in one program read at one pace: a line fitted to its places in the
@@ -228,10 +230,9 @@ class AlignModel(Reference):
         work position (key=position) places rows exactly, pauses included, and is left as traced."""
         cfg = self.cfg
         recording = torch.searchsorted(self.firsts, states, right=True) - 1
-        programs = self.programs if len(self.programs) else torch.arange(len(self.firsts) - 1)  # older checkpoints
         # a stretch may pass through several training runs of its program, at about the same place in each;
         # it ends where the program changes, or the place moves far as it enters another run (a new job)
-        program, place = programs[recording], states - self.firsts[recording]
+        program, place = self.programs[recording], states - self.firsts[recording]
         moved = (recording[1:] != recording[:-1]) & ((place[1:] - place[:-1]).abs() > 2 * cfg.snap)
         cuts = (torch.nonzero((program[1:] != program[:-1]) | moved).flatten() + 1).tolist()
         out, clocked = states.clone(), torch.zeros(len(states), dtype=torch.bool)
@@ -265,8 +266,6 @@ class AlignModel(Reference):
             out[t0:t1] = (a + b * t).round().long().clamp(0, n - 1) + first
             # its first or last row on the run's: placed by the controller's clock, not the signal
             clocked[t0:t1] = abs(a + b * t0) < 0.5 or abs(a + b * (t1 - 1) - (n - 1)) < 0.5
-        if not len(self.lagged_ids):
-            clocked[:] = True
         return out, clocked
 
     def lagged(self) -> torch.Tensor:

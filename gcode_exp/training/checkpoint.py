@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from gcode_exp import GcodeExpError, trust
 from gcode_exp.atomic import torch_save
 from gcode_exp.data.dataset import HOW_READ, Prepared
+from gcode_exp.data.read import recording_key
 from gcode_exp.data.vocab import Vocab
 from gcode_exp.data.windows import Features
 from gcode_exp.models import Model, build_model
@@ -54,8 +55,8 @@ def describe(cfg, data: Prepared, lines: torch.Tensor) -> dict:
 def seen_in_training(blob: dict, names: list[str]) -> list[str]:
     """The recordings among `names` (a perturbed `a+b`: either part) that were in the checkpoint's own
     training split, warned about: their scores are of memorised recordings, not unseen ones."""
-    train = {n.lower() for n in (blob.get("train_windows") or {}).get("files", [])}
-    seen = [n for n in names if any(part.lower() in train for part in n.split("+"))]
+    train = {recording_key(n) for n in (blob.get("train_windows") or {}).get("files", [])}
+    seen = [n for n in names if any(recording_key(part) in train for part in n.split("+"))]
     if seen:
         log.warning("%d of the %d scored recordings were in the checkpoint's training split (%s%s): their scores "
                     "are not those of unseen recordings", len(seen), len(names), ", ".join(seen[:5]),
