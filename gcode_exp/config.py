@@ -136,6 +136,11 @@ def OneOf(*choices: str, **kw) -> Rule:
     return Rule(f"one of {', '.join(choices)}", lambda v: v in choices, **kw)
 
 
+def Each(rule: Rule, **kw) -> Rule:
+    """A list (possibly empty) whose every item is `rule`'s."""
+    return Rule(f"a list, each item {rule.what}", lambda v: isinstance(v, list) and all(rule.ok(x) for x in v), **kw)
+
+
 def Nullable(rule: Rule) -> Rule:
     """`rule`, or null."""
     return Rule(f"{rule.what} or null", lambda v: v is None or rule.ok(v), rule.only_if, rule.optional)
