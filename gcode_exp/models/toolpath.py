@@ -49,7 +49,7 @@ class ToolpathModel(Reference):
         self.cfg, self.vocab, self.max_len = cfg, vocab, max_len
         for name in ("columns", "mean", "std", "idle_line"):
             self.register_buffer(name, torch.zeros(0))
-        self.register_buffer("lines", torch.zeros(0, max_len, dtype=torch.long))  # no fixed table of lines
+        self.register_buffer("lines", torch.zeros(0, max_len, dtype=torch.long))  # those of the last `predict`
 
     def fit(self, split: Split, feats: Features, window: int) -> None:
         if not all(c in feats.channels for c in POSITION):
@@ -92,7 +92,9 @@ class ToolpathModel(Reference):
                                                                       strict=True)])
         best = most_rows(rows, none=len(texts))
         table = torch.tensor([encode_target([t], self.vocab, self.max_len) for t in [*texts, ""]], dtype=torch.long)
-        return Answer(table[best][:, 1:], (rows == best[:, None]).float().mean(1))
+        self.lines = table[:-1]  # the lines this answer's rows name: each row's own, not a window's vote
+        one_hot = torch.nn.functional.one_hot(rows, len(texts) + 1).float()
+        return Answer(table[best][:, 1:], (rows == best[:, None]).float().mean(1), one_hot)
 
     def answer(self, x: torch.Tensor) -> Answer:
         """Windows without their recording: each read on its own."""
