@@ -148,11 +148,12 @@ def facing(x0: float, x1: float, step: float, passes: int, pace: float, says_g1:
 
 def as_split(jobs: list[tuple[np.ndarray, list[str]]], vocab: Vocab, window: int, max_len: int = 12) -> Split:
     rows, targets, line_ids, starts, lo, hi, offset = [], [], [], [], [], [], 0
+    number: dict[str, int] = {}  # each text's line id (0: none)
     for x, texts in jobs:
         n = len(x)
         rows.append(torch.tensor(x, dtype=torch.float32))
         targets.append(torch.from_numpy(encode_rows(texts, vocab, max_len)))
-        line_ids.append(torch.tensor([hash(t) % 1000 + 1 for t in texts]))
+        line_ids.append(torch.tensor([number.setdefault(t, len(number) + 1) for t in texts]))
         s = torch.arange(0, n - window + 1, window // 2)
         starts.append(offset + s)
         lo.append(torch.full_like(s, offset))
