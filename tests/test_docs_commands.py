@@ -450,6 +450,7 @@ COMMANDS: dict[str, Doc] = {
     "python run.py --help": Doc(fast=True, says=("== Groups (group=option) ==",), check=help_lists_the_readme_groups),
     "python run.py experiment=baseline": Doc(files=("metrics.json",)),
     "python run.py features=side_channel": Doc(files=("metrics.json",)),
+    "python run.py model=toolpath features=all": Doc(files=("metrics.json", "checkpoints/best.pt")),
     "python run.py model=multihead aug.oversample_factor=5 model.loss_weights.command=5.0 trainer.batch_size=16":
         Doc(files=("metrics.json",)),
     "python run.py model=multihead trainer.optimizer._target_=torch.optim.SGD +trainer.optimizer.momentum=0.9":
@@ -545,6 +546,8 @@ COMMANDS: dict[str, Doc] = {
     "data.train_share=0.125,0.25,0.5,1.0 hydra.sweep.dir=multirun/real-nearest-curve": Doc(jobs=8),
     "python run.py data.dir=../shared/data/cnc_sensor_gcode model=nearest features=side_channel":
         Doc(files=("metrics.json",)),
+    "python run.py -m model=toolpath data.dir=../shared/data/cnc_sensor_gcode features=all data.split_by=operation "
+    "data.fold=0,1,2 hydra.sweep.dir=multirun/real-toolpath-family": Doc(jobs=3),
     "python -m gcode_exp.summarize multirun/real-comparison":
         Doc(needs=(REAL_COMPARISON,), files=SUMMARY, says=("24 run folders (24 finished)",),
             check=summary_rows(*(f"{m}-{a}-v2" for m in ("baseline", "multihead") for a in ("none", "3x")
