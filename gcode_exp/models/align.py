@@ -131,10 +131,7 @@ class AlignModel(Reference):
     @torch.no_grad()
     def predict(self, windows: Windows, batch_size: int = 256) -> Answer:
         out_rows = []
-        recordings = torch.unique(torch.stack([windows.first, windows.end], 1), dim=0)
-        row_of: dict[int, torch.Tensor] = {}
-        for a, b in recordings.tolist():
-            row_of[a] = self.align(windows.gather(torch.arange(a, b)))
+        row_of = {a: self.align(windows.gather(torch.arange(a, b))) for a, b in windows.recordings()}
         steps = torch.arange(windows.length)
         for i, s in enumerate(windows.starts.tolist()):
             a = int(windows.first[i])
@@ -149,9 +146,7 @@ class AlignModel(Reference):
 
     def answer(self, x: torch.Tensor) -> Answer:
         """Windows without their recording: each aligned on its own."""
-        n, w = x.shape[:2]
-        flat, starts = x.reshape(n * w, -1), torch.arange(0, n * w, w)
-        return self.predict(Windows(lambda i: flat[i], starts, starts, starts + w, w))
+        return self.predict(Windows.alone(x))
 
     def align(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """[T, n_inputs] one recording -> [T] each row's line (index into `lines`; len(lines): none).

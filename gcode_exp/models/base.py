@@ -63,6 +63,17 @@ class Windows:
         n = torch.full_like(starts, len(rows))
         return Windows(lambda i: rows[i], starts, torch.zeros_like(starts), n, window)
 
+    @staticmethod
+    def alone(x: torch.Tensor) -> Windows:
+        """Windows [B, length, n_inputs] without their recordings: each a recording of its own."""
+        n, w = x.shape[:2]
+        flat, starts = x.reshape(n * w, -1), torch.arange(0, n * w, w)
+        return Windows(lambda i: flat[i], starts, starts, starts + w, w)
+
+    def recordings(self) -> list[tuple[int, int]]:
+        """(first row, end row) of each recording the windows are in, in order."""
+        return [tuple(r) for r in torch.unique(torch.stack([self.first, self.end], 1), dim=0).tolist()]
+
     def __len__(self) -> int:
         return len(self.starts)
 

@@ -61,8 +61,7 @@ class ToolpathModel(Reference):
         # what a controller reports while the machine stands idle (feed 0): the program's end, M30 in the
         # shared runs; the most frequent line of the training rows so (none where the feed is not an input)
         idle = torch.zeros(len(split.rows), dtype=torch.bool)
-        edges = torch.unique(torch.cat([split.lo, split.hi + window, torch.tensor([len(split.rows)])])).tolist()
-        for a, b in zip(edges[:-1], edges[1:], strict=True):
+        for a, b in Windows.of_split(split, window).recordings():
             idle[a:b] = torch.from_numpy(trace(*self.read(split.gather(torch.arange(a, b))), cfg=self.cfg).idle)
         said = split.row_lines[idle]
         said = said[said != 0]
@@ -83,7 +82,7 @@ class ToolpathModel(Reference):
             return Answer(torch.zeros(0, self.max_len - 1, dtype=torch.long), torch.zeros(0))
         idle = self.vocab.decode(self.idle_line.tolist()[1:]) if len(self.idle_line) else ""
         row_texts = {a: lines(trace(*self.read(windows.gather(torch.arange(a, b))), cfg=self.cfg), self.cfg, idle)
-                     for a, b in torch.unique(torch.stack([windows.first, windows.end], 1), dim=0).tolist()}
+                     for a, b in windows.recordings()}
         texts = list(dict.fromkeys(t for rows in row_texts.values() for t in rows if t))
         ids = {t: i for i, t in enumerate(texts)} | {"": len(texts)}  # a standing machine's row: no line
         row_ids = {a: torch.tensor([ids[t] for t in rows]) for a, rows in row_texts.items()}
@@ -98,9 +97,7 @@ class ToolpathModel(Reference):
 
     def answer(self, x: torch.Tensor) -> Answer:
         """Windows without their recording: each read on its own."""
-        n, w = x.shape[:2]
-        flat, starts = x.reshape(n * w, -1), torch.arange(0, n * w, w)
-        return self.predict(Windows(lambda i: flat[i], starts, starts, starts + w, w))
+        return self.predict(Windows.alone(x))
 
 
 
