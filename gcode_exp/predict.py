@@ -22,6 +22,7 @@ import csv
 import gzip
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -358,29 +359,71 @@ def write_rows(path: Path, votes: list[RowVote], rec: Recording, true: list[str]
 # --- live --------------------------------------------------------------------------------------------------
 def tail_rows(path: Path, poll_s: float, idle_s: float) -> Iterator[list[list[str]] | None]:
     """The header, then each batch of newly completed rows of a file being appended to; None when the
-    file has not grown for idle_s seconds (the caller stops)."""
+    file has not grown for idle_s seconds (the caller stops). Read as the offline reader reads: UTF-8, a
+    byte-order mark dropped. A file rotated under it (truncated, or replaced by a new one) is said so in
+    the log and followed from the new file's start, its header skipped where it is the same (else an error:
+    the columns changed)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file (data.path)")
+    header: list[str] | None = None
+    while True:
+        rotated = yield from tail_one(path, poll_s, idle_s, header)
+        if rotated is None:
+            return
+        header = rotated
+        log.warning("%s: the file was rotated (truncated or replaced); following the new one from its start", path)
+
+
+def tail_one(path: Path, poll_s: float, idle_s: float, header: list[str] | None):
+    """tail_rows over one file (`header`: the rotated file's, which this one repeats); returns the header
+    once the file is rotated, None at idle_s without growth."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        pending, last = "", time.monotonic()
+    try:
+        f = opener(path, "rt", encoding="utf-8-sig", newline="")
+        inode = os.fstat(f.fileno()).st_ino if opener is open else None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    with f:
+        pending, last, first = "", time.monotonic(), header
         while True:
             try:
                 chunk = f.read()
             except (EOFError, OSError) as e:
                 raise DataError(f"{path}: cannot read ({e})") from None
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
             if chunk:
-                pending += chunk
+                pending += chunk.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR ends a row, as offline
                 last = time.monotonic()
                 *done, pending = pending.split("\n")
-                rows = [r for r in csv.reader(done) if r]
+                try:
+                    rows = [r for r in csv.reader(done) if r]
+                except csv.Error as e:
+                    raise DataError(f"{path}: cannot parse CSV ({e})") from None
+                if rows and header is None:
+                    header = rows[0]
+                elif rows and first is not None:  # the rotated-to file's header
+                    if [h.strip() for h in rows[0]] != [h.strip() for h in first]:
+                        raise DataError(f"{path}: rotated to a file with other columns than the one followed")
+                    rows, first = rows[1:], None
                 if rows:
                     yield rows
+            elif inode is not None and rotated(path, f, inode):
+                return header
             elif time.monotonic() - last > idle_s:
                 yield None
-                return
+                return None
             else:
                 time.sleep(poll_s)
+
+
+def rotated(path: Path, f, inode: int) -> bool:
+    """Whether the followed file was replaced (another file under its name) or truncated below what was read."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False  # moved away, the new one not there yet: wait for it (or idle_s)
+    return now.st_ino != inode or now.st_size < f.buffer.tell()
 
 
 def follow(cfg, run_dir: Path, pred: Predictor) -> dict:

@@ -406,3 +406,46 @@ def test_scoring_recordings_the_checkpoint_trained_on_is_warned_and_recorded(tra
     assert sorted(summary["seen_in_training"]) == sorted(train_files)
     assert f"{len(train_files)} of the {len(summary['test']['files'])} scored recordings were in the checkpoint's " \
            "training split" in r.stdout + r.stderr
+
+
+def test_live_mode_follows_a_log_rotated_under_it(trained):
+    """A logger that rotates its file (the followed name replaced by a new file with the same header): the
+    log says so, and the new file's rows are read on as more of the stream, its header skipped."""
+    rows = sample_rows("face_003")
+    path = trained["ws"] / "rotating.csv"
+    path.write_text("".join(rows[:101]))
+    out = trained["ws"] / "live_rotated"
+    cmd = predict_cmd(trained, out, "predict.follow=true", f"data.path={path}", "predict.idle_s=4",
+                      "predict.poll_s=0.1")
+    with live_process(cmd) as (proc, reader):
+        fresh = path.with_name("rotating.csv.new")
+        fresh.write_text(rows[0] + "".join(rows[101:]))
+        os.replace(fresh, path)  # as logrotate's create mode leaves it: another file under the name
+        code = proc.wait(timeout=120)
+        stderr = proc.stderr.read()
+    assert code == 0, stderr[-2000:]
+    assert any(f"{path}: the file was rotated" in line for line in reader.lines + stderr.splitlines())
+    assert json.loads((out / "metrics.json").read_text())["live/rows"] == len(rows) - 1  # each data row once
+
+
+@pytest.mark.parametrize("case", ["bom", "latin1"])
+def test_live_mode_reads_text_as_the_offline_reader_does(trained, case):
+    """A byte-order mark before the header is dropped (the columns keep their names, so `t_console` is the
+    time); bytes that are not UTF-8 are one line naming the file, exit 2, as offline."""
+    rows = sample_rows("face_003")[:101]
+    path = trained["ws"] / f"live_{case}.csv"
+    if case == "bom":
+        path.write_bytes(b"\xef\xbb\xbf" + "".join(rows).encode())
+    else:
+        path.write_bytes("".join(rows).encode() + b"10:00:00.0,\xe9\n")
+    out = trained["ws"] / f"live_text_{case}"
+    r = predict_py(trained, out, "predict.follow=true", f"data.path={path}", "predict.idle_s=1", "predict.poll_s=0.1")
+    if case == "bom":
+        assert r.returncode == 0, r.stderr[-2000:]
+        with open(out / "predictions" / f"live_{case}.live.csv", newline="") as f:
+            first = next(csv.DictReader(f))
+        assert first["time"] in {r["t_console"] for r in csv.DictReader(rows)}  # a time, not a row number
+    else:
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and errors == [f"error: {path}: not UTF-8 text (invalid continuation byte)"], \
+            r.stderr[-2000:]

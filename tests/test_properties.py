@@ -1,5 +1,5 @@
-"""Property tests (hypothesis): the tokenizer and the CSV reader never crash on odd input, and the
-tokenizer gives back any line it can represent, each number within one bucket width."""
+"""Property tests (hypothesis): the tokenizer, the CSV reader and the live reader never crash on odd input,
+and the tokenizer gives back any line it can represent, each number within one bucket width."""
 
 import gzip
 
@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from gcode_exp.data.read import DataError, read_run
 from gcode_exp.data.vocab import BOS, EOS, UNK, Vocab, parse_line
+from gcode_exp.predict import tail_rows
 from tests.conftest import SAMPLE
 
 FEW = settings(max_examples=80, deadline=None)
@@ -102,3 +103,28 @@ def test_reader_reads_or_raises_data_error_on_damaged_files(tmp_path, edits, com
     else:
         assert run.values.shape == (len(run.lines), len(run.columns)) and len(run.lines) >= 1
         assert 0 <= run.nonfinite_cells <= 0.05 * run.values.size
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(edit, max_size=5), bom=st.booleans())
+def test_live_reader_reads_or_raises_data_error_on_damaged_files(tmp_path, edits, bom):
+    """The reader `task=predict predict.follow=true` tails a file with: whatever the bytes, whole rows (each
+    a list of fields) or the project's one-line error naming the file; the header as offline reads it."""
+    data = bytearray(HEAD)
+    for kind, at, n, piece in edits:
+        if kind == "replace":
+            data[at : at + len(piece)] = piece
+        elif kind == "insert":
+            data[at:at] = piece
+        else:
+            del data[at : at + n]
+    path = tmp_path / "live.csv"
+    path.write_bytes(b"\xef\xbb\xbf" * bom + bytes(data))
+    try:
+        batches = list(tail_rows(path, poll_s=0.0, idle_s=0.0))
+    except DataError as e:
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e)
+    else:
+        assert batches[-1] is None and all(isinstance(f, str) for b in batches[:-1] for row in b for f in row)
+        if not edits:
+            assert batches[0][0][0] == HEAD.split(b",")[0].decode()  # no mark left on the first name
