@@ -6,19 +6,22 @@ G-code's X/Y/Z words are end points in that frame. Rows come at ~4 Hz while a li
 forty, so the move each row is on is read from the path around it:
 
 - A **straight move** is a run of rows each on the chord of its neighbours (within `line_tol`). Its line
-  ends where the path leaves it, which falls between two samples: at the corner with the next straight
-  move, brought back by the fillet that rounds the corner where the path per row shows one (the machine
-  keeps its pace, so a rounded corner is crossed in fewer rows than a sharp one), or at the point where a
-  circle tangent to the move meets the samples on the arc after it (a U-turn: the arc joins two parallel
-  passes; a fillet: the arc is tangent to both moves). The line names the axes that change along the move,
-  and `G1` after an arc (the mode was G2/G3).
-- Any **other row** (short moves, one or two rows each, as in a pocket's spiral) is its own line, ending
-  where the row is: the controller reports the line it is finishing.
+  ends where the path leaves it, which falls between two samples: on the circle of an arc that follows
+  (where the move touches it), at the corner with the next straight move, brought back by the fillet that
+  rounds the corner where the path per row shows one (the machine keeps its pace, so a rounded corner is
+  crossed in fewer rows than a sharp one), or where a circle tangent to the move meets the samples on the
+  turn after it (a U-turn between parallel passes, a fillet). Its line names the axes that change along
+  it, `G0` where the feed reads 0, and the mode again after the joins `g_after` names.
+- An **arc** is a run of rows at one height whose every three lie on one circle: its lines end on the
+  circle's quarter points (G2 clockwise, G3 counterclockwise, with R), as CAM output splits arcs.
+- Any **other row** (short moves, one or two rows each, as in a pocket's helix) is its own line, ending
+  where the row is (the controller reports the line it is finishing); a row standing idle (feed 0) is the
+  line the training rows report so (M30 in the shared runs).
 
-A window is answered with the line holding most of its rows, as its target is defined. Nothing is
-trained; fitting keeps where the work position is among the inputs and how it was normalised. Not
-rebuilt (measured in docs/RESULTS.md): arcs' own lines (G2/G3 with R), rapid moves (G0), feed words (F),
-and anything without the work position (features=side_channel).
+A window is answered with the line holding most of its rows, as its target is defined; each row with its
+own line. Nothing else is trained. Not rebuilt (docs/RESULTS.md): feed words (F), commands no path shows
+(G53, M3, T), one straight move written as several lines, and anything without the work position
+(features=side_channel).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class ToolpathModel(Reference):
         self.cfg, self.vocab, self.max_len = cfg, vocab, max_len
         for name in ("columns", "mean", "std", "idle_line"):
             self.register_buffer(name, torch.zeros(0))
-        self.register_buffer("lines", torch.zeros(0, max_len, dtype=torch.long))  # those of the last `predict`
+        self.lines = torch.zeros(0, max_len, dtype=torch.long)  # those of the last `predict` (not in the state)
 
     def fit(self, split: Split, feats: Features, window: int) -> None:
         if not all(c in feats.channels for c in POSITION):
@@ -63,10 +66,10 @@ class ToolpathModel(Reference):
         idle = torch.zeros(len(split.rows), dtype=torch.bool)
         for a, b in Windows.of_split(split, window).recordings():
             idle[a:b] = torch.from_numpy(trace(*self.read(split.gather(torch.arange(a, b))), cfg=self.cfg).idle)
-        said = split.row_lines[idle]
-        said = said[said != 0]
-        if len(said):
-            self.idle_line = split.row_targets[idle][split.row_lines[idle] == said.mode().values][0].long()
+        ids = split.row_lines[idle]
+        if (ids != 0).any():
+            most = ids[ids != 0].mode().values
+            self.idle_line = split.row_targets[idle][ids == most][0].long()
 
     def read(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Inputs [T, n_inputs] of one recording -> its work positions [T, 3] and feed rates [T] (or None)."""
@@ -98,8 +101,6 @@ class ToolpathModel(Reference):
     def answer(self, x: torch.Tensor) -> Answer:
         """Windows without their recording: each read on its own."""
         return self.predict(Windows.alone(x))
-
-
 
 
 @dataclass
