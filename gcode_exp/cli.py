@@ -12,7 +12,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -34,6 +36,23 @@ CONF = str(Path(__file__).resolve().parent.parent / "conf")  # the repository's 
 
 
 GROUPS = frozenset(p.name for p in Path(CONF).iterdir() if p.is_dir() and p.name != "hydra")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`): stopped as Ctrl-C stops a run, so training keeps the
+    last.pt of its last whole epoch and live mode ends with its summary."""
+
+    def __str__(self) -> str:
+        return "stopped by SIGTERM (a scheduler's time limit, or kill)"
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises Terminated in the main thread (where signals arrive; a joblib worker thread has none)."""
+    def stop(signum, frame):
+        raise Terminated
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def sweep_ready(argv: list[str]) -> list[str]:
@@ -151,6 +170,7 @@ def app(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
+    stop_on_sigterm()
     try:
         metrics = tasks.run(cfg, run_dir, hc)
         log.info("run folder: %s", run_dir)

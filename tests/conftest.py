@@ -54,16 +54,22 @@ def tiny_cfg(tmp_path):
     return lambda *overrides: make_cfg(*overrides, tmp=tmp_path)
 
 
-def run_py(*args: str, cache: Path, timeout: int = 300, env: dict | None = None):
-    """`python run.py` in a subprocess on tiny settings, one torch thread per job (a shared 2-core
-    machine slows several-thread jobs down many times over), wandb offline."""
+def run_py_command(*args: str, cache: Path, env: dict | None = None) -> tuple[list[str], dict]:
+    """`python run.py` on tiny settings, one torch thread per job (a shared 2-core machine slows
+    several-thread jobs down many times over), wandb offline: the command line and its environment."""
     import os
-    import subprocess
     import sys
 
     cmd = [sys.executable, str(ROOT / "run.py"), f"data.dir={SAMPLE}", f"data.cache_dir={cache}", *tiny_for(args),
            "trainer.line_exact=false", "hardware.threads=1", *args]
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    return cmd, {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+
+
+def run_py(*args: str, cache: Path, timeout: int = 300, env: dict | None = None):
+    """`python run.py` in a subprocess (run_py_command), run to its end."""
+    import subprocess
+
+    cmd, full_env = run_py_command(*args, cache=cache, env=env)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

@@ -16,13 +16,14 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import run_py
+from tests.conftest import ROOT, run_py, run_py_command
 
 pytestmark = pytest.mark.slow
 KILL_AFTER = "GCODE_EXP_KILL_AFTER_EPOCH"
@@ -88,6 +89,31 @@ def interrupted_run(tmp_path_factory, cache) -> Path:
 
 def copy(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def test_sigterm_stops_training_in_one_line_and_its_last_pt_resumes(tmp_path, cache):
+    """SIGTERM, as a scheduler sends it at its time limit, whenever it comes after the first epoch: one
+    line, exit code 2, no traceback, and the run resumes from the last whole epoch's last.pt."""
+    run = tmp_path / "run"
+    cmd, env = run_py_command(f"hydra.run.dir={run}", "model=multihead", "data.stride=8", "trainer.max_epochs=200",
+                              "trainer.patience=1000", cache=cache)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    line = one_error_line(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    assert line == "stopped by SIGTERM (a scheduler's time limit, or kill)"
+    done = last_epoch(run)
+    assert done >= 1 and not (run / "metrics.json").exists()
+    resumed = ok(run_in(run, "data.stride=8", f"trainer.max_epochs={done + 1}", "trainer.patience=1000",
+                        "trainer.resume=true", cache=cache))
+    assert f"resuming after epoch {done} from {run / 'checkpoints' / 'last.pt'}" in resumed.stdout
+    assert json.loads((run / "metrics.json").read_text())
 
 
 def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, cache):
