@@ -1,15 +1,22 @@
-"""Property tests (hypothesis): the tokenizer, the CSV reader and the live reader never crash on odd input,
-and the tokenizer gives back any line it can represent, each number within one bucket width."""
+"""Property tests (hypothesis): the tokenizer, the CSV reader, the live reader and the checkpoint loader
+never crash on odd input, and the tokenizer gives back any line it can represent, each number within one
+bucket width."""
 
+import copy
 import gzip
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
+from gcode_exp import GcodeExpError
 from gcode_exp.data.read import DataError, read_run
 from gcode_exp.data.vocab import BOS, EOS, UNK, Vocab, parse_line
-from gcode_exp.predict import tail_rows
-from tests.conftest import SAMPLE
+from gcode_exp.predict import Predictor, tail_rows
+from gcode_exp.training.checkpoint import load_checkpoint
+from tests.conftest import SAMPLE, run_py
 
 FEW = settings(max_examples=80, deadline=None)
 
@@ -128,3 +135,52 @@ def test_live_reader_reads_or_raises_data_error_on_damaged_files(tmp_path, edits
         assert batches[-1] is None and all(isinstance(f, str) for b in batches[:-1] for row in b for f in row)
         if not edits:
             assert batches[0][0][0] == HEAD.split(b",")[0].decode()  # no mark left on the first name
+
+
+# --- checkpoint loader -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> dict:
+    """A real checkpoint's contents (the default model on the sample: seconds)."""
+    ws = tmp_path_factory.mktemp("ckpt")
+    r = run_py(f"hydra.run.dir={ws / 'run'}", cache=ws / "cache")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return torch.load(ws / "run" / "checkpoints" / "best.pt", weights_only=True)
+
+
+ODD = [None, 0, -1, 1.5, "x", "", True, "???", "${missing}", "${oc.env:GCODE_EXP_NOT_SET}", [], [1, "a"], {},
+       {"_target_": "os.system"}, {"_target_": "builtins.eval"}, "gcode_exp.models.align.AlignModel"]
+change = st.tuples(st.integers(0, 10_000), st.booleans(), st.sampled_from(ODD))
+
+
+def config_keys(node: dict, prefix: tuple = ()) -> list[tuple]:
+    return [k for key, v in node.items() for k in [(*prefix, key), *(config_keys(v, (*prefix, key))
+                                                                      if isinstance(v, dict) else [])]]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changes=st.lists(change, min_size=1, max_size=3))
+@example(changes=[(("data", "window"), False, "???")])  # found by this test: each was a traceback
+@example(changes=[(("data", "stride"), True, None)])
+@example(changes=[(("model", "name"), False, {})])
+def test_checkpoint_loader_builds_or_refuses_any_config_tree(tmp_path, checkpoint, changes):
+    """A checkpoint whose stored config was changed anywhere (a key cut, a value of another type, `???`, a
+    broken interpolation, a class to build): the loader builds the model and the predictor from it, or
+    refuses in the project's one-line error naming the file; never another exception."""
+    blob = copy.deepcopy(checkpoint)
+    for pick, cut, value in changes:  # pick: a key's index among all keys, or the key itself
+        keys = config_keys(blob["config"])
+        *parents, last = pick if isinstance(pick, tuple) else keys[pick % len(keys)]
+        node = blob["config"]
+        for k in parents:
+            node = node[k]
+        if cut:
+            del node[last]
+        else:
+            node[last] = copy.deepcopy(value)
+    path = tmp_path / "changed.pt"
+    torch.save(blob, path)
+    try:
+        loaded = load_checkpoint(path)
+        Predictor(loaded, OmegaConf.create({"device": "cpu", "amp": False, "threads": 0}), batch_size=8)
+    except GcodeExpError as e:
+        assert str(path) in str(e) and "\n" not in str(e), str(e)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gcode_exp import GcodeExpError, trust
 from gcode_exp.atomic import torch_save
@@ -88,6 +89,12 @@ def load_checkpoint(path: str | Path, source: str | None = None) -> dict:
                             "features and vocabulary)") from None
     if not isinstance(blob["config"], dict):
         raise GcodeExpError(f"{where}: a damaged checkpoint (its config is not a mapping)")
+    data = blob["config"].get("data")
+    for key in ("window", "stride", "max_len"):  # the window geometry every reader takes from it
+        value = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise GcodeExpError(f"{where}: a damaged checkpoint (its config's data.{key} is {value!r}, not a whole "
+                                "number >= 1)")
     blob["config"], blob["path"] = upgraded(blob["config"]), str(path)
     trust.check_stored(blob["config"], where)  # before any reader imports or builds what it names
     return blob
@@ -106,7 +113,7 @@ def upgraded(config: dict) -> dict:
     resumes as before: the classes it was built with, named (`_target_`): model, encoder, augmentation,
     learning-rate schedule; and the noise it drew (each batch its own, `aug.noise_pool: 0`)."""
     model = config.get("model")
-    if isinstance(model, dict) and model.get("name") in OLD_MODELS:
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"] in OLD_MODELS:
         model = {"_target_": OLD_MODELS[model["name"]], **model}
         if isinstance(model.get("encoder"), str) and model["encoder"] in OLD_ENCODERS:
             model["encoder"] = dict(OLD_ENCODERS[model["encoder"]])
@@ -130,11 +137,16 @@ def upgraded(config: dict) -> dict:
 
 def load_model(blob: dict, device) -> tuple[Model, Vocab]:
     """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode."""
-    cfg = OmegaConf.create(blob["config"])
     vocab = Vocab.from_dict(blob["vocab"])
     n_inputs = Features(**blob["features"]).n_inputs
+    try:  # a config that does not compose (a key cut, `???`, a broken interpolation) is damage, not a bug
+        cfg = OmegaConf.create(blob["config"])
+        shapes = (cfg.model, cfg.data.window, cfg.data.max_len)
+    except (OmegaConfBaseException, TypeError, ValueError, AttributeError) as e:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise GcodeExpError(f"ckpt_path={blob.get('path', '?')}: a damaged checkpoint (its config: {why})") from None
     try:
-        model = build_model(cfg.model, vocab, n_inputs, cfg.data.window, cfg.data.max_len, blob.get("lines"))
+        model = build_model(shapes[0], vocab, n_inputs, shapes[1], shapes[2], blob.get("lines"))
         model.load_state(blob["model"])
     except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
         why = " ".join(str(e).split()) or type(e).__name__  # torch names the missing keys on its second line
