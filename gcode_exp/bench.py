@@ -32,16 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from gcode_exp import GcodeExpError
 from gcode_exp.atomic import write_text
-from gcode_exp.config import validate
+from gcode_exp.config import ConfigError, validate
 from gcode_exp.data.dataset import cores, prepare
 from gcode_exp.data.sampler import batches
 from gcode_exp.models import Windows, new_model
 from gcode_exp.training.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-# what is timed: the default (nothing trained) and the token models, each composed with these
+# what is timed: the default and the toolpath (nothing trained) and the token models, each composed with these
 MODELS = {"default": [], "baseline": ["model=baseline", "aug=3x"], "multihead": ["model=multihead", "aug=3x"],
-          "new_programs": ["experiment=new_programs"]}
+          "new_programs": ["experiment=new_programs"], "toolpath": ["model=toolpath"]}
 
 
 def machine() -> str:
@@ -101,7 +101,8 @@ def bench_model(cfg, data, steps: int) -> dict:
 
 
 def bench_default(cfg, data) -> dict:
-    """The default model: seconds to fit it to the training split, and its answer latency per window."""
+    """A model that trains nothing (the default, the toolpath): seconds to fit it to the training split, and
+    its answer latency per window."""
     train, window = data.splits["train"], cfg.data.window
     model, _ = new_model(cfg, data)
     fit_s = timed(lambda: model.fit(train, data.features, window), 3)
@@ -276,6 +277,10 @@ def bench(args: argparse.Namespace) -> dict:
         if name == "multihead":
             result["epoch_s_by_data_size"] = bench_scaling(mcfg, data)
     result["default"] = bench_default(cfg, data)
+    try:
+        result["toolpath"] = bench_default(cfgs["toolpath"], data)
+    except ConfigError as e:  # features without the work position: nothing to time
+        result["toolpath"] = {"skipped": str(e)}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{result['machine']}; data {args.data_dir}: {result['train_windows']} train windows")
     print(f"prepare: cold {cold:.2f} s, cached {cached:.3f} s ({cold / cached:.0f}x); "
@@ -289,6 +294,10 @@ def bench(args: argparse.Namespace) -> dict:
     n = result["default"]
     print(f"default ({cfg.model.name}, {n['reference']}): fitted in {n['fit_s']:.2f} s, "
           f"{n['latency_ms_batch1']:.2f} ms at batch 1, {n['latency_ms_per_window_batch256']:.3f} ms/window at 256")
+    t = result["toolpath"]
+    print(f"toolpath: {t['skipped']}" if "skipped" in t else
+          f"toolpath: fitted in {t['fit_s']:.2f} s, {t['latency_ms_batch1']:.2f} ms at batch 1, "
+          f"{t['latency_ms_per_window_batch256']:.3f} ms/window at 256")
     s = result["epoch_s_by_data_size"]
     print("epoch seconds at 1x/2x/4x data: " + " / ".join(f"{v:.2f}" for v in s.values())
           + f" (4x/1x = {s['4x'] / s['1x']:.2f})")

@@ -23,18 +23,21 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
         assert m["latency_ms_batch1"] > 0 and m["latency_ms_per_window_batch256"] > 0 and m["live_ms_per_window"] > 0
     assert result["prepare_cold_s"] > result["prepare_cached_s"] > 0
     assert set(result["epoch_s_by_data_size"]) == {"1x", "2x", "4x"} and result["peak_rss_mb"] > 0
-    default = result["default"]  # the default model: fitted, not trained
+    default, toolpath = result["default"], result["toolpath"]  # fitted, not trained
     assert "reference rows" in default["reference"] and default["fit_s"] > 0
     assert default["latency_ms_per_window_batch256"] > 0
+    assert min(toolpath[k] for k in ("fit_s", "latency_ms_batch1", "latency_ms_per_window_batch256")) > 0
     printed = capsys.readouterr().out
-    assert "prepare: cold" in printed and "default" in printed and "4x/1x" in printed
+    assert "prepare: cold" in printed and "default" in printed and "toolpath: fitted in" in printed
+    assert "4x/1x" in printed
 
 
 def test_model_keys_go_to_the_models_that_have_them():
     cfgs = bench.configs(str(SAMPLE), ["model.d_model=32", "++model.n_heads=2", "model.key=signal", "data.window=32"])
-    assert list(cfgs) == ["default", "baseline", "multihead", "new_programs"]
+    assert list(cfgs) == ["default", "baseline", "multihead", "new_programs", "toolpath"]
     assert {n: c.model.name for n, c in cfgs.items()} == {
-        "default": "align", "baseline": "baseline", "multihead": "multihead", "new_programs": "multihead"}
+        "default": "align", "baseline": "baseline", "multihead": "multihead", "new_programs": "multihead",
+        "toolpath": "toolpath"}
     assert "d_model" not in cfgs["default"].model and cfgs["default"].model.key == "signal"
     for name in ("baseline", "multihead", "new_programs"):
         assert (cfgs[name].model.d_model, cfgs[name].model.n_heads, "key" in cfgs[name].model) == (32, 2, False)
