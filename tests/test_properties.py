@@ -86,9 +86,8 @@ edit = st.tuples(st.sampled_from(["replace", "insert", "delete"]), st.integers(0
                  st.one_of(st.sampled_from(PIECES), st.binary(max_size=6)))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(edits=st.lists(edit, max_size=5), compress=st.booleans(), keep=st.integers(1, 40))
-def test_reader_reads_or_raises_data_error_on_damaged_files(tmp_path, edits, compress, keep):
+def damaged(edits: list) -> bytes:
+    """HEAD with `edits` (replace, insert or delete at a place) applied in turn."""
     data = bytearray(HEAD)
     for kind, at, n, piece in edits:
         if kind == "replace":
@@ -97,7 +96,13 @@ def test_reader_reads_or_raises_data_error_on_damaged_files(tmp_path, edits, com
             data[at:at] = piece
         else:
             del data[at : at + n]
-    data = bytes(data)
+    return bytes(data)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(edit, max_size=5), compress=st.booleans(), keep=st.integers(1, 40))
+def test_reader_reads_or_raises_data_error_on_damaged_files(tmp_path, edits, compress, keep):
+    data = damaged(edits)
     if compress:
         data = gzip.compress(data)
         data = data[: len(data) * keep // 30] if keep < 30 else data  # a third of the time: cut short
@@ -117,16 +122,8 @@ def test_reader_reads_or_raises_data_error_on_damaged_files(tmp_path, edits, com
 def test_live_reader_reads_or_raises_data_error_on_damaged_files(tmp_path, edits, bom):
     """The reader `task=predict predict.follow=true` tails a file with: whatever the bytes, whole rows (each
     a list of fields) or the project's one-line error naming the file; the header as offline reads it."""
-    data = bytearray(HEAD)
-    for kind, at, n, piece in edits:
-        if kind == "replace":
-            data[at : at + len(piece)] = piece
-        elif kind == "insert":
-            data[at:at] = piece
-        else:
-            del data[at : at + n]
     path = tmp_path / "live.csv"
-    path.write_bytes(b"\xef\xbb\xbf" * bom + bytes(data))
+    path.write_bytes(b"\xef\xbb\xbf" * bom + damaged(edits))
     try:
         batches = list(tail_rows(path, poll_s=0.0, idle_s=0.0))
     except DataError as e:
