@@ -84,11 +84,11 @@ def test_an_unusable_data_dir_is_one_line(tmp_path, case):
 
 @pytest.mark.parametrize("override, line", [
     ("model.d_modle=32", "error: model.d_modle=32: no model the bench times (default, baseline, multihead, "
-                         "new_programs) has the key model.d_modle; did you mean model.d_model?"),
-    ("model=baseline", "error: model=baseline: the bench times default, baseline, multihead, new_programs itself; "
-                       "give their keys as model.KEY=VALUE (each goes to the models that have it)"),
+                         "new_programs, toolpath) has the key model.d_modle; did you mean model.d_model?"),
+    ("model=baseline", "error: model=baseline: the bench times default, baseline, multihead, new_programs, toolpath "
+                       "itself; give their keys as model.KEY=VALUE (each goes to the models that have it)"),
     ("experiment=new_programs", "error: experiment=new_programs: sets model=multihead; the bench times default, "
-                                "baseline, multihead, new_programs itself"),
+                                "baseline, multihead, new_programs, toolpath itself"),
     ("nosuch=1", "error: nosuch=1: Could not override 'nosuch'. To append to your config use +nosuch=1"),
     ("aug=nosuch", "error: aug=nosuch: In 'config': Could not find 'aug/nosuch' (options: 3x, 5x, none)"),
     ("data.window=[", "error: data.window=[: cannot be parsed: no viable alternative at input '['"),
