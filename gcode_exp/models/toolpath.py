@@ -65,7 +65,7 @@ class ToolpathModel(Reference):
         # shared runs; the most frequent line of the training rows so (none where the feed is not an input)
         idle = torch.zeros(len(split.rows), dtype=torch.bool)
         for a, b in Windows.of_split(split, window).recordings():
-            idle[a:b] = torch.from_numpy(trace(*self.read(split.gather(torch.arange(a, b))), cfg=self.cfg).idle)
+            idle[a:b] = torch.from_numpy(idle_rows(*self.read(split.gather(torch.arange(a, b))), self.cfg.still))
         ids = split.row_lines[idle]
         if (ids != 0).any():
             most = ids[ids != 0].mode().values
@@ -122,10 +122,8 @@ class Path:
 def trace(P: np.ndarray, feed: np.ndarray | None, cfg) -> Path:
     """[T, 3] work positions of one recording (and its feed rate, if known) -> its moves."""
     T = len(P)
-    step = np.linalg.norm(np.diff(P, axis=0), axis=1)
-    standing = np.concatenate([[True], step <= cfg.still]) & np.concatenate([step <= cfg.still, [True]])
     path = Path(P.copy(), P.copy(), np.zeros(T, dtype=bool), np.full(T, np.nan), np.ones(T, dtype=np.int64),
-                standing & (feed == 0) if feed is not None else np.zeros(T, dtype=bool), np.full(T, -1, dtype=np.int64))
+                idle_rows(P, feed, cfg.still), np.full(T, -1, dtype=np.int64))
     runs = straight_runs(P, cfg.line_tol, cfg.still)
     for t in (t for a, b in runs for t in range(a, b + 1)):
         path.straight[t] = True
@@ -156,6 +154,14 @@ def trace(P: np.ndarray, feed: np.ndarray | None, cfg) -> Path:
     for t in np.flatnonzero(~path.straight[1:]) + 1:  # a row of its own starts where the move before it ended
         path.starts[t] = path.ends[t - 1]
     return path
+
+
+def idle_rows(P: np.ndarray, feed: np.ndarray | None, still: float) -> np.ndarray:
+    """bool [T]: the machine stands (no move to or from the row) with the feed at 0; none without a feed."""
+    if feed is None:
+        return np.zeros(len(P), dtype=bool)
+    stays = np.linalg.norm(np.diff(P, axis=0), axis=1) <= still
+    return np.concatenate([[True], stays]) & np.concatenate([stays, [True]]) & (feed == 0)
 
 
 def lines(path: Path, cfg, idle: str = "") -> list[str]:
