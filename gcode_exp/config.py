@@ -300,6 +300,8 @@ SCHEMA: dict[str, Rule] = {
     "predict.batch_size": Int(ge=1),
     "predict.segment_rows": Int(ge=1),
     "predict.min_segment": Int(ge=1),
+    "predict.fallback": Nullable(Text()),
+    "predict.novel_above": Float(ge=0, le=1),
     # perturb (task=eval and task=predict: the scored recordings changed as in shop use, gcode_exp/data/perturb.py)
     "perturb.name": Text(),
     "perturb.concat": Bool(),
@@ -510,6 +512,9 @@ def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
         raise ConfigError("data.path: predict.follow=true needs data.path=FILE.csv (the recording being written)")
     if get("data.path") and not live:
         _warn("data.path", get("data.path"), "ignored without task=predict predict.follow=true (data.dir is read)")
+    if get("predict.fallback") and (get("task") != "predict" or live):
+        _warn("predict.fallback", get("predict.fallback"), "ignored: only task=predict reads it, offline (a whole "
+              "recording's novelty decides which checkpoint answers it)")
 
 
 def _check_perturb(flat: dict[str, Any], live: bool) -> None:

@@ -90,6 +90,7 @@ class Guess:
     line: str  # decoded G-code text (numbers at bucket centres)
     p: float  # product of the per-step probabilities of the greedy tokens
     rows: np.ndarray | None = None  # row-head probabilities [window, n_lines + 1], where the model has one
+    novelty: float | None = None  # share of the window's rows off every training path, where the model can tell
 
 
 class Predictor:
@@ -112,8 +113,14 @@ class Predictor:
         with autocast(self.device, self.amp):
             answer = self.model.predict(windows, self.batch_size)
         rows = answer.rows.float().cpu().numpy() if answer.rows is not None else [None] * len(starts)
-        return [Guess(s, self.vocab.decode(ids), float(p), r)
-                for s, ids, p, r in zip(starts, answer.tokens.tolist(), answer.p.tolist(), rows)]
+        novelty = answer.novelty.tolist() if answer.novelty is not None else [None] * len(starts)
+        return [Guess(s, self.vocab.decode(ids), float(p), r, n)
+                for s, ids, p, r, n in zip(starts, answer.tokens.tolist(), answer.p.tolist(), rows, novelty)]
+
+    def read(self, run: RecordedRun) -> tuple[list[Guess], list[RowVote]]:
+        """A whole recording's windows and each row's answer."""
+        guesses = self.guess(run_inputs(run, self.feats), window_starts(len(run.lines), self.window, self.stride))
+        return guesses, row_head_answers(vote(len(run.lines), guesses, self.window), guesses, self.lines, self.window)
 
     @property
     def lines(self) -> list[str]:
@@ -266,6 +273,10 @@ def predict_job(cfg, run_dir: Path) -> dict:
     """Offline: every recording of data.dir; live (predict.follow=true): data.path as it is written."""
     blob = load_checkpoint(cfg.ckpt_path)
     pred = Predictor(blob, cfg.hardware, cfg.predict.batch_size)
+    fallback = None  # the checkpoint that answers a recording of no known program (offline only)
+    if cfg.predict.fallback and not cfg.predict.follow:
+        fallback_blob = load_checkpoint(cfg.predict.fallback, source=f"predict.fallback={cfg.predict.fallback}")
+        fallback = Predictor(fallback_blob, cfg.hardware, cfg.predict.batch_size)
     out = run_dir / "predictions"  # made once there is something to write: a failed run leaves none
     if cfg.predict.follow:
         return follow(cfg, run_dir, pred)
@@ -277,9 +288,10 @@ def predict_job(cfg, run_dir: Path) -> dict:
             if path in twice:
                 raise DataError(twice[path])
             rec = read_recording(path, cfg.data.max_nonfinite)
-            check_channels(path, rec.run.columns, pred.feats)
-            if len(rec.times) < pred.window:
-                raise DataError(f"{path}: {len(rec.times)} rows, fewer than one window (data.window={pred.window})")
+            for p in (pred, fallback) if fallback else (pred,):
+                check_channels(path, rec.run.columns, p.feats)
+                if len(rec.times) < p.window:
+                    raise DataError(f"{path}: {len(rec.times)} rows, fewer than one window (data.window={p.window})")
             recordings.append(rec)
         except DataError as e:
             if cfg.data.on_error != "skip":
@@ -298,26 +310,37 @@ def predict_job(cfg, run_dir: Path) -> dict:
     out.mkdir(exist_ok=True)
     for rec in recordings:
         run = rec.run
-        guesses = pred.guess(run_inputs(run, pred.feats), window_starts(len(run.lines), pred.window, pred.stride))
-        votes = row_head_answers(vote(len(run.lines), guesses, pred.window), guesses, pred.lines, pred.window)
-        true = [pred.vocab.decode(pred.vocab.encode(t)[1:]) if t else "" for t in run.lines]
+        guesses, votes = pred.read(run)
+        known = [g.novelty for g in guesses if g.novelty is not None]
+        novelty = float(np.mean(known)) if known else None
+        new = novelty is not None and novelty >= cfg.predict.novel_above
+        answering = fallback if new and fallback else pred
+        if answering is fallback:
+            log.info("%s: novelty %.2f >= predict.novel_above: no known program; answered by %s", run.name, novelty,
+                     cfg.predict.fallback)
+            guesses, votes = fallback.read(run)
+        true = [answering.vocab.decode(answering.vocab.encode(t)[1:]) if t else "" for t in run.lines]
         row_prog, row_p = [""] * len(votes), np.zeros(len(votes))
-        if counts:
+        if counts and not new:
             row_prog, row_p = row_programs([v.line for v in votes], counts, cfg.predict.segment_rows,
                                            pred.stride / pred.window)
         write_rows(out / f"{run.name}.csv", votes, rec, true, row_prog)
         source = rec.rows if rec.rows is not None else np.arange(len(votes))
-        found = segments(row_prog, row_p, cfg.predict.min_segment) if counts else []
+        found = segments(row_prog, row_p, cfg.predict.min_segment) if counts and not new else []
         cuts += [{"recording": run.name, "segment": k, "first_row": int(source[s["first_row"]]),
                   "last_row": int(source[s["last_row"]]), "rows": s["last_row"] - s["first_row"] + 1,
                   "program": s["program"], "p": f"{s['p']:.4f}"} for k, s in enumerate(found)]
-        title = f"{run.name}: predicted by gcode-exp from {cfg.ckpt_path} ({len(votes)} rows, {len(guesses)} windows)"
+        ckpt = cfg.predict.fallback if answering is fallback else cfg.ckpt_path
+        title = f"{run.name}: predicted by gcode-exp from {ckpt} ({len(votes)} rows, {len(guesses)} windows)"
         write_text(out / f"{run.name}.gcode", reconstruct(votes, rec.times, cfg.predict.min_p, title))
-        ranked = name_program([g.line for g in guesses], counts, pred.window / pred.stride) if counts else [("", 0.0)]
+        ranked = name_program([g.line for g in guesses], counts, pred.window / pred.stride) \
+            if counts and not new else [("", 0.0)]
         true_op = run.op if RUN_NAME.match(run.name) else ""
         programs.append({"recording": run.name, "program": ranked[0][0], "p": f"{ranked[0][1]:.4f}",
                          "runner_up": ranked[1][0] if len(ranked) > 1 else "",
-                         "runner_up_p": f"{ranked[1][1]:.4f}" if len(ranked) > 1 else "", "true_program": true_op})
+                         "runner_up_p": f"{ranked[1][1]:.4f}" if len(ranked) > 1 else "", "true_program": true_op,
+                         "novelty": "" if novelty is None else f"{novelty:.4f}",
+                         "answered_by": "fallback" if answering is fallback else "checkpoint"})
         if true_op and "+" not in true_op:  # perturb.concat's `a+b` holds two programs: not one to name
             totals.update(programs_known=1, program_right=ranked[0][0] == true_op,
                           majority_program=majority_op == true_op)
@@ -325,8 +348,9 @@ def predict_job(cfg, run_dir: Path) -> dict:
             s, m = score_rows([v.line for v in votes], true), score_rows([majority_line] * len(true), true)
             totals.update(files=1, rows=s["rows"], right=s["right"], axis=s["axis_right"], sim=s["similarity"],
                           m_right=m["right"], m_axis=m["axis_right"], m_sim=m["similarity"])
-        print(f"{run.name}: {len(votes)} rows -> {len(merge_repeats([v.line for v in votes]))} lines; "
-              f"program {ranked[0][0] or '?'} (p={ranked[0][1]:.2f}){f', true {true_op}' if true_op else ''}")
+        named = "no known program" if new else f"program {ranked[0][0] or '?'} (p={ranked[0][1]:.2f})"
+        print(f"{run.name}: {len(votes)} rows -> {len(merge_repeats([v.line for v in votes]))} lines; {named}"
+              f"{f' (novelty {novelty:.2f})' if novelty is not None else ''}{f', true {true_op}' if true_op else ''}")
     write_csv(run_dir / "program.csv", programs)
     write_csv(run_dir / "segments.csv", cuts, ["recording", "segment", "first_row", "last_row", "rows", "program", "p"])
     write_json(run_dir / "data_summary.json", {"data_dir": str(cfg.data.dir), "skipped_files": skipped,

@@ -64,7 +64,7 @@ def fitted(*overrides: str) -> AlignModel:
 
 def read_lines(model: AlignModel, rows: torch.Tensor) -> list[int]:
     """Each row's answered line number (-1: none)."""
-    ids = model.align(rows)
+    ids = model.align(rows)[0]
     return [int(model.lines[i][1]) - 10 if i < len(model.lines) else -1 for i in ids.tolist()]
 
 
@@ -253,3 +253,16 @@ def test_a_checkpoint_from_before_the_stretch_reading_is_read_as_it_was_then():
     path = fitted_on([noisy_job(0), noisy_job(1)], [f"frame.A{i}" for i in range(C)], "model.straight=false",
                      "model.max_lag=0")
     assert read_lines(model, rows) == read_lines(path, rows)
+
+
+def test_novelty_is_the_share_of_rows_off_every_training_path_at_any_pace():
+    """key=position: a training job read again, at another pace (its rows between the training rows), lies on
+    the training paths; a job never seen lies off them."""
+    model = fitted_on([program(0), program(1)], ["posx", "posy", "posz"])
+    rows, lines = program(0)
+    seen = [Windows.of_rows(r, torch.arange(0, len(r) - 10, 10), 10) for r in (rows, resampled(rows, lines, 0.7)[0])]
+    for windows in seen:
+        assert float(model.predict(windows).novelty.mean()) <= 0.05
+    new = program(7)[0]
+    assert float(model.predict(Windows.of_rows(new, torch.arange(0, len(new) - 10, 10), 10)).novelty.mean()) >= 0.9
+    assert fitted().predict(seen[0]).novelty is None  # a signal key cannot tell (docs/RESULTS.md)

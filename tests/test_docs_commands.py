@@ -180,6 +180,19 @@ def one_job_per_perturbation(ran: Ran) -> None:
     assert len({p for _, p in done}) == 7, done
 
 
+def new_programs_answered_by_fallback(ran: Ran) -> None:
+    """README, 'Known or new': fold 0 holds the adaptive family out of training; DIR's adaptive recordings are
+    found new and answered by the toolpath, its face and pocket ones by the alignment, with their program."""
+    rows = {r["recording"]: r for r in csv.DictReader((ran.folder / "program.csv").open())}
+    assert len(rows) == 6, rows
+    for name, r in rows.items():
+        new = name.startswith("adaptive")
+        assert r["answered_by"] == ("fallback" if new else "checkpoint"), r
+        assert (float(r["novelty"]) >= 0.3) == new and (r["program"] == "") == new, r
+        assert new or float(r["novelty"]) <= 0.05, r
+    assert "no known program" in ran.out
+
+
 def resumed_after_epoch_1(ran: Ran) -> None:
     assert "resuming after epoch 1 from" in ran.out
     assert metrics(ran.folder)["epochs"] == 2, "the resumed run must end with epoch 1 from last.pt plus epoch 2"
@@ -433,6 +446,12 @@ CV_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/
 WINDOW_DEFAULT = ("python run.py -m experiment=new_programs data.dir=../shared/data/cnc_sensor_gcode "
                   "features=side_channel data.split_by=window data.folds=5 'data.fold=range(5)' "
                   "hydra.sweep.dir=multirun/real-window-default")
+KNOWN = ("python run.py data.dir=../shared/data/cnc_sensor_gcode data.split_by=operation data.fold=0 "
+         "hydra.run.dir=/tmp/doc/known")
+NEW = ("python run.py model=toolpath data.dir=../shared/data/cnc_sensor_gcode data.split_by=operation data.fold=0 "
+       "hydra.run.dir=/tmp/doc/new")
+KNOWN_OR_NEW = ("python run.py task=predict ckpt_path=/tmp/doc/known/checkpoints/best.pt "
+                "predict.fallback=/tmp/doc/new/checkpoints/best.pt data.dir=DIR")
 PERTURBATIONS = ("python run.py -m task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR "
                  "perturb=none,crop,pace_slow,pace_fast,shift,concat,shop")
 SUMMARY = ("summary.csv", "summary.md", "summary.png")
@@ -451,6 +470,10 @@ COMMANDS: dict[str, Doc] = {
     "python run.py experiment=baseline": Doc(files=("metrics.json",)),
     "python run.py features=side_channel": Doc(files=("metrics.json",)),
     "python run.py model=toolpath features=all": Doc(files=("metrics.json", "checkpoints/best.pt")),
+    KNOWN: Doc(files=("checkpoints/best.pt",)),
+    NEW: Doc(files=("checkpoints/best.pt",)),
+    KNOWN_OR_NEW: Doc(needs=(KNOWN, NEW), files=("program.csv", "predictions"),
+                      check=new_programs_answered_by_fallback),
     "python run.py model=multihead aug.oversample_factor=5 model.loss_weights.command=5.0 trainer.batch_size=16":
         Doc(files=("metrics.json",)),
     "python run.py model=multihead trainer.optimizer._target_=torch.optim.SGD +trainer.optimizer.momentum=0.9":

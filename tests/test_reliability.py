@@ -799,6 +799,16 @@ def test_cli_bad_config_names_the_key_before_any_work(tmp_path, args, message):
 
 
 @pytest.mark.slow
+def test_cli_predict_names_a_missing_fallback_checkpoint_by_its_key(tmp_path, trained):
+    """predict.fallback is a second checkpoint: a wrong path is named by that key, not by ckpt_path, before
+    any recording is read."""
+    line = one_error_line(cli(tmp_path, "task=predict", f"ckpt_path={trained / 'checkpoints' / 'best.pt'}",
+                              "predict.fallback=/nonexistent/best.pt"))
+    assert line == "predict.fallback=/nonexistent/best.pt: no such file"
+    assert not (tmp_path / "run" / "predictions").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["eval", "predict"])
 def test_cli_resume_with_eval_or_predict_says_only_training_resumes(tmp_path, trained, task):
     """`task=eval trainer.resume=true` without ckpt_path: why it cannot, not only that ckpt_path is missing;

@@ -53,11 +53,11 @@ class AlignModel(Reference):
     rules = {"key": OneOf("auto", *KEYS), "smooth": Int(ge=1), "dims": Int(ge=0), "max_step": Int(ge=1, le=8),
              "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
              "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0),
-             "max_lag": Int(ge=0)}
+             "max_lag": Int(ge=0), "off_path": Float(gt=0)}
 
     # keys and tables newer than the first checkpoints of this model: where a checkpoint lacks them, it is
     # read the way it was then (the path as traced, no lags; an empty table is not used)
-    since_first = {"straight": False, "snap": 0, "max_lag": 0}
+    since_first = {"straight": False, "snap": 0, "max_lag": 0, "off_path": 0.25}
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
@@ -130,26 +130,30 @@ class AlignModel(Reference):
 
     @torch.no_grad()
     def predict(self, windows: Windows, batch_size: int = 256) -> Answer:
-        out_rows = []
-        row_of = {a: self.align(windows.gather(torch.arange(a, b))) for a, b in windows.recordings()}
+        out_rows, out_off = [], []
+        aligned = {a: self.align(windows.gather(torch.arange(a, b))) for a, b in windows.recordings()}
         steps = torch.arange(windows.length)
         for i, s in enumerate(windows.starts.tolist()):
             a = int(windows.first[i])
-            out_rows.append(row_of[a][s - a + steps])
+            lines, off = aligned[a]
+            out_rows.append(lines[s - a + steps])
+            out_off.append(off[s - a + steps] if off is not None else None)
         if not out_rows:
             return Answer(torch.zeros(0, self.max_len - 1, dtype=torch.long), torch.zeros(0))
         rows = torch.stack(out_rows)
         best = most_rows(rows, none=len(self.lines))
         one_hot = torch.nn.functional.one_hot(rows, len(self.lines) + 1).float()
+        novelty = torch.stack(out_off).float().mean(1) if out_off[0] is not None else None
         # the window's probability: the share of its rows on its line (the path gives no other measure)
-        return Answer(self.lines[best][:, 1:], (rows == best[:, None]).float().mean(1), one_hot)
+        return Answer(self.lines[best][:, 1:], (rows == best[:, None]).float().mean(1), one_hot, novelty)
 
     def answer(self, x: torch.Tensor) -> Answer:
         """Windows without their recording: each aligned on its own."""
         return self.predict(Windows.alone(x))
 
-    def align(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """[T, n_inputs] one recording -> [T] each row's line (index into `lines`; len(lines): none).
+    def align(self, x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[T, n_inputs] one recording -> [T] each row's line (index into `lines`; len(lines): none), and with
+        key=position [T] whether the row lies off every training path (`off_path`; None with a signal key).
 
         Viterbi in numpy over float32 costs (its per-step overhead is a fraction of torch's at these sizes);
         each step keeps, per state, how it was reached: 0 .. K rows on, or K + 1 for a jump (from `tops`)."""
@@ -167,7 +171,7 @@ class AlignModel(Reference):
         states = np.zeros(T, dtype=np.int64)
         padded = np.full(S + K, np.inf, dtype=np.float32)
         best, cand, better = np.empty(S, np.float32), np.empty(S, np.float32), np.empty(S, bool)
-        prev = None
+        prev, near = None, torch.zeros(T, dtype=torch.long)
 
         def trace(s: int, t: int, steps: int) -> int:
             """The state `steps` rows before t on the path that is at state s at row t."""
@@ -177,7 +181,9 @@ class AlignModel(Reference):
             return s
 
         for c0 in range(0, T, chunk):
-            d = torch.cdist(q[c0 : c0 + chunk], self.keys).square_().clamp_(max=float(self.clip_at)).cpu().numpy()
+            d = torch.cdist(q[c0 : c0 + chunk], self.keys).square_().clamp_(max=float(self.clip_at))
+            near[c0 : c0 + len(d)] = d.argmin(1).cpu()
+            d = d.cpu().numpy()
             for j in range(len(d)):
                 t = c0 + j
                 code = codes[t if whole else t % (lag + 1)]
@@ -207,10 +213,31 @@ class AlignModel(Reference):
             states[t] = end
             end = trace(end, t, 1)
         states = torch.from_numpy(states).to(self.line_ids.device)
-        if whole and cfg.straight and KEYS[int(self.mode)] == "signal" and len(self.firsts):
+        if KEYS[int(self.mode)] == "position":
+            return self.lagged_ids[states], self.distance_to_paths(q, near.to(q.device)) > cfg.off_path
+        if whole and cfg.straight and len(self.firsts):
             states, clocked = self.straightened(states, q)
-            return torch.where(clocked, self.line_ids[states], self.lagged_ids[states])
-        return self.lagged_ids[states]
+            return torch.where(clocked, self.line_ids[states], self.lagged_ids[states]), None
+        return self.lagged_ids[states], None
+
+    def distance_to_paths(self, q: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+        """[T] each key's distance to the nearest training path: the segments from its nearest training row
+        `near` to the rows before and after it in the same training recording (in the key's unit: rows of
+        progress for the work position).
+
+        A recording of a known program lies on the training paths (within 0.06 rows of progress at the
+        median, docs/RESULTS.md), at any pace (a paced row lies on a segment, not on a row); one of a
+        program never seen lies a fraction of a row off them on most of its rows, except where the
+        programs share a move."""
+        S, p = len(self.keys), self.keys[near]
+        best = (q - p).square().sum(1)
+        after = (near + 1).clamp(max=S - 1)
+        neighbours = ((near - 1, self.same_before[near] >= 1), (after, (near + 1 < S) & (self.same_before[after] >= 1)))
+        for other, same in neighbours:
+            seg = self.keys[other.clamp(min=0)] - p
+            t = ((q - p) * seg).sum(1).div(seg.square().sum(1).clamp(min=1e-12)).clamp(0, 1)
+            best = torch.where(same, torch.minimum(best, (q - p - t[:, None] * seg).square().sum(1)), best)
+        return best.sqrt()
 
     def straightened(self, states: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each stretch of the path in one program read at one pace: a line fitted to its places in the

@@ -4,9 +4,10 @@ trained for an hour are peers.
 
 - `fit(train, features, window)`: what the model keeps of the training split before any optimiser step
   (a reference; nothing for a token model). `learns` says whether optimiser steps follow (the Trainer).
-- `predict(windows)`: an `Answer` per window: its line's tokens, their probability, and per row the
-  probabilities over `lines` (the runner-up is the second of those). `Windows` carries whole recordings,
-  so a model that reads a window in the context of its recording (an alignment) has what it needs.
+- `predict(windows)`: an `Answer` per window: its line's tokens, their probability, per row the
+  probabilities over `lines` (the runner-up is the second of those), and where the model can tell, how far
+  the window lies from everything it was fitted on (`novelty`: a program never seen). `Windows` carries
+  whole recordings, so a model that reads a window in the context of its recording (an alignment) has what it needs.
 - `state()` / `load_state(...)`: what a checkpoint stores, and a model built from the same config given it.
 """
 
@@ -32,12 +33,16 @@ class Answer:
     tokens: torch.Tensor  # int64 [B, L] the answered line's tokens after BOS (EOS, then PAD)
     p: torch.Tensor  # float [B] the model's probability of that answer (1: a reference's certain answer)
     rows: torch.Tensor | None = None  # float [B, window, len(lines) + 1] per row over `lines`, last: another line
+    novelty: torch.Tensor | None = None  # float [B] share of the window's rows off every training path, where known
 
     @staticmethod
     def cat(parts: list[Answer]) -> Answer:
-        rows = [a.rows for a in parts]
-        return Answer(torch.cat([a.tokens for a in parts]), torch.cat([a.p for a in parts]),
-                      torch.cat(rows) if parts and all(r is not None for r in rows) else None)
+        def joined(name: str) -> torch.Tensor | None:
+            each = [getattr(a, name) for a in parts]
+            return torch.cat(each) if parts and all(e is not None for e in each) else None
+
+        return Answer(torch.cat([a.tokens for a in parts]), torch.cat([a.p for a in parts]), joined("rows"),
+                      joined("novelty"))
 
 
 @dataclass
