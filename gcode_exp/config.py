@@ -213,6 +213,9 @@ SCHEMA: dict[str, Rule] = {
     "name": Text(),
     "optimized_metric": Nullable(Text(optional=True)),  # hparams_search: checked against the run's metrics
     "optuna_storage": Text(optional=True),
+    "hparams_search.pruner": OneOf("median", "hyperband", "none", optional=True),
+    "hparams_search.startup_trials": Int(ge=0, optional=True),
+    "hparams_search.warmup_epochs": Int(ge=0, optional=True),
     # data
     "data.dir": Text(),
     "data.pattern": Text(),

@@ -533,7 +533,7 @@ def study_trials(storage: str, study: str, runs: list[RunResult]) -> list[dict]:
             overrides = [dict(o.split("=", 1) for o in r.overrides if "=" in o) for r in runs]
             folder = next((str(r.folder) for r, o in zip(runs, overrides) if same_params(o, t.params)), "-")
         out.append({"trial": t.number, "state": t.state.name, "value": _num(t.value), **_short(t.params),
-                    "folder": folder})
+                    "pruned_epoch": t.user_attrs.get("pruned_epoch", ""), "folder": folder})
     return out
 
 
@@ -546,8 +546,23 @@ def folder_trials(runs: list[RunResult]) -> list[dict]:
         metric = r.config.get("optimized_metric") or r.config.get("trainer", {}).get("monitor")
         value = r.metrics.get(metric) if r.metrics else None
         out.append({"study": r.trial.get("study"), "trial": r.trial.get("trial"), "run": r.status,
-                    "value": _num(value), **_short(r.trial.get("params", {})), "folder": str(r.folder)})
+                    "value": _num(value), **_short(r.trial.get("params", {})),
+                    "pruned_epoch": (r.metrics or {}).get("pruned_epoch") or "", "folder": str(r.folder)})
     return sorted(out, key=lambda row: (str(row["study"]), row["trial"]))
+
+
+def pruned_line(runs: list[RunResult]) -> str:
+    """How many finished trials a pruner stopped, and the training time that saved: each pruned trial's
+    epochs not run, at its own seconds per epoch."""
+    trials = [r for r in runs if r.trial is not None and r.metrics]
+    pruned = [r for r in trials if r.metrics.get("pruned_epoch")]
+    if not pruned:
+        return ""
+    ran = sum(r.metrics.get("sec_per_epoch", 0) * r.metrics.get("epochs", 0) for r in trials)
+    saved = sum(r.metrics["sec_per_epoch"] * max(r.config["trainer"]["max_epochs"] - r.metrics["epochs"], 0)
+                for r in pruned)
+    return (f"pruned: {len(pruned)} of {len(trials)} trials, {saved:.0f} s of training saved "
+            f"({ran:.0f} s trained; unpruned about {ran + saved:.0f} s)\n")
 
 
 def best_results(paths: list[Path]) -> list[str]:
@@ -683,6 +698,7 @@ def summarize(args: argparse.Namespace) -> list[dict]:
         trials = folder_trials(runs)
         text += "\nOptuna trials recorded in the run folders (add --storage URL for the whole study):\n\n"
         text += markdown(as_table(trials))
+    text += pruned_line(runs)
     out = args.paths[0]
     files: dict[Path, str | bytes] = {out / "summary.csv": csv_text(table), out / "summary.md": text}
     if trials:

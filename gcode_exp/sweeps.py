@@ -9,6 +9,11 @@ into the folder (with host and process id), where `summarize` sees it without th
 
 `CreateStorage` creates the storage's tables before the sweeper opens it: workers started at the same
 moment on a brand-new database would otherwise all create them, and all but one die.
+
+`PruneTrial` reports a trial's validation after each epoch to its study and stops the training when the
+study's pruner (`hparams_search.pruner`: median, hyperband) says it falls behind the trials before it. The
+sweeper still records the trial as complete, with the value it reached (TPE learns from it as from any
+trial); the epoch it was stopped after is the trial's user attribute `pruned_epoch` and `metrics.json`'s.
 """
 
 from __future__ import annotations
@@ -20,18 +25,35 @@ import os
 import random
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gcode_exp import distributed
 from gcode_exp.atomic import write_text
+from gcode_exp.training import callbacks
+
+if TYPE_CHECKING:
+    from gcode_exp.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 TRIAL_FILE = "optuna_trial.json"
 # what a database says when another process creates the same tables at the same moment
 RACE_SIGNS = ("already exists", "locked", "deadlock")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class TrialLink:
+    """The Optuna trial a job runs: where its study is stored, the study's name and the trial's number."""
+
+    url: str
+    study: str
+    number: int
 
 
 def display_url(url: str) -> str:
@@ -95,8 +117,8 @@ def same_params(overrides: dict[str, str], params: dict) -> bool:
     return True
 
 
-def record_optuna_trial(run_dir: Path) -> int | None:
-    """In a job of an Optuna sweep, tag its trial with this folder; return the trial number.
+def record_optuna_trial(run_dir: Path) -> TrialLink | None:
+    """In a job of an Optuna sweep, tag its trial with this folder; return the trial.
 
     Outside an Optuna sweep this is a no-op returning None. It never fails the job: a storage that
     cannot be read only costs the link (logged as a warning).
@@ -116,7 +138,7 @@ def record_optuna_trial(run_dir: Path) -> int | None:
         return None
 
 
-def _record(hc, run_dir: Path) -> int | None:
+def _record(hc, run_dir: Path) -> TrialLink | None:
     import optuna
     from optuna.trial import TrialState
 
@@ -143,4 +165,59 @@ def _record(hc, run_dir: Path) -> int | None:
     if not (run_dir / "metrics.json").exists():  # else: a finished earlier trial's folder; the job will refuse it
         write_text(run_dir / TRIAL_FILE, json.dumps(info, indent=1) + "\n")
     log.info("Optuna study %s, trial %d", study_name, trial.number)
-    return trial.number
+    return TrialLink(url, study_name, trial.number)
+
+
+def make_pruner(name: str, max_epochs: int, startup_trials: int, warmup_epochs: int):
+    """The Optuna pruner `hparams_search.pruner` names (None for none). Both read the other trials' reported
+    values from the storage, so a job in its own process (or on another machine) decides as the study would."""
+    import optuna
+
+    if name == "median":  # below the median of the earlier trials at the same epoch
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+    if name == "hyperband":  # successive halving over brackets of 1 .. max_epochs epochs
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_epochs), max_resource=max_epochs)
+    return None
+
+
+class PruneTrial(callbacks.Callback):
+    """After each epoch: the trial's `metric` reported to its study; training stopped where the pruner says."""
+
+    def __init__(self, link: TrialLink, pruner, metric: str) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = optuna.storages.get_storage(link.url)
+        study = optuna.load_study(study_name=link.study, storage=storage, pruner=pruner)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(link.study),
+                                                                    link.number)
+        self.trial, self.metric, self.name = optuna.trial.Trial(study, trial_id), metric, type(pruner).__name__
+        self.warned = False
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        value = row.get(self.metric)
+        if value is None and not self.warned:  # val/line_exact: decoded each epoch only as trainer.monitor
+            log.warning("not pruning: %s is not measured each epoch (trainer.monitor=%s would)", self.metric,
+                        self.metric)
+            self.warned = True
+        if value is None or math.isnan(value):
+            return
+        self.trial.report(float(value), row["epoch"])
+        if self.trial.should_prune():
+            self.trial.set_user_attr("pruned_epoch", row["epoch"])
+            trainer.stop_reason = f"pruned by the {self.name} after epoch {row['epoch']} ({self.metric} {value:.4f})"
+            trainer.state["pruned_epoch"] = row["epoch"]
+
+
+def pruning(cfg, link: TrialLink | None) -> list[callbacks.Callback]:
+    """The callback that prunes this run's trial, where it is one and hparams_search.pruner is set."""
+    name = OmegaConf.select(cfg, "hparams_search.pruner", default="none")
+    metric = cfg.get("optimized_metric") or cfg.trainer.monitor
+    if link is None or name == "none" or not distributed.is_main():  # hardware=ddp: rank 0 decides for all
+        return []
+    if not metric.startswith("val/"):
+        log.warning("hparams_search.pruner=%s: not pruning; optimized_metric=%s is not measured each epoch (a "
+                    "val/ metric is)", name, metric)
+        return []
+    hs = cfg.hparams_search
+    return [PruneTrial(link, make_pruner(name, cfg.trainer.max_epochs, hs.startup_trials, hs.warmup_epochs), metric)]

@@ -17,7 +17,7 @@ from gcode_exp.data.dataset import Prepared, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
 from gcode_exp.data.windows import Features, build_split
 from gcode_exp.logger import make_logger
-from gcode_exp.sweeps import record_optuna_trial
+from gcode_exp.sweeps import TrialLink, pruning, record_optuna_trial
 from gcode_exp.training.checkpoint import load_checkpoint, load_model, seen_in_training
 from gcode_exp.training.device import pick_device
 from gcode_exp.training.evaluate import evaluate, scored_windows
@@ -38,8 +38,9 @@ def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     with run_folder.record(run_dir, cfg, hydra_cfg) if distributed.is_main() else contextlib.nullcontext():
+        trial = None
         if hydra_cfg is not None and hydra_cfg.mode.name == "MULTIRUN":
-            record_optuna_trial(run_dir)  # an Optuna trial records which folder it wrote
+            trial = record_optuna_trial(run_dir)  # an Optuna trial records which folder it wrote
         if cfg.task == "prepare":
             out = prepare_job(cfg, run_dir)
         elif cfg.task == "predict":
@@ -47,7 +48,7 @@ def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
 
             out = predict_job(cfg, run_dir)
         else:
-            out = train_job(cfg, run_dir) if cfg.task == "train" else eval_job(cfg, run_dir)
+            out = train_job(cfg, run_dir, trial) if cfg.task == "train" else eval_job(cfg, run_dir)
     distributed.finish()  # hardware=ddp: every rank done (rank 0 has written all) before any leaves
     return out
 
@@ -74,9 +75,9 @@ def prepare_job(cfg, run_dir: Path) -> dict:
     return s
 
 
-def train_job(cfg, run_dir: Path) -> dict:
+def train_job(cfg, run_dir: Path, trial: TrialLink | None = None) -> dict:
     """Train, then score the best epoch on val and test. hardware=ddp: every rank trains and scores its
-    part; rank 0 writes."""
+    part; rank 0 writes. `trial`: the Optuna trial this run is, which its pruner may stop early."""
     main = distributed.is_main()
     data = distributed.main_first(prepare_checked, cfg)
     if main:
@@ -84,7 +85,7 @@ def train_job(cfg, run_dir: Path) -> dict:
         data.vocab.save(run_dir / "vocab.json")
     logger = make_logger(cfg, run_dir) if main else None
     try:
-        state = fit(cfg, data, run_dir, logger)
+        state = fit(cfg, data, run_dir, logger, pruning(cfg, trial))
         device = pick_device(cfg.hardware)
         blob = load_checkpoint(run_dir / "checkpoints" / "best.pt")
         model, vocab = load_model(blob, device)
@@ -102,6 +103,7 @@ def train_job(cfg, run_dir: Path) -> dict:
             epochs=len(history),
             sec_per_epoch=sum(r["sec"] for r in history) / max(len(history), 1),
             collapsed=state["collapsed"],
+            pruned_epoch=state.get("pruned_epoch", 0),  # the epoch after which an Optuna pruner stopped it; 0: never
             n_params=sum(p.numel() for p in model.parameters()),
         )
         if main:

@@ -191,3 +191,57 @@ def test_sweep_over_models_takes_keys_the_default_model_lacks(tmp_path):
                   f"hydra.sweep.dir={tmp_path / 'typo'}", cache=tmp_path / "cache")
     refused = [line for line in typo.stderr.splitlines() if line.startswith("error: model.row_wieght=0")]
     assert len(refused) == 2 and "did you mean model.row_weight?" in refused[0], typo.stderr[-2000:]
+
+
+class FakeTrainer:
+    """What a callback may touch of the Trainer: its reason to stop and its loop state."""
+
+    def __init__(self) -> None:
+        self.stop_reason, self.state = None, {}
+
+
+def study_with_a_perfect_trial(url: str, name: str) -> optuna.Study:
+    """A study whose one finished trial scored 1.0 at every epoch: any trial below it is the one behind."""
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=1.0, intermediate_values={1: 1.0, 2: 1.0, 3: 1.0}))
+    return study
+
+
+@pytest.mark.parametrize("value, pruned", [(0.2, True), (1.0, False)])
+def test_a_trial_behind_the_earlier_ones_is_stopped_and_says_after_which_epoch(tmp_path, value, pruned):
+    from gcode_exp.sweeps import PruneTrial, TrialLink, make_pruner
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    study = study_with_a_perfect_trial(url, "s")
+    running = study.ask()
+    trainer = FakeTrainer()
+    callback = PruneTrial(TrialLink(url, "s", running.number), make_pruner("median", 3, 1, 1), "val/x")
+    callback.on_epoch_end(trainer, {"epoch": 1, "val/x": value})
+    assert (trainer.stop_reason is not None) == pruned
+    stored = optuna.load_study(study_name="s", storage=url).trials[-1]
+    assert stored.intermediate_values == {1: value}  # reported, pruned or not
+    assert stored.user_attrs.get("pruned_epoch") == (1 if pruned else None)
+    if pruned:
+        assert trainer.state["pruned_epoch"] == 1 and "after epoch 1 (val/x 0.2000)" in trainer.stop_reason
+
+
+def test_a_pruned_sweep_stops_its_trials_early_and_summarize_counts_them(tmp_path):
+    """`hparams_search.pruner=median` on a study whose earlier trial did better at every epoch: each new trial
+    stops after its warm-up epoch, is recorded COMPLETE with the value it reached and its pruned epoch, and
+    summarize says how many were pruned and the training time that saved."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study_with_a_perfect_trial(storage, STUDY)
+    res = run_py("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"optuna_storage={storage}",
+                 "trainer.max_epochs=3", "hparams_search.pruner=median", "hparams_search.startup_trials=1",
+                 "hparams_search.warmup_epochs=1", f"hydra.sweep.dir={tmp_path / 's'}", cache=tmp_path / "cache")
+    assert res.returncode == 0, res.stderr[-2000:]
+    trials = optuna.load_study(study_name=STUDY, storage=storage).trials[1:]
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+    assert [t.user_attrs["pruned_epoch"] for t in trials] == [1, 1] and all(len(t.intermediate_values) == 1
+                                                                             for t in trials)
+    for i in (0, 1):
+        metrics = json.loads((tmp_path / "s" / f"{i}_optuna" / "metrics.json").read_text())
+        assert metrics["epochs"] == 1 and metrics["pruned_epoch"] == 1
+    out = subprocess.run([sys.executable, "-m", "gcode_exp.summarize", str(tmp_path / "s")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "pruned: 2 of 2 trials" in out.stdout, out.stdout + out.stderr

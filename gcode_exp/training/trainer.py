@@ -52,6 +52,7 @@ class Trainer:
         self.opt = new_optimizer(self.tc.optimizer, model)
         self.sched = new_scheduler(self.tc.scheduler, self.opt, len(self.sampler), self.tc.max_epochs)
         self.ckpt_dir, self.run_dir, self.callbacks = run_dir / "checkpoints", run_dir, list(callbacks)
+        self.stop_reason: str | None = None  # set by a callback that ends training early (a pruned trial)
         self.state = new_state()
 
     def step(self, batch: Batch) -> float:
@@ -102,6 +103,10 @@ class Trainer:
             row = {**self.train_epoch(epoch), **self.validate()}
             stop = self.end_epoch(row)
             self.call("on_epoch_end", row)
+            self.stop_reason = distributed.from_main(self.stop_reason)  # hardware=ddp: every rank stops together
+            if self.stop_reason:
+                log.info("stopping: %s", self.stop_reason)
+                break
             if stop:
                 log.info("stopping after epoch %d (best epoch %d)", epoch, self.state["best_epoch"])
                 break
@@ -176,7 +181,7 @@ class Trainer:
             getattr(callback, hook)(self, *args)
 
 
-def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
+def fit(cfg, data: Prepared, run_dir: Path, logger=None, extra: Sequence[Callback] = ()) -> dict:
     """Fit the config's model to `data` (tasks.train_job), then train it where it learns; a model that is
     done once fitted (a reference) is checkpointed as it is."""
     pick_device(cfg.hardware)  # torch's thread count, as every later step sees it
@@ -189,7 +194,7 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None) -> dict:
         for name in ("best.pt", "last.pt"):
             save_checkpoint(run_dir / "checkpoints" / name, model=model.state(), epoch=0, state=state, **checkpoint)
         return state
-    return Trainer(cfg, data, model, run_dir, checkpoint, default_callbacks(cfg, run_dir, logger)).fit()
+    return Trainer(cfg, data, model, run_dir, checkpoint, [*default_callbacks(cfg, run_dir, logger), *extra]).fit()
 
 
 def new_state() -> dict:
