@@ -112,6 +112,38 @@ def bench_default(cfg, data) -> dict:
             "latency_ms_per_window_batch256": 1e3 * timed(lambda: model.predict(big), 3) / len(big)}
 
 
+def bench_search(data, window: int, factors: tuple[int, ...] = (1, 4, 10)) -> dict:
+    """model=nearest's reference search with the work position (gcode_exp/models/nearest.py, KeyIndex): ms
+    per window at batch 1 and 256 with the archive 1x, 4x and 10x (the training keys replicated, each copy
+    moved by 1 % of their spread: new points), beside comparing each row with every key (cdist in chunks of
+    1024 rows, as before the index), and the index's build time."""
+    from omegaconf import OmegaConf
+
+    from gcode_exp.models.nearest import KeyIndex, NearestModel, row_keys
+
+    model = NearestModel(OmegaConf.load(CONF / "model" / "nearest.yaml"), max_len=2)
+    train = data.splits["train"]
+    model.fit(train, data.features, window)  # ConfigError without the work position
+    queries = {n: row_keys(train.rows[train.starts[:n, None] + torch.arange(window)], model.columns,
+                           model.cfg.motion_weight).flatten(0, 1) for n in (1, 256)}  # n windows' rows
+    base, spread, out = model.keys, model.keys.std(0), {}
+    gen = torch.Generator().manual_seed(0)
+    for k in factors:
+        copies = [base + 0.01 * spread * torch.randn(base.shape, generator=gen) for _ in range(k - 1)]
+        keys = torch.cat([base, *copies])
+        build_s = timed(lambda ks=keys: KeyIndex(ks))
+        index = KeyIndex(keys)
+        row = {"keys": len(keys), "index_build_s": build_s}
+        for n, q in queries.items():
+            n_windows = len(q) // window  # fewer than n on a small training split
+            row[f"index_ms_per_window_batch{n}"] = 1e3 * timed(lambda q=q, i=index: i.nearest(q), 5) / n_windows
+            brute = 1e3 * timed(lambda q=q, ks=keys: [torch.cdist(q[i : i + 1024], ks).argmin(1)
+                                                      for i in range(0, len(q), 1024)])  # in 1024-row chunks
+            row[f"brute_ms_per_window_batch{n}"] = brute / n_windows
+        out[f"{k}x"] = row
+    return out
+
+
 def bench_scaling(cfg, data) -> dict:
     """Seconds for one training epoch over the train split repeated 1x, 2x, 4x."""
     trainer, train = trainer_for(cfg, data), data.splits["train"]
@@ -281,6 +313,10 @@ def bench(args: argparse.Namespace) -> dict:
         result["toolpath"] = bench_default(cfgs["toolpath"], data)
     except ConfigError as e:  # features without the work position: nothing to time
         result["toolpath"] = {"skipped": str(e)}
+    try:
+        result["reference_search"] = bench_search(data, cfg.data.window)
+    except ConfigError as e:
+        result["reference_search"] = {"skipped": str(e)}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{result['machine']}; data {args.data_dir}: {result['train_windows']} train windows")
     print(f"prepare: cold {cold:.2f} s, cached {cached:.3f} s ({cold / cached:.0f}x); "
@@ -298,6 +334,12 @@ def bench(args: argparse.Namespace) -> dict:
     print(f"toolpath: {t['skipped']}" if "skipped" in t else
           f"toolpath: fitted in {t['fit_s']:.2f} s, {t['latency_ms_batch1']:.2f} ms at batch 1, "
           f"{t['latency_ms_per_window_batch256']:.3f} ms/window at 256")
+    r = result["reference_search"]
+    print(f"reference search (model=nearest): {r['skipped']}" if "skipped" in r else
+          "reference search (model=nearest), ms/window at batch 1 / 256, index | every key: " + "; ".join(
+              f"{k} ({v['keys']} keys) {v['index_ms_per_window_batch1']:.3f} / {v['index_ms_per_window_batch256']:.4f}"
+              f" | {v['brute_ms_per_window_batch1']:.3f} / {v['brute_ms_per_window_batch256']:.4f}"
+              for k, v in r.items()))
     s = result["epoch_s_by_data_size"]
     print("epoch seconds at 1x/2x/4x data: " + " / ".join(f"{v:.2f}" for v in s.values())
           + f" (4x/1x = {s['4x'] / s['1x']:.2f})")

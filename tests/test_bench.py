@@ -27,8 +27,14 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     assert "reference rows" in default["reference"] and default["fit_s"] > 0
     assert default["latency_ms_per_window_batch256"] > 0
     assert min(toolpath[k] for k in ("fit_s", "latency_ms_batch1", "latency_ms_per_window_batch256")) > 0
+    search = result["reference_search"]  # the nearest reference's index at 1x, 4x, 10x the training keys
+    assert list(search) == ["1x", "4x", "10x"] and [v["keys"] for v in search.values()] == [
+        search["1x"]["keys"] * k for k in (1, 4, 10)]
+    assert all(v[f"{how}_ms_per_window_batch{n}"] > 0 for v in search.values() for how in ("index", "brute")
+               for n in (1, 256))
     printed = capsys.readouterr().out
     assert "prepare: cold" in printed and "default" in printed and "toolpath: fitted in" in printed
+    assert "reference search (model=nearest)" in printed
     assert "4x/1x" in printed
 
 

@@ -125,3 +125,16 @@ def test_run_py_fits_evaluates_and_predicts_with_the_nearest_model(tmp_path):
     assert pred.returncode == 0, pred.stderr[-2000:]
     scores = json.loads((tmp_path / "pred" / "metrics.json").read_text())
     assert scores["predict/row_line_acc"] > scores["majority/row_line_acc"]
+
+
+def test_the_key_index_finds_the_exact_nearest_key_and_the_first_of_identical_ones():
+    """The k-d tree answers what comparing with every key in float64 answers; of identical keys the first, as
+    an argmin over all keys would."""
+    from gcode_exp.models.nearest import KeyIndex
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3000, 6, generator=g)
+    keys[2000:2100] = keys[:100]  # identical keys: the first (0..99) is the answer
+    q = torch.cat([torch.randn(500, 6, generator=g), keys[:100] + 1e-9])
+    want = torch.cdist(q.double(), keys.double()).argmin(1)
+    assert torch.equal(KeyIndex(keys).nearest(q), want)

@@ -110,17 +110,46 @@ class NearestModel(Reference):
         return Answer(tokens, torch.ones(len(x), device=x.device), one_hot)
 
     @torch.no_grad()
-    def row_lines(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    def row_lines(self, x: torch.Tensor) -> torch.Tensor:
         """[B, W] each row's line (index into `lines`; len(lines): none): the nearest training row's, or
         the same row of the nearest training window's."""
         if KEYS[int(self.mode)] == "summary":
             return self.line_ids[torch.cdist(self.window_key(x), self.keys).argmin(1)]
         q = row_keys(x, self.columns, self.cfg.motion_weight).flatten(0, 1)
-        near = torch.cat([torch.cdist(q[i : i + chunk], self.keys).argmin(1) for i in range(0, len(q), chunk)])
-        return self.line_ids[near].view(x.shape[:2])
+        return self.line_ids[self.index.nearest(q)].view(x.shape[:2])
+
+    @property
+    def index(self) -> KeyIndex:
+        """The position keys' index, built from the keys on first use (a fitted or a loaded model alike)."""
+        if getattr(self, "_index", None) is None or self._index.keys is not self.keys:
+            self._index = KeyIndex(self.keys)
+        return self._index
 
     def brief(self) -> str:
         return f"{len(self.keys)} reference keys ({KEYS[int(self.mode)]})"
+
+
+class KeyIndex:
+    """Exact nearest neighbours of low-dimensional keys (the 6 of a row's position and motion) by a k-d tree
+    (scipy's cKDTree): a query costs about log(rows), so the search grows little with the archive, where
+    comparing a row with every training row grows with it (docs/RESULTS.md, "Scale"). Built in tens of
+    milliseconds from the keys a checkpoint stores, never stored itself: a pickled tree in a checkpoint
+    would be code. Identical keys answer as the first of them, as a brute-force argmin would."""
+
+    def __init__(self, keys: torch.Tensor) -> None:
+        from scipy.spatial import cKDTree
+
+        self.keys = keys
+        points = keys.detach().cpu().double()
+        distinct, which = torch.unique(points, dim=0, return_inverse=True)
+        self.first = torch.full((len(distinct),), len(points)).scatter_reduce(0, which, torch.arange(len(points)),
+                                                                               "amin")
+        self.tree = cKDTree(distinct.numpy())
+
+    def nearest(self, q: torch.Tensor) -> torch.Tensor:
+        """[n, k] queries -> [n] the index of each one's nearest key (on the keys' device)."""
+        _, at = self.tree.query(q.detach().cpu().double().numpy(), k=1)
+        return self.first[torch.from_numpy(at)].to(self.keys.device)
 
 
 def most_rows(row_lines: torch.Tensor, none: int) -> torch.Tensor:
