@@ -511,7 +511,8 @@ def _first(e: BaseException) -> str:
 
 
 def study_trials(storage: str, study: str, runs: list[RunResult]) -> list[dict]:
-    """Every trial of an Optuna study in the storage: state, value, parameters and the folder it wrote.
+    """Every trial of an Optuna study in the storage: state, value, parameters, the epoch a pruner stopped it
+    after, when it finished (seconds since the study's first trial began) and the folder it wrote.
 
     The folder is the one the job stored on its trial (gcode_exp/sweeps.py); for trials run before
     that existed, a run folder among `runs` whose overrides carry the trial's parameters."""
@@ -524,6 +525,7 @@ def study_trials(storage: str, study: str, runs: list[RunResult]) -> list[dict]:
         raise GcodeExpError(f"--study {study}: cannot be read from --storage {display_url(storage)} ({_first(e)})"
                             ) from None
     out = []
+    began = min((t.datetime_start for t in loaded.trials if t.datetime_start), default=None)
     for t in loaded.trials:
         folder = t.user_attrs.get("folder")
         if folder is None:
@@ -532,8 +534,9 @@ def study_trials(storage: str, study: str, runs: list[RunResult]) -> list[dict]:
         if folder is None:
             overrides = [dict(o.split("=", 1) for o in r.overrides if "=" in o) for r in runs]
             folder = next((str(r.folder) for r, o in zip(runs, overrides) if same_params(o, t.params)), "-")
+        done = f"{(t.datetime_complete - began).total_seconds():.0f}" if t.datetime_complete and began else ""
         out.append({"trial": t.number, "state": t.state.name, "value": _num(t.value), **_short(t.params),
-                    "pruned_epoch": t.user_attrs.get("pruned_epoch", ""), "folder": folder})
+                    "pruned_epoch": t.user_attrs.get("pruned_epoch", ""), "done_s": done, "folder": folder})
     return out
 
 

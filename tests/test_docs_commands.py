@@ -434,6 +434,11 @@ REAL_TOKEN_MODEL = ("mkdir -p multirun/real-token-model && python run.py -m hpar
                     "hydra.sweep.dir=multirun/real-token-model/call1")
 REAL_CV = ("python run.py -m experiment=cv data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
            "trainer.max_epochs=25 hydra.sweep.dir=multirun/real-cv")
+REAL_PRUNED = ("mkdir -p multirun/real-pruned && python run.py -m hparams_search=optuna "
+               "data.dir=../shared/data/cnc_sensor_gcode hydra.sweeper.n_trials=10 trainer.max_epochs=12 "
+               "hydra.sweeper.sampler.seed=0 hardware.threads=1 hparams_search.pruner=median "
+               "optuna_storage=sqlite:///multirun/real-pruned/study.db hydra.sweep.dir=multirun/real-pruned")
+REAL_UNPRUNED = REAL_PRUNED.replace("real-pruned", "real-unpruned").replace("pruner=median", "pruner=none")
 SIX = "experiment=baseline,augmented,multihead,multihead_aug,new_programs,recommended"
 REAL_FAMILY = (f"python run.py -m {SIX} data.dir=../shared/data/cnc_sensor_gcode "
                "features=all,side_channel data.split_by=operation 'data.fold=range(3)' trainer.max_epochs=25 "
@@ -557,6 +562,12 @@ COMMANDS: dict[str, Doc] = {
     # docs/RELIABILITY.md
     "python run.py task=prepare data.dir=DIR data.cache_dir=TMP/cache hydra.run.dir=TMP/run":
         Doc(setup=good_and_damaged, code=2, check=damaged_file_refused, fast=True),
+    REAL_PRUNED: Doc(extra=FEW_TRIALS, jobs=2),
+    REAL_UNPRUNED: Doc(extra=FEW_TRIALS, jobs=2),
+    "python -m gcode_exp.summarize multirun/real-pruned --storage sqlite:///multirun/real-pruned/study.db":
+        Doc(needs=(REAL_PRUNED,), files=("trials.csv",), check=study_listed("gcode-exp-multihead-all")),
+    "python -m gcode_exp.summarize multirun/real-unpruned --storage sqlite:///multirun/real-unpruned/study.db":
+        Doc(needs=(REAL_UNPRUNED,), files=("trials.csv",), check=study_listed("gcode-exp-multihead-all")),
     "python -m gcode_exp.summarize FOLDER": Doc(needs=(EXPERIMENTS,), setup=sweep_with_a_cut_metrics_file,
                                                 files=SUMMARY, check=cut_metrics_skipped),
     # docs/RESULTS.md
