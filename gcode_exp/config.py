@@ -303,6 +303,7 @@ SCHEMA: dict[str, Rule] = {
     "predict.batch_size": Int(ge=1),
     "predict.segment_rows": Int(ge=1),
     "predict.min_segment": Int(ge=1),
+    "predict.lock_p": Float(ge=0, le=1),
     "predict.fallback": Nullable(Text()),
     "predict.novel_above": Float(ge=0, le=1),
     # perturb (task=eval and task=predict: the scored recordings changed as in shop use, gcode_exp/data/perturb.py)

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,7 +279,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
         fallback = Predictor(fallback_blob, cfg.hardware, cfg.predict.batch_size)
     out = run_dir / "predictions"  # made once there is something to write: a failed run leaves none
     if cfg.predict.follow:
-        return follow(cfg, run_dir, pred)
+        return follow(cfg, run_dir, pred, op_line_counts(blob, cfg, pred.vocab))
     recordings, skipped = [], []
     paths = list_runs(cfg.data.dir, cfg.data.pattern)
     twice = same_recording_twice(paths)
@@ -441,6 +441,12 @@ def tail_one(path: Path, poll_s: float, idle_s: float, header: list[str] | None)
                 time.sleep(poll_s)
 
 
+def elapsed(first: str, now: str) -> float | None:
+    """Seconds from time `first` to `now` (clock times or seconds); None where either is not a time."""
+    a, b = perturb.seconds(first), perturb.seconds(now)
+    return None if a is None or b is None else (b - a) % 86400  # a clock time may pass midnight
+
+
 def rotated(path: Path, f, inode: int) -> bool:
     """Whether the followed file was replaced (another file under its name) or truncated below what was read."""
     try:
@@ -450,10 +456,15 @@ def rotated(path: Path, f, inode: int) -> bool:
     return now.st_ino != inode or now.st_size < f.buffer.tell()
 
 
-def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
+def follow(cfg, run_dir: Path, pred: Predictor, counts: dict[str, Counter] | None) -> dict:
     """Read data.path while it grows; decode each window as soon as its last row arrived (the same
     windows as offline: starts 0, stride, ...), print each newly recognised line with the time of the
     window's centre row. Ends at idle_s without growth or on Ctrl-C, with a summary line.
+
+    The program: named from the lines of the last `predict.segment_rows` rows' windows (as offline); once
+    named at `predict.lock_p` or more, live mode says it has locked on (the row, and the seconds since the
+    first row read: a monitor switched on mid-job), and says so again where another program takes over (a
+    new job in the same stream).
 
     predictions/<run>.live.csv gets a row per window, flushed as they come; it is created with the first
     one, so a recording that fails before any window (missing, broken, too short) leaves no file; one that
@@ -464,6 +475,8 @@ def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
     buf_values, buf_times = [], []  # rows from `base` on
     base = next_start = n_rows = windows = printed = 0
     last_line, why = None, "end of input"
+    recent: deque[str] = deque(maxlen=max(1, cfg.predict.segment_rows // pred.stride))  # the last windows' lines
+    program, first_time, jobs = None, None, []  # the program locked on; jobs: each lock (program, row, s)
     live_path = run_dir / "predictions" / f"{run_name(path)[0]}.live.csv"
     live = writer = None
     try:
@@ -484,6 +497,7 @@ def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
                     raise DataError(f"{path}: row {n_rows + 1}: a sensor column holds a non-numeric value") from None
                 buf_values.append(v)
                 buf_times.append(r[t_col] if t_col is not None and t_col < len(r) else str(n_rows - 1))
+                first_time = buf_times[-1] if first_time is None else first_time
             ready = []
             while next_start + pred.window <= base + len(buf_values):
                 ready.append(next_start)
@@ -506,6 +520,18 @@ def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
                 if g.line != last_line:
                     print(f"{t[:10]}  {g.line}  (p={g.p:.2f})", flush=True)
                     printed, last_line = printed + 1, g.line
+                recent.append(g.line)
+                # each window's line counted once (not divided by the overlap as offline): four windows then
+                # name a program at p 0.9 in about 30 s (docs/RESULTS.md, "Live")
+                op, p = name_program(list(recent), counts, 1.0)[0] if counts else ("", 0.0)
+                if p >= cfg.predict.lock_p and op != program:
+                    row, now = g.start + base + pred.window - 1, buf_times[g.start + pred.window - 1]
+                    after = elapsed(first_time, now) if t_col is not None else None
+                    after = row / 4.0 if after is None else after  # no clock: the recordings' 4 rows a second
+                    print(f"live: {'locked on' if program is None else 'a new job:'} program {op} (p={p:.2f}) "
+                          f"at row {row}, {after:.1f} s after the first row read", flush=True)
+                    program = op
+                    jobs.append({"program": op, "row": row, "s": round(after, 2)})
             live.flush()
             drop = next_start - base  # rows no later window needs
             del buf_values[:drop], buf_times[:drop]
@@ -517,7 +543,10 @@ def follow(cfg, run_dir: Path, pred: Predictor) -> dict:
             live.close()
     if windows == 0 and why == "end of input":
         raise DataError(f"{path}: {n_rows} rows, fewer than one window (data.window={pred.window})")
-    print(f"live: {n_rows} rows, {windows} windows, {printed} lines recognised ({why})", flush=True)
-    metrics = {"ckpt_path": str(cfg.ckpt_path), "live/rows": n_rows, "live/windows": windows, "live/lines": printed}
+    locked = f"locked on {jobs[0]['program']} after {jobs[0]['s']:.1f} s" if jobs else "no program locked on"
+    print(f"live: {n_rows} rows, {windows} windows, {printed} lines recognised, {locked}, {len(jobs)} job(s) "
+          f"({why})", flush=True)
+    metrics = {"ckpt_path": str(cfg.ckpt_path), "live/rows": n_rows, "live/windows": windows, "live/lines": printed,
+               "live/lock_s": jobs[0]["s"] if jobs else None, "live/jobs": jobs}
     write_json(run_dir / "metrics.json", metrics)
     return metrics

@@ -308,10 +308,29 @@ def test_live_mode_prints_lines_while_the_file_grows(trained):
             time.sleep(0.2)
         code = proc.wait(timeout=120)
     assert code == 0, proc.stderr.read()[-2000:]
-    printed = [line for line in reader.lines if not line.startswith("[")]  # not the log's lines
+    printed = [line for line in reader.lines if not line.startswith(("[", "live: locked on"))]  # nor the log's
     assert all(LIVE_LINE.match(line) for line in printed[:-1]), [x for x in printed if not LIVE_LINE.match(x)]
     assert printed[-1].startswith(f"live: {len(rows) - 1} rows, ") and "(end of input)" in printed[-1], printed[-1]
     assert json.loads((out / "metrics.json").read_text())["live/rows"] == len(rows) - 1
+
+
+def test_live_mode_started_mid_job_says_when_it_has_locked_on_the_program(trained):
+    """A monitor switched on a quarter into a face job: live mode names the program once the last windows name
+    it at predict.lock_p, with the row and the seconds of recording since the first row it read."""
+    rows = sample_rows("face_003")
+    path = trained["ws"] / "late.csv"
+    path.write_text("".join([rows[0], *rows[1 + len(rows) // 4 :]]))
+    out = trained["ws"] / "live_late"
+    r = predict_py(trained, out, "predict.follow=true", f"data.path={path}", "predict.idle_s=1", "predict.poll_s=0.1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lock = [line for line in r.stdout.splitlines() if line.startswith("live: locked on")]
+    assert len(lock) == 1 and lock[0].startswith("live: locked on program face (p="), r.stdout[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    first = metrics["live/jobs"][0]
+    assert first["program"] == "face" and first["s"] == metrics["live/lock_s"] > 0
+    assert f"at row {first['row']}, {first['s']:.1f} s after the first row read" in lock[0]
+    said = [line for line in r.stdout.splitlines() if line.startswith("live: ")]
+    assert said[-1].endswith(f"locked on face after {first['s']:.1f} s, 1 job(s) (end of input)"), said
 
 
 def test_live_mode_ends_cleanly_on_ctrl_c(trained):

@@ -129,7 +129,7 @@ def interpolate(values: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(a) | np.isnan(b), nearest, mixed).astype(values.dtype)
 
 
-def _seconds(text: str) -> float | None:
+def seconds(text: str) -> float | None:
     """A time as seconds: a number, or a clock time HH:MM:SS(.fff); None for anything else."""
     m = CLOCK.match(text.strip())
     if m:
@@ -146,7 +146,7 @@ def paced_times(times: list[str], pos: np.ndarray, pace: float) -> list[str]:
     times: the time at `pos` (interpolated), its distance from the first row's time divided by pace, so
     rows keep the recording's spacing (~4 Hz) and the job takes 1/pace as long; written as the originals
     are (whole numbers, or the clock with as many decimals). Times that are neither: the executing row's."""
-    secs = [_seconds(t) for t in times]
+    secs = [seconds(t) for t in times]
     if not times or any(s is None for s in secs):
         return [times[i] for i in executing(pos)]
     t = np.asarray(secs, dtype=np.float64)
