@@ -245,16 +245,24 @@ def axis_moves(lines: list[str]) -> list[tuple[int, int, int]]:
 
 
 def edit_similarity(a: list[str], b: list[str]) -> float:
-    """1 - Levenshtein distance / the longer length (1: the same sequence)."""
-    if not a and not b:
-        return 1.0
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return 1.0 - prev[-1] / max(len(a), len(b))
+    """1 - Levenshtein distance / the longer length (1: the same sequence).
+
+    One row of the distance table at a time in numpy: cur[j] = min(t[j], cur[j - 1] + 1) with t the
+    deletion and substitution costs, which is a running minimum of t[j] - j, plus j. So a long labelled
+    recording (thousands of lines) costs len(a) vector steps, not len(a) x len(b) Python steps."""
+    if not a or not b:
+        return 1.0 if not a and not b else 0.0
+    ids: dict[str, int] = {}
+    x = np.array([ids.setdefault(s, len(ids)) for s in a])
+    y = np.array([ids.setdefault(s, len(ids)) for s in b])
+    j = np.arange(len(b) + 1)
+    prev = j.copy()
+    for i, token in enumerate(x, 1):
+        t = np.empty(len(b) + 1, dtype=np.int64)
+        t[0] = i
+        t[1:] = np.minimum(prev[1:] + 1, prev[:-1] + (y != token))
+        prev = np.minimum.accumulate(t - j) + j
+    return 1.0 - int(prev[-1]) / max(len(a), len(b))
 
 
 def score_rows(pred: list[str], true: list[str]) -> dict[str, float]:

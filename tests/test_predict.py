@@ -468,3 +468,27 @@ def test_live_mode_reads_text_as_the_offline_reader_does(trained, case):
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert r.returncode == 2 and errors == [f"error: {path}: not UTF-8 text (invalid continuation byte)"], \
             r.stderr[-2000:]
+
+
+def levenshtein(a: list[str], b: list[str]) -> int:
+    """The textbook table, cell by cell: what edit_similarity's vector rows must equal."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def test_sequence_similarity_is_one_minus_the_edit_distance_over_the_longer_length():
+    import random
+
+    from gcode_exp.predict import edit_similarity
+
+    r = random.Random(0)
+    for _ in range(500):
+        a = [r.choice(["G0 X1", "G1 X2", "M3", "G2 X1 R1"]) for _ in range(r.randint(0, 15))]
+        b = [r.choice(["G0 X1", "G1 X2", "M3", "G2 X1 R1"]) for _ in range(r.randint(0, 15))]
+        want = 1.0 if not a and not b else 1.0 - levenshtein(a, b) / max(len(a), len(b))
+        assert edit_similarity(a, b) == pytest.approx(want), (a, b)
