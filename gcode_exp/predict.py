@@ -226,20 +226,29 @@ def reconstruct(votes: list[RowVote], times: list[str], min_p: float, title: str
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
-def axis_moves(lines: list[str]) -> list[tuple[int, int, int]]:
-    """Per row: the direction (-1, 0, +1) of X, Y and Z from where the previous different line left the
-    tool to where this row's line takes it. G-code is modal (an axis a line does not name stays put)
-    and the programs are absolute (G90): a G91 program would need relative moves."""
-    pos: dict[str, float | None] = dict.fromkeys(AXES)
-    out, last, move = [], None, (0, 0, 0)
-    for line in lines:
+def endpoints(lines: list[str]) -> np.ndarray:
+    """[rows, 3] where each row's line takes the tool (X, Y, Z). G-code is modal: an axis a line does not name
+    stays where the lines before left it (NaN until one names it); the programs are absolute (G90)."""
+    pos = dict.fromkeys(AXES, np.nan)
+    out, last = np.full((len(lines), len(AXES)), np.nan), None
+    for i, line in enumerate(lines):
         if line != last:
-            start = dict(pos)
             for letter, value in parse_line(line)[0]:
                 if letter in AXES:
                     pos[letter] = value
-            move = tuple(0 if start[a] is None or pos[a] is None else int(np.sign(pos[a] - start[a])) for a in AXES)
             last = line
+        out[i] = [pos[a] for a in AXES]
+    return out
+
+
+def axis_moves(lines: list[str]) -> list[tuple[int, int, int]]:
+    """Per row: the direction (-1, 0, +1) of X, Y and Z from where the previous different line left the
+    tool to where this row's line takes it (0 where either is not known)."""
+    ends, out, move = endpoints(lines), [], (0, 0, 0)
+    for i, line in enumerate(lines):
+        if i == 0 or line != lines[i - 1]:
+            step = ends[i] - (ends[i - 1] if i else np.nan)
+            move = tuple(int(v) for v in np.nan_to_num(np.sign(step)))
         out.append(move)
     return out
 
@@ -266,13 +275,16 @@ def edit_similarity(a: list[str], b: list[str]) -> float:
 
 
 def score_rows(pred: list[str], true: list[str]) -> dict[str, float]:
-    """Row line accuracy, axis accuracy (counts) and sequence similarity on the labelled rows; `true`
+    """Row line accuracy, axis accuracy (counts), sequence similarity and each row's end-point error (how far
+    its predicted line's end is from its true line's, in the data's units) on the labelled rows; `true`
     already at the vocabulary's resolution ("" where unlabelled)."""
     keep = [i for i, t in enumerate(true) if t]
     p, t = [pred[i] for i in keep], [true[i] for i in keep]
+    miss = np.linalg.norm(endpoints(p) - endpoints(t), axis=1)  # NaN where either end is not known yet
     return {"rows": len(keep), "right": sum(a == b for a, b in zip(p, t)),
             "axis_right": sum(a == b for a, b in zip(axis_moves(p), axis_moves(t))),
-            "similarity": edit_similarity([x for _, x in merge_repeats(p)], [x for _, x in merge_repeats(t)])}
+            "similarity": edit_similarity([x for _, x in merge_repeats(p)], [x for _, x in merge_repeats(t)]),
+            "end_errors": miss[np.isfinite(miss)]}
 
 
 # --- program naming --------------------------------------------------------------------------------------
@@ -314,6 +326,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
     majority_line = pred.vocab.decode(blob["majority_line"][1:].tolist())
     majority_op = max(sorted(counts), key=lambda op: sum(counts[op].values())) if counts else ""
     totals: Counter = Counter()
+    end_errors: dict[str, list[np.ndarray]] = {"predict": [], "majority": []}
     programs, cuts = [], []
     out.mkdir(exist_ok=True)
     for rec in recordings:
@@ -356,6 +369,8 @@ def predict_job(cfg, run_dir: Path) -> dict:
             s, m = score_rows([v.line for v in votes], true), score_rows([majority_line] * len(true), true)
             totals.update(files=1, rows=s["rows"], right=s["right"], axis=s["axis_right"], sim=s["similarity"],
                           m_right=m["right"], m_axis=m["axis_right"], m_sim=m["similarity"])
+            end_errors["predict"].append(s["end_errors"])
+            end_errors["majority"].append(m["end_errors"])
         named = "no known program" if new else f"program {ranked[0][0] or '?'} (p={ranked[0][1]:.2f})"
         print(f"{run.name}: {len(votes)} rows -> {len(merge_repeats([v.line for v in votes]))} lines; {named}"
               f"{f' (novelty {novelty:.2f})' if novelty is not None else ''}{f', true {true_op}' if true_op else ''}")
@@ -371,6 +386,10 @@ def predict_job(cfg, run_dir: Path) -> dict:
             metrics[f"{prefix}/row_line_acc"] = totals[f"{key}right"] / totals["rows"]
             metrics[f"{prefix}/axis_acc"] = totals[f"{key}axis"] / totals["rows"]
             metrics[f"{prefix}/sequence_similarity"] = totals[f"{key}sim"] / totals["files"]
+            errors = np.concatenate(end_errors[prefix])
+            if len(errors):  # the lines' end points, where the rows' lines name them
+                metrics[f"{prefix}/end_error_mean"] = float(errors.mean())
+                metrics[f"{prefix}/end_error_p95"] = float(np.percentile(errors, 95))
     if totals["programs_known"] and counts:
         metrics["predict/program_acc"] = totals["program_right"] / totals["programs_known"]
         metrics["majority/program_acc"] = totals["majority_program"] / totals["programs_known"]

@@ -117,11 +117,16 @@ def test_axis_moves_and_sequence_similarity():
 def test_scores_of_a_perfect_and_of_a_majority_predictor():
     # "" is an unlabelled row: not scored
     true = ["G0 X0 Y0 Z5", "G0 X0 Y0 Z5", "", "G1 Z-1", "G1 X2", "G1 X2", "G0 Z5"]
-    assert score_rows(true, true) == {"rows": 6, "right": 6, "axis_right": 6, "similarity": 1.0}
+    perfect = score_rows(true, true)
+    assert {k: v for k, v in perfect.items() if k != "end_errors"} == {"rows": 6, "right": 6, "axis_right": 6,
+                                                                        "similarity": 1.0}
+    assert perfect["end_errors"].tolist() == [0.0] * 6
     majority = score_rows(["G0 X0 Y0 Z5"] * len(true), true)
     assert majority["rows"] == 6 and majority["right"] == 2  # the rows whose line is the majority line
     assert majority["axis_right"] == 2  # it never moves; only the first line's rows (no move yet) agree
     assert majority["similarity"] == pytest.approx(1 - 3 / 4)  # 1 merged line against 4: 3 edits / 4
+    # its end stays at (0, 0, 5); the true ends: (0,0,5) x2, (0,0,-1), (2,0,-1) x2, (2,0,5) (modal axes kept)
+    assert majority["end_errors"] == pytest.approx([0, 0, 6, (4 + 36) ** 0.5, (4 + 36) ** 0.5, 2])
 
 
 def test_program_naming_picks_the_operation_whose_lines_match():
