@@ -88,6 +88,18 @@ def test_a_checkpoint_that_names_code_is_refused_by_predict(tmp_path, shared, ca
     assert not marker.exists() and not (tmp_path / "predict" / "predictions").exists()
 
 
+def test_a_fallback_checkpoint_that_names_code_is_refused_by_its_key(tmp_path, shared):
+    """predict.fallback is a checkpoint someone may share too: the same rules, the refusal naming that key."""
+    marker = tmp_path / "ran"
+    key, value, names = malicious(marker)["os.system-as-encoder"]
+    bad = tamper(shared["ckpt"], tmp_path / "shared" / "fallback.pt", key, value)
+    res = run_py("task=predict", f"ckpt_path={shared['ckpt']}", f"predict.fallback={bad}", f"data.dir={shared['two']}",
+                 f"hydra.run.dir={tmp_path / 'predict'}", cache=shared["cache"])
+    line = one_error_line(res)
+    assert line.startswith(f"predict.fallback={bad}: {names}: "), line
+    assert not marker.exists() and not (tmp_path / "predict" / "predictions").exists()
+
+
 def shared_run_folder(shared: dict, tmp_path: Path) -> Path:
     """A copy of the shared run, made interrupted (no metrics.json), as one resumes it."""
     run = Path(shutil.copytree(shared["ws"] / "train", tmp_path / "run"))
