@@ -18,14 +18,9 @@ row (its `program`; segments.csv: where that changes, a recording that holds sev
 
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
 import math
-import os
-import time
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +30,7 @@ import torch
 from gcode_exp.atomic import write_csv, write_json, write_text
 from gcode_exp.data import perturb
 from gcode_exp.data.dataset import same_recording_twice
-from gcode_exp.data.read import RUN_NAME, DataError, RecordedRun, channel_group, list_runs, read_run, run_name
+from gcode_exp.data.read import RUN_NAME, DataError, RecordedRun, list_runs, read_run
 from gcode_exp.data.vocab import parse_line
 from gcode_exp.data.windows import Features, run_inputs
 from gcode_exp.models import Windows
@@ -299,6 +294,8 @@ def predict_job(cfg, run_dir: Path) -> dict:
         fallback = Predictor(fallback_blob, cfg.hardware, cfg.predict.batch_size)
     out = run_dir / "predictions"  # made once there is something to write: a failed run leaves none
     if cfg.predict.follow:
+        from gcode_exp.live import follow
+
         return follow(cfg, run_dir, pred, op_line_counts(blob, cfg, pred.vocab))
     recordings, skipped = [], []
     paths = list_runs(cfg.data.dir, cfg.data.pattern)
@@ -405,175 +402,3 @@ def write_rows(path: Path, votes: list[RowVote], rec: Recording, true: list[str]
                                   prog, rec.run.lines[i], int(v.line == t) if t else ""), strict=True))
             for i, (v, t, r, prog) in enumerate(zip(votes, true, source, programs))]
     write_csv(path, rows, list(ROW_FIELDS))
-
-
-# --- live --------------------------------------------------------------------------------------------------
-def tail_rows(path: Path, poll_s: float, idle_s: float) -> Iterator[list[list[str]] | None]:
-    """The header, then each batch of newly completed rows of a file being appended to; None when the
-    file has not grown for idle_s seconds (the caller stops). Read as the offline reader reads: UTF-8, a
-    byte-order mark dropped. A file rotated under it (truncated, or replaced by a new one) is said so in
-    the log and followed from the new file's start, its header skipped where it is the same (else an error:
-    the columns changed)."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (data.path)")
-    header: list[str] | None = None
-    while True:
-        rotated = yield from tail_one(path, poll_s, idle_s, header)
-        if rotated is None:
-            return
-        header = rotated
-        log.warning("%s: the file was rotated (truncated or replaced); following the new one from its start", path)
-
-
-def tail_one(path: Path, poll_s: float, idle_s: float, header: list[str] | None):
-    """tail_rows over one file (`header`: the rotated file's, which this one repeats); returns the header
-    once the file is rotated, None at idle_s without growth."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        f = opener(path, "rt", encoding="utf-8-sig", newline="")
-        inode = os.fstat(f.fileno()).st_ino if opener is open else None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    with f:
-        pending, last, first = "", time.monotonic(), header
-        while True:
-            try:
-                chunk = f.read()
-            except (EOFError, OSError) as e:
-                raise DataError(f"{path}: cannot read ({e})") from None
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-            if chunk:
-                pending += chunk.replace("\r\n", "\n").replace("\r", "\n")  # a lone CR ends a row, as offline
-                last = time.monotonic()
-                *done, pending = pending.split("\n")
-                try:
-                    rows = [r for r in csv.reader(done) if r]
-                except csv.Error as e:
-                    raise DataError(f"{path}: cannot parse CSV ({e})") from None
-                if rows and header is None:
-                    header = rows[0]
-                elif rows and first is not None:  # the rotated-to file's header
-                    if [h.strip() for h in rows[0]] != [h.strip() for h in first]:
-                        raise DataError(f"{path}: rotated to a file with other columns than the one followed")
-                    rows, first = rows[1:], None
-                if rows:
-                    yield rows
-            elif inode is not None and rotated(path, f, inode):
-                return header
-            elif time.monotonic() - last > idle_s:
-                yield None
-                return None
-            else:
-                time.sleep(poll_s)
-
-
-def elapsed(first: str, now: str) -> float | None:
-    """Seconds from time `first` to `now` (clock times or seconds); None where either is not a time."""
-    a, b = perturb.seconds(first), perturb.seconds(now)
-    return None if a is None or b is None else (b - a) % 86400  # a clock time may pass midnight
-
-
-def rotated(path: Path, f, inode: int) -> bool:
-    """Whether the followed file was replaced (another file under its name) or truncated below what was read."""
-    try:
-        now = os.stat(path)
-    except FileNotFoundError:
-        return False  # moved away, the new one not there yet: wait for it (or idle_s)
-    return now.st_ino != inode or now.st_size < f.buffer.tell()
-
-
-def follow(cfg, run_dir: Path, pred: Predictor, counts: dict[str, Counter] | None) -> dict:
-    """Read data.path while it grows; decode each window as soon as its last row arrived (the same
-    windows as offline: starts 0, stride, ...), print each newly recognised line with the time of the
-    window's centre row. Ends at idle_s without growth or on Ctrl-C, with a summary line.
-
-    The program: named from the lines of the last `predict.segment_rows` rows' windows (as offline); once
-    named at `predict.lock_p` or more, live mode says it has locked on (the row, and the seconds since the
-    first row read: a monitor switched on mid-job), and says so again where another program takes over (a
-    new job in the same stream).
-
-    predictions/<run>.live.csv gets a row per window, flushed as they come; it is created with the first
-    one, so a recording that fails before any window (missing, broken, too short) leaves no file; one that
-    fails later keeps the whole rows written so far (the lines already printed)."""
-    path = Path(cfg.data.path)
-    header: list[str] | None = None
-    cols: list[int] = []
-    buf_values, buf_times = [], []  # rows from `base` on
-    base = next_start = n_rows = windows = printed = 0
-    last_line, why = None, "end of input"
-    recent: deque[str] = deque(maxlen=max(1, cfg.predict.segment_rows // pred.stride))  # the last windows' lines
-    program, first_time, jobs = None, None, []  # the program locked on; jobs: each lock (program, row, s)
-    live_path = run_dir / "predictions" / f"{run_name(path)[0]}.live.csv"
-    live = writer = None
-    try:
-        for rows in tail_rows(path, cfg.predict.poll_s, cfg.predict.idle_s):
-            if rows is None:
-                break
-            if header is None:
-                header, rows = [h.strip() for h in rows[0]], rows[1:]
-                columns = [c for c in header if channel_group(c) is not None]
-                check_channels(path, columns, pred.feats)
-                cols = [header.index(c) for c in columns]
-                t_col = header.index("t_console") if "t_console" in header else None
-            for r in rows:
-                n_rows += 1
-                try:
-                    v = np.array([float(r[j]) if j < len(r) and r[j].strip() else np.nan for j in cols], np.float32)
-                except ValueError:
-                    raise DataError(f"{path}: row {n_rows + 1}: a sensor column holds a non-numeric value") from None
-                buf_values.append(v)
-                buf_times.append(r[t_col] if t_col is not None and t_col < len(r) else str(n_rows - 1))
-                first_time = buf_times[-1] if first_time is None else first_time
-            ready = []
-            while next_start + pred.window <= base + len(buf_values):
-                ready.append(next_start)
-                next_start += pred.stride
-            if not ready:
-                continue
-            run = RecordedRun(name=path.name, op="", columns=columns, values=np.stack(buf_values),
-                              lines=[""] * len(buf_values), nonfinite_cells=0, silent_rows=0, unparsed_chunks=0,
-                              path=str(path))
-            guesses = pred.guess(run_inputs(run, pred.feats, first_row=base), [s - base for s in ready])
-            if live is None:
-                live_path.parent.mkdir(exist_ok=True)
-                live = open(live_path, "w", newline="")
-                writer = csv.writer(live)
-                writer.writerow(("time", "start_row", "line", "p"))
-            for g in guesses:
-                windows += 1
-                t = buf_times[g.start + pred.window // 2]
-                writer.writerow((t, g.start + base, g.line, f"{g.p:.4g}"))
-                if g.line != last_line:
-                    print(f"{t[:10]}  {g.line}  (p={g.p:.2f})", flush=True)
-                    printed, last_line = printed + 1, g.line
-                recent.append(g.line)
-                # each window's line counted once (not divided by the overlap as offline): four windows then
-                # name a program at p 0.9 in about 30 s (docs/RESULTS.md, "Live")
-                op, p = name_program(list(recent), counts, 1.0)[0] if counts else ("", 0.0)
-                if p >= cfg.predict.lock_p and op != program:
-                    row, now = g.start + base + pred.window - 1, buf_times[g.start + pred.window - 1]
-                    after = elapsed(first_time, now) if t_col is not None else None
-                    after = row / 4.0 if after is None else after  # no clock: the recordings' 4 rows a second
-                    print(f"live: {'locked on' if program is None else 'a new job:'} program {op} (p={p:.2f}) "
-                          f"at row {row}, {after:.1f} s after the first row read", flush=True)
-                    program = op
-                    jobs.append({"program": op, "row": row, "s": round(after, 2)})
-            live.flush()
-            drop = next_start - base  # rows no later window needs
-            del buf_values[:drop], buf_times[:drop]
-            base = next_start
-    except KeyboardInterrupt:
-        why = "interrupted"
-    finally:
-        if live is not None:
-            live.close()
-    if windows == 0 and why == "end of input":
-        raise DataError(f"{path}: {n_rows} rows, fewer than one window (data.window={pred.window})")
-    locked = f"locked on {jobs[0]['program']} after {jobs[0]['s']:.1f} s" if jobs else "no program locked on"
-    print(f"live: {n_rows} rows, {windows} windows, {printed} lines recognised, {locked}, {len(jobs)} job(s) "
-          f"({why})", flush=True)
-    metrics = {"ckpt_path": str(cfg.ckpt_path), "live/rows": n_rows, "live/windows": windows, "live/lines": printed,
-               "live/lock_s": jobs[0]["s"] if jobs else None, "live/jobs": jobs}
-    write_json(run_dir / "metrics.json", metrics)
-    return metrics
