@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 import re
 import zlib
 from collections.abc import Callable, Sequence
@@ -129,6 +130,9 @@ def Text(**kw) -> Rule:
                 and str(v) != "", **kw)
 
 
+READS_CHECKPOINT = ("eval", "predict", "serve")  # the tasks that read ckpt_path, its settings imposed on the run
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # task=serve: addresses that need no token
+SERVE_TOKEN_ENV = "GCODE_EXP_SERVE_TOKEN"  # task=serve: the token, kept out of the command line and run folder
 TOKEN_MODELS = "model.name=baseline|multihead"  # only_if of the keys every token model has
 
 
@@ -204,7 +208,7 @@ FEATURE_GROUPS = ("controller", "motors", "boards")
 
 SCHEMA: dict[str, Rule] = {
     # top level (conf/config.yaml)
-    "task": OneOf("train", "eval", "prepare", "predict"),
+    "task": OneOf("train", "eval", "prepare", "predict", "serve"),
     "seed": Int(ge=0),
     "ckpt_path": Nullable(Text()),
     "overwrite": Bool(),
@@ -306,6 +310,16 @@ SCHEMA: dict[str, Rule] = {
     "predict.lock_p": Float(ge=0, le=1),
     "predict.fallback": Nullable(Text()),
     "predict.novel_above": Float(ge=0, le=1),
+    # serve (task=serve, gcode_exp/serve.py)
+    "serve.machines": Each(Text()),
+    "serve.host": Text(),
+    "serve.port": Int(ge=0, le=65535, note="0: any free port"),
+    "serve.token": Nullable(Text()),
+    "serve.history": Int(ge=1),
+    "serve.stopped_s": Float(gt=0),
+    "serve.alert_windows": Int(ge=1),
+    "serve.low_p": Float(ge=0, le=1),
+    "serve.max_upload_mb": Float(gt=0),
     # perturb (task=eval and task=predict: the scored recordings changed as in shop use, gcode_exp/data/perturb.py)
     "perturb.name": Text(),
     "perturb.concat": Bool(),
@@ -501,24 +515,40 @@ def _check_rules(cfg: DictConfig, flat: dict[str, Any]) -> None:
     elif objective is not None:  # gcode_exp.tasks.objective: only a training run returns a number to optimise
         _warn("optimized_metric", objective, f"ignored with task={task} (only task=train returns an objective)")
 
-    if task != "train" and get("trainer.resume"):  # only training resumes; eval/predict read a checkpoint
-        if task in ("eval", "predict") and not get("ckpt_path"):
+    reads_ckpt = task in READS_CHECKPOINT
+    if task != "train" and get("trainer.resume"):  # only training resumes; eval/predict/serve read a checkpoint
+        if reads_ckpt and not get("ckpt_path"):
             raise _fail("trainer.resume", True, f"only task=train resumes an interrupted run; task={task} reads "
                         "a trained checkpoint: pass ckpt_path=RUN/checkpoints/best.pt instead")
         _warn("trainer.resume", True, f"ignored with task={task} (only task=train resumes a run)")
-    if get("task") in ("eval", "predict") and not get("ckpt_path"):
-        raise ConfigError(f"ckpt_path: task={get('task')} needs ckpt_path=PATH to a checkpoint (checkpoints/best.pt)")
-    if get("task") not in ("eval", "predict") and get("ckpt_path"):
-        _warn("ckpt_path", get("ckpt_path"), f"ignored with task={get('task')} (only task=eval and predict read it)")
-    live = get("task") == "predict" and get("predict.follow")
-    _check_perturb(flat, live)
+    if reads_ckpt and not get("ckpt_path"):
+        raise ConfigError(f"ckpt_path: task={task} needs ckpt_path=PATH to a checkpoint (checkpoints/best.pt)")
+    if not reads_ckpt and get("ckpt_path"):
+        _warn("ckpt_path", get("ckpt_path"), f"ignored with task={task} (only task=eval, predict and serve read it)")
+    live = task == "predict" and get("predict.follow")
+    _check_perturb(flat, live or task == "serve")
     if live and not get("data.path"):
         raise ConfigError("data.path: predict.follow=true needs data.path=FILE.csv (the recording being written)")
-    if get("data.path") and not live:
-        _warn("data.path", get("data.path"), "ignored without task=predict predict.follow=true (data.dir is read)")
-    if get("predict.fallback") and (get("task") != "predict" or live):
+    if task == "serve":
+        _check_serve(get)
+    elif get("data.path") and not live:
+        _warn("data.path", get("data.path"), "ignored without task=predict predict.follow=true or task=serve "
+              "(data.dir is read)")
+    if get("predict.fallback") and (task != "predict" or live):
         _warn("predict.fallback", get("predict.fallback"), "ignored: only task=predict reads it, offline (a whole "
               "recording's novelty decides which checkpoint answers it)")
+
+
+def _check_serve(get: Callable[[str], Any]) -> None:
+    """task=serve: something to follow, and a token before listening beyond this machine."""
+    if not get("serve.machines") and not get("data.path"):
+        raise ConfigError("serve.machines: task=serve needs the recordings to follow: serve.machines=[A.csv,B.csv] "
+                          "(or data.path=FILE.csv for one)")
+    if get("serve.machines") and get("data.path"):
+        _warn("data.path", get("data.path"), "ignored: serve.machines names the recordings to follow")
+    if str(get("serve.host")) not in LOOPBACK and not (get("serve.token") or os.environ.get(SERVE_TOKEN_ENV)):
+        raise _fail("serve.host", get("serve.host"), f"listening beyond this machine needs a token: set "
+                    f"{SERVE_TOKEN_ENV} (or serve.token=...), or keep serve.host=127.0.0.1")
 
 
 def _check_perturb(flat: dict[str, Any], live: bool) -> None:
@@ -531,8 +561,8 @@ def _check_perturb(flat: dict[str, Any], live: bool) -> None:
         return
     key, _, value = changed[0].partition("=")
     if live:
-        raise ConfigError(f"{changed[0]}: not with predict.follow=true (live mode reads a recording while it is "
-                          "written; a perturbation changes a recording as a whole): use perturb=none")
+        raise ConfigError(f"{changed[0]}: not with predict.follow=true or task=serve (live mode reads a recording "
+                          "while it is written; a perturbation changes a recording as a whole): use perturb=none")
     if flat.get("task") not in ("eval", "predict"):
         _warn(key, value, f"ignored with task={flat.get('task')} (only task=eval and task=predict score perturbed "
               "recordings)")

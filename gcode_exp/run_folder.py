@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from gcode_exp import GcodeExpError, distributed, trust
 from gcode_exp.atomic import write_text
+from gcode_exp.config import READS_CHECKPOINT
 from gcode_exp.data.dataset import HOW_READ
 
 # files Hydra writes into a sweep folder (the basic sweeper, the Optuna sweeper)
@@ -71,7 +72,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path, explicit: list[str] | None) -
         return cfg
     if cfg.task == "train" and cfg.trainer.resume:
         path, scoring, source = run_dir / "checkpoints" / "last.pt", False, f"trainer.resume=true: {run_dir}"
-    elif cfg.task in ("eval", "predict") and cfg.get("ckpt_path"):
+    elif cfg.task in READS_CHECKPOINT and cfg.get("ckpt_path"):
         path, scoring, source = Path(str(cfg.ckpt_path)), True, None
     else:
         return cfg
@@ -136,7 +137,7 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
     if cfg.overwrite:
         if resume:
             raise GcodeExpError("overwrite=true and trainer.resume=true contradict each other: choose one")
-        ckpt = cfg.get("ckpt_path") if cfg.task in ("eval", "predict") else None
+        ckpt = cfg.get("ckpt_path") if cfg.task in READS_CHECKPOINT else None
         if ckpt and run_dir.resolve() in Path(ckpt).resolve().parents:
             raise GcodeExpError(f"ckpt_path={ckpt}: inside the run folder overwrite=true would replace; "
                                 "choose another hydra.run.dir (or copy the checkpoint out first)")

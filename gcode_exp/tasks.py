@@ -47,6 +47,10 @@ def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
             from gcode_exp.predict import predict_job
 
             out = predict_job(cfg, run_dir)
+        elif cfg.task == "serve":
+            from gcode_exp.serve import serve_job
+
+            out = serve_job(cfg, run_dir)
         else:
             out = train_job(cfg, run_dir, trial) if cfg.task == "train" else eval_job(cfg, run_dir)
     distributed.finish()  # hardware=ddp: every rank done (rank 0 has written all) before any leaves

@@ -44,6 +44,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -305,6 +306,14 @@ def dashboard_lists(study: str) -> Callable[[Ran], None]:
     return check
 
 
+def monitor_answers(ran: Ran) -> None:
+    """README, 'The monitor page': the page, the listings, and the first machine's state once it has been read."""
+    assert "gcode-exp monitor" in ran.http["/"] and "EventSource" in ran.http["/"]
+    assert "face" in json.loads(ran.http["/programs"])
+    assert json.loads(ran.http["/machines/face_003/state"])["id"] == "face_003"
+    assert "serve: stopped after" in ran.out, ran.out[-2000:]
+
+
 def slurm_composed(ran: Ran) -> None:
     assert [c["name"] for c in ran.configs] == ["baseline", "augmented", "multihead", "multihead_aug"]
     for c in ran.configs:
@@ -328,6 +337,12 @@ class Doc:
     check: Callable[[Ran], None] | None = None
     setup: Callable[[DocSession], dict[str, str]] | None = None  # placeholders of this entry only
     fast: bool = False              # RUN and PG entries are marked slow unless they train nothing
+    http: tuple[str, ...] = ()      # task=serve: paths asked for once it listens (serve.port=0), then Ctrl-C
+
+
+def quick_start_run(s: DocSession) -> dict[str, str]:
+    """RUN: the quick start's default run (the page follows recordings with the default model)."""
+    return {"RUN": str(s.result(QUICK_START).folder)}
 
 
 def interrupted_copy(s: DocSession) -> dict[str, str]:
@@ -459,6 +474,8 @@ KNOWN_OR_NEW = ("python run.py task=predict ckpt_path=/tmp/doc/known/checkpoints
                 "predict.fallback=/tmp/doc/new/checkpoints/best.pt data.dir=DIR")
 PERTURBATIONS = ("python run.py -m task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR "
                  "perturb=none,crop,pace_slow,pace_fast,shift,concat,shop")
+SERVE = ("python run.py task=serve ckpt_path=RUN/checkpoints/best.pt "
+         "serve.machines=[data/sample/face_003_aligned.csv.gz,data/sample/pocket_016_aligned.csv.gz]")
 SUMMARY = ("summary.csv", "summary.md", "summary.png")
 FOUR = ("baseline", "augmented", "multihead", "multihead_aug")
 BEST = ("new_programs", "recommended")  # experiment=cv also runs the best token model and the default
@@ -494,6 +511,8 @@ COMMANDS: dict[str, Doc] = {
     "python run.py task=predict predict.follow=true ckpt_path=RUN/checkpoints/best.pt data.path=FILE.csv":
         Doc(needs=(TOKEN_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
     PERTURBATIONS: Doc(needs=(TOKEN_START,), jobs=7, check=one_job_per_perturbation),
+    SERVE: Doc(needs=(QUICK_START,), setup=quick_start_run, http=("/", "/programs", "/machines/face_003/state"),
+               check=monitor_answers),
     "python run.py hardware=cuda": Doc(kind=CUDA, files=("metrics.json",), says=("on cuda",)),
     "torchrun --standalone --nproc_per_node=2 run.py hardware=ddp model=multihead":
         Doc(files=("metrics.json", "history.csv", "checkpoints/best.pt"), check=trained_by_two_processes),
@@ -668,6 +687,7 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
     if "multirun/<date>/<time>" in text:
         text = text.replace("multirun/<date>/<time>", str(s.result(doc.needs[0]).folder))
     for placeholder, value in (("/tmp/doc/", f"{s.ws}/doc/"), ("../shared/data/cnc_sensor_gcode", str(SAMPLE)),
+                               ("data/sample/", f"{SAMPLE}/"),
                                ("/shared/recordings", str(SAMPLE)), ("$(hostname)-$$", "doc-host-1")):
         text = text.replace(placeholder, value)
     base_env = {k: v for k, v in os.environ.items() if k not in ("GCODE_EXP_OPTUNA_STORAGE", "GCODE_EXP_DATA")}
@@ -706,6 +726,8 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
 
     if doc.kind == COMPOSE:
         return compose_only(argv, s.ws, base_env)
+    if doc.http:
+        return served(merged(argv, ("serve.port=0",)), s.ws, base_env, doc.http)
     before = set(s.ws.glob("outputs/*/*")) | set(s.ws.glob("multirun/*/*"))
     envs = [{**base_env, **e} for e in doc.env]
     cmd = [*launcher, *argv[1:]] if launcher else argv
@@ -766,6 +788,22 @@ def merged(argv: list[str], extra) -> list[str]:
 
 def expand(arg: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env[m.group(1) or m.group(2)], arg)
+
+
+def served(argv: list[str], cwd: Path, env: dict[str, str], paths: tuple[str, ...]) -> Ran:
+    """task=serve: started, each of `paths` asked for at the address it prints, then stopped with Ctrl-C."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    http: dict[str, str] = {}
+    try:
+        first = proc.stdout.readline()
+        address = re.search(r"on (http://\S+/) ", first)
+        for path in paths if address else ():
+            with urllib.request.urlopen(address.group(1) + path.lstrip("/"), timeout=30) as answer:
+                http[path] = answer.read().decode()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    return Ran(proc.returncode, first + out, err, cwd, env, folder=cwd, http=http)
 
 
 def compose_only(argv: list[str], cwd: Path, env: dict[str, str]) -> Ran:
