@@ -314,6 +314,11 @@ def monitor_answers(ran: Ran) -> None:
     assert "serve: stopped after" in ran.out, ran.out[-2000:]
 
 
+def every_row_shown(ran: Ran) -> None:
+    shown, written = map(int, re.search(r"(\d+) of (\d+) rows shown", ran.out).groups())
+    assert written > 0 and shown == written, ran.out
+
+
 def slurm_composed(ran: Ran) -> None:
     assert [c["name"] for c in ran.configs] == ["baseline", "augmented", "multihead", "multihead_aug"]
     for c in ran.configs:
@@ -511,6 +516,9 @@ COMMANDS: dict[str, Doc] = {
     "python run.py task=predict predict.follow=true ckpt_path=RUN/checkpoints/best.pt data.path=FILE.csv":
         Doc(needs=(TOKEN_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
     PERTURBATIONS: Doc(needs=(TOKEN_START,), jobs=7, check=one_job_per_perturbation),
+    "python -m gcode_exp.bench_serve --ckpt RUN/checkpoints/best.pt --data-dir ../shared/data/cnc_sensor_gcode":
+        Doc(needs=(QUICK_START,), setup=quick_start_run, extra=("--seconds", "4"), says=("monitor: 4 machines",),
+            check=every_row_shown),
     SERVE: Doc(needs=(QUICK_START,), setup=quick_start_run, http=("/", "/programs", "/machines/face_003/state"),
                check=monitor_answers),
     "python run.py hardware=cuda": Doc(kind=CUDA, files=("metrics.json",), says=("on cuda",)),
