@@ -41,7 +41,8 @@ from gcode_exp.training.trainer import Trainer
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # what is timed: the default and the toolpath (nothing trained) and the token models, each composed with these
 MODELS = {"default": [], "baseline": ["model=baseline", "aug=3x"], "multihead": ["model=multihead", "aug=3x"],
-          "new_programs": ["experiment=new_programs"], "toolpath": ["model=toolpath"]}
+          "new_programs": ["experiment=new_programs"], "toolpath": ["model=toolpath"], "rocket": ["model=rocket"]}
+FITTED = ("toolpath", "rocket")  # fitted once, no optimiser steps: timed like the default
 
 
 def machine() -> str:
@@ -101,7 +102,7 @@ def bench_model(cfg, data, steps: int) -> dict:
 
 
 def bench_default(cfg, data) -> dict:
-    """A model that trains nothing (the default, the toolpath): seconds to fit it to the training split, and
+    """A model that trains nothing (the default, the toolpath, rocket): seconds to fit it to the training split, and
     its answer latency per window."""
     train, window = data.splits["train"], cfg.data.window
     model, _ = new_model(cfg, data)
@@ -309,10 +310,11 @@ def bench(args: argparse.Namespace) -> dict:
         if name == "multihead":
             result["epoch_s_by_data_size"] = bench_scaling(mcfg, data)
     result["default"] = bench_default(cfg, data)
-    try:
-        result["toolpath"] = bench_default(cfgs["toolpath"], data)
-    except ConfigError as e:  # features without the work position: nothing to time
-        result["toolpath"] = {"skipped": str(e)}
+    for name in FITTED:
+        try:
+            result[name] = bench_default(cfgs[name], data)
+        except ConfigError as e:  # the toolpath without the work position: nothing to time
+            result[name] = {"skipped": str(e)}
     try:
         result["reference_search"] = bench_search(data, cfg.data.window)
     except ConfigError as e:
@@ -330,10 +332,11 @@ def bench(args: argparse.Namespace) -> dict:
     n = result["default"]
     print(f"default ({cfg.model.name}, {n['reference']}): fitted in {n['fit_s']:.2f} s, "
           f"{n['latency_ms_batch1']:.2f} ms at batch 1, {n['latency_ms_per_window_batch256']:.3f} ms/window at 256")
-    t = result["toolpath"]
-    print(f"toolpath: {t['skipped']}" if "skipped" in t else
-          f"toolpath: fitted in {t['fit_s']:.2f} s, {t['latency_ms_batch1']:.2f} ms at batch 1, "
-          f"{t['latency_ms_per_window_batch256']:.3f} ms/window at 256")
+    for name in FITTED:
+        t = result[name]
+        print(f"{name}: {t['skipped']}" if "skipped" in t else
+              f"{name}: fitted in {t['fit_s']:.2f} s, {t['latency_ms_batch1']:.2f} ms at batch 1, "
+              f"{t['latency_ms_per_window_batch256']:.3f} ms/window at 256")
     r = result["reference_search"]
     print(f"reference search (model=nearest): {r['skipped']}" if "skipped" in r else
           "reference search (model=nearest), ms/window at batch 1 / 256, index | every key: " + "; ".join(

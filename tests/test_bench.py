@@ -26,7 +26,8 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     default, toolpath = result["default"], result["toolpath"]  # fitted, not trained
     assert "reference rows" in default["reference"] and default["fit_s"] > 0
     assert default["latency_ms_per_window_batch256"] > 0
-    assert min(toolpath[k] for k in ("fit_s", "latency_ms_batch1", "latency_ms_per_window_batch256")) > 0
+    for fitted in (toolpath, result["rocket"]):
+        assert min(fitted[k] for k in ("fit_s", "latency_ms_batch1", "latency_ms_per_window_batch256")) > 0
     search = result["reference_search"]  # the nearest reference's index at 1x, 4x, 10x the training keys
     assert list(search) == ["1x", "4x", "10x"] and [v["keys"] for v in search.values()] == [
         search["1x"]["keys"] * k for k in (1, 4, 10)]
@@ -34,16 +35,17 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
                for n in (1, 256))
     printed = capsys.readouterr().out
     assert "prepare: cold" in printed and "default" in printed and "toolpath: fitted in" in printed
+    assert "rocket: fitted in" in printed
     assert "reference search (model=nearest)" in printed
     assert "4x/1x" in printed
 
 
 def test_model_keys_go_to_the_models_that_have_them():
     cfgs = bench.configs(str(SAMPLE), ["model.d_model=32", "++model.n_heads=2", "model.key=signal", "data.window=32"])
-    assert list(cfgs) == ["default", "baseline", "multihead", "new_programs", "toolpath"]
+    assert list(cfgs) == ["default", "baseline", "multihead", "new_programs", "toolpath", "rocket"]
     assert {n: c.model.name for n, c in cfgs.items()} == {
         "default": "align", "baseline": "baseline", "multihead": "multihead", "new_programs": "multihead",
-        "toolpath": "toolpath"}
+        "toolpath": "toolpath", "rocket": "rocket"}
     assert "d_model" not in cfgs["default"].model and cfgs["default"].model.key == "signal"
     for name in ("baseline", "multihead", "new_programs"):
         assert (cfgs[name].model.d_model, cfgs[name].model.n_heads, "key" in cfgs[name].model) == (32, 2, False)
@@ -90,11 +92,11 @@ def test_an_unusable_data_dir_is_one_line(tmp_path, case):
 
 @pytest.mark.parametrize("override, line", [
     ("model.d_modle=32", "error: model.d_modle=32: no model the bench times (default, baseline, multihead, "
-                         "new_programs, toolpath) has the key model.d_modle; did you mean model.d_model?"),
-    ("model=baseline", "error: model=baseline: the bench times default, baseline, multihead, new_programs, toolpath "
-                       "itself; give their keys as model.KEY=VALUE (each goes to the models that have it)"),
+                         "new_programs, toolpath, rocket) has the key model.d_modle; did you mean model.d_model?"),
+    ("model=baseline", "error: model=baseline: the bench times default, baseline, multihead, new_programs, toolpath, "
+                       "rocket itself; give their keys as model.KEY=VALUE (each goes to the models that have it)"),
     ("experiment=new_programs", "error: experiment=new_programs: sets model=multihead; the bench times default, "
-                                "baseline, multihead, new_programs, toolpath itself"),
+                                "baseline, multihead, new_programs, toolpath, rocket itself"),
     ("nosuch=1", "error: nosuch=1: Could not override 'nosuch'. To append to your config use +nosuch=1"),
     ("aug=nosuch", "error: aug=nosuch: In 'config': Could not find 'aug/nosuch' (options: 3x, 5x, none)"),
     ("data.window=[", "error: data.window=[: cannot be parsed: no viable alternative at input '['"),
