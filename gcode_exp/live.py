@@ -8,6 +8,7 @@ import csv
 import gzip
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -127,24 +128,25 @@ class LiveStream:
 
 
 # --- the file being written ------------------------------------------------------------------------------
-def tail_rows(path: Path, poll_s: float, idle_s: float) -> Iterator[list[list[str]] | None]:
+def tail_rows(path: Path, poll_s: float, idle_s: float, stop: threading.Event | None = None
+              ) -> Iterator[list[list[str]] | None]:
     """The header, then each batch of newly completed rows of a file being appended to; None when the
     file has not grown for idle_s seconds (the caller stops). Read as the offline reader reads: UTF-8, a
     byte-order mark dropped. A file rotated under it (truncated, or replaced by a new one) is said so in
     the log and followed from the new file's start, its header skipped where it is the same (else an error:
-    the columns changed)."""
+    the columns changed). `stop`: once set, ends as at idle_s (a server shutting down its followers)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file (data.path)")
     header: list[str] | None = None
     while True:
-        rotated = yield from tail_one(path, poll_s, idle_s, header)
+        rotated = yield from tail_one(path, poll_s, idle_s, header, stop)
         if rotated is None:
             return
         header = rotated
         log.warning("%s: the file was rotated (truncated or replaced); following the new one from its start", path)
 
 
-def tail_one(path: Path, poll_s: float, idle_s: float, header: list[str] | None):
+def tail_one(path: Path, poll_s: float, idle_s: float, header: list[str] | None, stop: threading.Event | None):
     """tail_rows over one file (`header`: the rotated file's, which this one repeats); returns the header
     once the file is rotated, None at idle_s without growth."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -180,7 +182,7 @@ def tail_one(path: Path, poll_s: float, idle_s: float, header: list[str] | None)
                     yield rows
             elif inode is not None and rotated(path, f, inode):
                 return header
-            elif time.monotonic() - last > idle_s:
+            elif time.monotonic() - last > idle_s or (stop is not None and stop.is_set()):
                 yield None
                 return None
             else:

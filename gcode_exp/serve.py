@@ -117,6 +117,8 @@ class Monitor:
         self.cfg, self.pred, self.counts = cfg, pred, counts
         self.listings = {op: list(c) for op, c in (counts or {}).items()}  # lines in the order first executed
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
         self.changed = threading.Condition(self.lock)
         self.version = 0
         keys = [run_name(p)[0] or f"machine{i}" for i, p in enumerate(paths)]
@@ -125,12 +127,22 @@ class Monitor:
                                     cfg.serve.history) for k, p in zip(keys, paths)}
 
     def start(self) -> None:
-        for m in self.machines.values():
-            threading.Thread(target=self._follow, args=(m,), name=f"follow-{m.key}", daemon=True).start()
+        self.threads = [threading.Thread(target=self._follow, args=(m,), name=f"follow-{m.key}", daemon=True)
+                        for m in self.machines.values()]
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        """End the followers and wait for them: a thread left inside torch when the process exits aborts it."""
+        self.stopping.set()
+        for t in self.threads:
+            t.join(timeout=30)
 
     def _follow(self, m: Machine) -> None:
         try:
-            for rows in tail_rows(m.path, self.cfg.predict.poll_s, math.inf):
+            for rows in tail_rows(m.path, self.cfg.predict.poll_s, math.inf, self.stopping):
+                if rows is None:
+                    break
                 windows = m.stream.add(rows)
                 with self.lock:
                     m.add(windows, self.listings)
@@ -252,6 +264,7 @@ def serve_job(cfg, run_dir) -> dict:
     finally:
         for sig, handler in quiet.items():
             signal.signal(sig, handler)
+        monitor.stop()
     states = monitor.states()
     metrics = {"ckpt_path": str(cfg.ckpt_path), "serve/seconds": round(time.monotonic() - started, 1),
                "serve/machines": [{k: s[k] for k in ("id", "rows", "windows", "locked")} for s in states]}

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from gcode_exp import GcodeExpError
 from gcode_exp.data.read import DataError, read_run
 from gcode_exp.data.vocab import BOS, EOS, UNK, Vocab, parse_line
-from gcode_exp.predict import Predictor, tail_rows
+from gcode_exp.live import tail_rows
+from gcode_exp.predict import Predictor
 from gcode_exp.training.checkpoint import load_checkpoint
 from tests.conftest import SAMPLE, run_py
 
