@@ -479,6 +479,11 @@ KNOWN_OR_NEW = ("python run.py task=predict ckpt_path=/tmp/doc/known/checkpoints
                 "predict.fallback=/tmp/doc/new/checkpoints/best.pt data.dir=DIR")
 PERTURBATIONS = ("python run.py -m task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR "
                  "perturb=none,crop,pace_slow,pace_fast,shift,concat,shop")
+ROCKET_KNOWN = ("python run.py -m model=rocket data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
+                "trainer.line_exact=true hydra.sweep.dir=multirun/rocket-known")
+ROCKET_FAMILY = ("python run.py -m model=rocket data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
+                 "data.split_by=operation 'data.fold=range(3)' trainer.line_exact=true "
+                 "hydra.sweep.dir=multirun/rocket-family")
 SERVE = ("python run.py task=serve ckpt_path=RUN/checkpoints/best.pt "
          "serve.machines=[data/sample/face_003_aligned.csv.gz,data/sample/pocket_016_aligned.csv.gz]")
 SUMMARY = ("summary.csv", "summary.md", "summary.png")
@@ -519,6 +524,8 @@ COMMANDS: dict[str, Doc] = {
     "python -m gcode_exp.bench_serve --ckpt RUN/checkpoints/best.pt --data-dir ../shared/data/cnc_sensor_gcode":
         Doc(needs=(QUICK_START,), setup=quick_start_run, extra=("--seconds", "4"), says=("monitor: 4 machines",),
             check=every_row_shown),
+    ROCKET_KNOWN: Doc(extra=("model.features=300",), jobs=2),
+    ROCKET_FAMILY: Doc(extra=("model.features=300",), jobs=6),
     SERVE: Doc(needs=(QUICK_START,), setup=quick_start_run, http=("/", "/programs", "/machines/face_003/state"),
                check=monitor_answers),
     "python run.py hardware=cuda": Doc(kind=CUDA, files=("metrics.json",), says=("on cuda",)),
