@@ -868,7 +868,7 @@ def test_cli_resume_of_a_damaged_last_pt_names_the_run_not_ckpt_path(tmp_path, t
 @pytest.mark.slow
 def test_cli_unknown_group_option_is_one_line_with_the_options(tmp_path):
     assert one_error_line(cli(tmp_path, "model=transformer")) == \
-        "model=transformer: no such option of model; options: align, baseline, multihead, nearest, toolpath"
+        "model=transformer: no such option of model; options: align, baseline, multihead, nearest, rocket, toolpath"
 
 
 @pytest.mark.parametrize("override, key", [
