@@ -8,7 +8,6 @@ first /events message that counts it.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import re
@@ -23,15 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gcode_exp.data.read import list_runs
+from gcode_exp.data.read import list_runs, text_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def recording_rows(path: Path) -> list[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        return f.read().splitlines(keepends=True)
 
 
 def write_rows(path: Path, rows: list[str], rate: float, until: float, written: list[float]) -> None:
@@ -76,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: --data-dir {args.data_dir}: {len(sources)} recordings, fewer than --machines")
     with tempfile.TemporaryDirectory() as tmp:
         files = [Path(tmp) / f"mill{i}.csv" for i in range(args.machines)]
-        rows = [recording_rows(p) for p in sources]
+        rows = [text_rows(p) for p in sources]
         for f, r in zip(files, rows):
             f.write_text(r[0])
         cores = set(sorted(os.sched_getaffinity(0))[: args.cores])

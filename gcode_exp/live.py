@@ -5,7 +5,6 @@ predict.follow=true on a terminal, and the monitor page (gcode_exp/serve.py) run
 from __future__ import annotations
 
 import csv
-import gzip
 import logging
 import os
 import threading
@@ -19,7 +18,7 @@ import numpy as np
 
 from gcode_exp.atomic import write_json
 from gcode_exp.data import perturb
-from gcode_exp.data.read import DataError, RecordedRun, channel_group, run_name
+from gcode_exp.data.read import DataError, RecordedRun, channel_group, opener, run_name
 from gcode_exp.data.windows import run_inputs
 from gcode_exp.predict import Predictor, check_channels
 from gcode_exp.programs import name_program
@@ -149,10 +148,10 @@ def tail_rows(path: Path, poll_s: float, idle_s: float, stop: threading.Event | 
 def tail_one(path: Path, poll_s: float, idle_s: float, header: list[str] | None, stop: threading.Event | None):
     """tail_rows over one file (`header`: the rotated file's, which this one repeats); returns the header
     once the file is rotated, None at idle_s without growth."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    opens = opener(path)
     try:
-        f = opener(path, "rt", encoding="utf-8-sig", newline="")
-        inode = os.fstat(f.fileno()).st_ino if opener is open else None
+        f = opens(path, "rt", encoding="utf-8-sig", newline="")
+        inode = os.fstat(f.fileno()).st_ino if opens is open else None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:

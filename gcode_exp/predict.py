@@ -221,10 +221,13 @@ def reconstruct(votes: list[RowVote], times: list[str], min_p: float, title: str
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
-def endpoints(lines: list[str]) -> np.ndarray:
+def endpoints(lines: list[str], pos: dict[str, float] | None = None) -> np.ndarray:
     """[rows, 3] where each row's line takes the tool (X, Y, Z). G-code is modal: an axis a line does not name
-    stays where the lines before left it (NaN until one names it); the programs are absolute (G90)."""
-    pos = dict.fromkeys(AXES, np.nan)
+    stays where the lines before left it (NaN until one names it); the programs are absolute (G90). `pos`:
+    where earlier lines left each axis, updated in place, so that a stream's path goes on window by window."""
+    pos = {} if pos is None else pos
+    for axis in AXES:
+        pos.setdefault(axis, np.nan)
     out, last = np.full((len(lines), len(AXES)), np.nan), None
     for i, line in enumerate(lines):
         if line != last:

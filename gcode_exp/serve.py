@@ -24,7 +24,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +48,13 @@ PAGE = Path(__file__).with_name("serve_page.html")
 class Machine:
     """One followed recording and what the page shows of it."""
 
-    def __init__(self, key: str, path: Path, stream: LiveStream, history: int):
+    def __init__(self, key: str, path: Path, stream: LiveStream, history: int, alert_windows: int):
         self.key, self.path, self.stream, self.history = key, path, stream, history
-        self.windows: list[Window] = []  # every decoded window (the toolpath needs the modal state from the start)
+        keep = max(history, alert_windows)  # what the page shows and the alerts judge: memory flat over a job
+        self.windows: deque[Window] = deque(maxlen=keep)
+        self.ends: dict[str, deque] = {"line": deque(maxlen=history), "true_line": deque(maxlen=history)}
+        self.modal: dict[str, dict] = {"line": {}, "true_line": {}}  # where each path's lines left X, Y, Z
+        self.decoded, self.labelled = 0, False  # windows so far; whether any had a true line
         self.last_row_at: float | None = None  # monotonic time the last rows arrived
         self.error: str | None = None
         self.listing_at = -1  # the current line's place in its program's listing
@@ -59,12 +63,16 @@ class Machine:
         self.last_row_at = time.monotonic()
         for w in windows:
             self.windows.append(w)
+            self.decoded += 1
+            self.labelled = self.labelled or bool(w.true_line)
+            for field, ends in self.ends.items():  # the toolpath carried on from the modal state, not recomputed
+                ends.extend(endpoints([getattr(w, field)], self.modal[field]))
             listing = listings.get(w.program, [])
             self.listing_at = place(listing, w.line, self.listing_at)
 
     def state(self, cfg) -> dict:
         """What the page and /machines/{id}/state show; alerts judged now."""
-        recent = self.windows[-cfg.serve.alert_windows:]
+        recent = list(self.windows)[-cfg.serve.alert_windows:]
         last = self.windows[-1] if self.windows else None
         since = None if self.last_row_at is None else time.monotonic() - self.last_row_at
         alerts = []
@@ -78,12 +86,9 @@ class Machine:
         if len(recent) == cfg.serve.alert_windows and np.mean([w.program_p for w in recent]) < cfg.serve.low_p:
             alerts.append(f"recognition uncertain: program p {np.mean([w.program_p for w in recent]):.2f} over "
                           f"the last {len(recent)} windows")
-        shown = self.windows[-self.history:]
-        predicted = endpoints([w.line for w in self.windows])[-self.history:]
-        labelled = any(w.true_line for w in self.windows)
-        true = endpoints([w.true_line for w in self.windows])[-self.history:] if labelled else None
+        shown = list(self.windows)[-self.history:]
         return {
-            "id": self.key, "recording": self.path.name, "rows": self.stream.rows, "windows": len(self.windows),
+            "id": self.key, "recording": self.path.name, "rows": self.stream.rows, "windows": self.decoded,
             "seconds_since_row": None if since is None else round(since, 2),
             "time": last.time if last else None,
             "program": last.program if last else "", "program_p": round(last.program_p, 4) if last else 0.0,
@@ -91,7 +96,8 @@ class Machine:
             "line": last.line if last else "", "p": round(last.p, 4) if last else 0.0,
             "true_line": last.true_line if last else "", "listing_at": self.listing_at,
             "confidence": [{"row": w.start, "p": round(w.p, 4)} for w in shown],
-            "path": _points(predicted), "true_path": _points(true) if true is not None else None,
+            "path": _points(self.ends["line"]),
+            "true_path": _points(self.ends["true_line"]) if self.labelled else None,
             "alerts": alerts,
         }
 
@@ -105,8 +111,8 @@ def place(listing: list[str], line: str, previous: int) -> int:
     return listing.index(line, start) if line in listing[start:] else listing.index(line)
 
 
-def _points(xyz: np.ndarray) -> list[list[float | None]]:
-    """X, Y, Z per window; None for an axis no line has named yet."""
+def _points(xyz: deque) -> list[list[float | None]]:
+    """X, Y, Z per window ([3] arrays); None for an axis no line has named yet."""
     return [[None if np.isnan(v) else round(float(v), 4) for v in p] for p in xyz]
 
 
@@ -124,7 +130,7 @@ class Monitor:
         keys = [run_name(p)[0] or f"machine{i}" for i, p in enumerate(paths)]
         keys = [k if keys.count(k) == 1 else f"{k}-{i}" for i, k in enumerate(keys)]
         self.machines = {k: Machine(k, p, LiveStream(p, pred, counts, cfg.predict.segment_rows, cfg.predict.lock_p),
-                                    cfg.serve.history) for k, p in zip(keys, paths)}
+                                    cfg.serve.history, cfg.serve.alert_windows) for k, p in zip(keys, paths)}
 
     def start(self) -> None:
         self.threads = [threading.Thread(target=self._follow, args=(m,), name=f"follow-{m.key}", daemon=True)
@@ -267,8 +273,11 @@ def serve_job(cfg, run_dir) -> dict:
         monitor.stop()
     states = monitor.states()
     metrics = {"ckpt_path": str(cfg.ckpt_path), "serve/seconds": round(time.monotonic() - started, 1),
-               "serve/machines": [{k: s[k] for k in ("id", "rows", "windows", "locked")} for s in states]}
-    print(f"serve: stopped after {metrics['serve/seconds']:.0f} s; "
-          + "; ".join(f"{s['id']}: {s['rows']} rows, program {s['locked'] or '?'}" for s in states), flush=True)
+               "serve/machines": [{k: s[k] for k in ("id", "rows", "windows", "locked", "program", "program_p")}
+                                  for s in states]}
+    print(f"serve: stopped after {metrics['serve/seconds']:.0f} s; " + "; ".join(
+        f"{s['id']}: {s['rows']} rows, program {s['locked']} (locked)" if s["locked"] else
+        f"{s['id']}: {s['rows']} rows, last named {s['program']} (p {s['program_p']:.2f}, not locked)"
+        if s["program"] else f"{s['id']}: {s['rows']} rows, no program named" for s in states), flush=True)
     write_json(Path(run_dir) / "metrics.json", metrics)
     return metrics

@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gcode_exp.data.read import text_rows
 from gcode_exp.predict import (
     Guess,
     RowVote,
     axis_moves,
     edit_similarity,
+    endpoints,
     position_weights,
     reconstruct,
     row_head_answers,
@@ -154,8 +156,18 @@ def predict_cmd(t: dict, out: Path, *args: str) -> list[str]:
 
 
 def sample_rows(name: str) -> list[str]:
-    with gzip.open(SAMPLE / f"{name}_aligned.csv.gz", "rt", newline="") as f:
-        return f.read().splitlines(keepends=True)
+    return text_rows(SAMPLE / f"{name}_aligned.csv.gz")
+
+
+def test_endpoints_go_on_from_where_earlier_lines_left_the_tool():
+    """G-code is modal: an axis a line does not name stays; carried in `pos`, a stream's toolpath read piece by
+    piece (the monitor page, window by window) is the path of the whole."""
+    lines = ["G0 Z0.6", "G1 X1 Y2", "Y3", "Y3", "G2 X4 Y5 R1", "Z-0.1"]
+    whole = endpoints(lines)
+    assert np.isnan(whole[0, 0]) and whole[0, 2] == 0.6 and whole[2].tolist() == [1.0, 3.0, 0.6]
+    pos: dict = {}
+    pieces = np.concatenate([endpoints(lines[:3], pos), endpoints(lines[3:4], pos), endpoints(lines[4:], pos)])
+    assert np.array_equal(pieces, whole, equal_nan=True) and pos == {"X": 4.0, "Y": 5.0, "Z": -0.1}
 
 
 def write_csv(path: Path, rows: list[list[str]]) -> None:

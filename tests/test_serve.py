@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from gcode_exp.data.read import text_rows
 from tests.conftest import ROOT, SAMPLE, default_run_and_two_programs
 
 pytestmark = pytest.mark.slow
@@ -34,8 +35,7 @@ class Growing:
     steps (`to`), so that a test can look at the monitor after each step."""
 
     def __init__(self, name: str, path: Path):
-        with gzip.open(SAMPLE / f"{name}_aligned.csv.gz", "rt", newline="") as f:
-            self.rows = f.read().splitlines(keepends=True)
+        self.rows = text_rows(SAMPLE / f"{name}_aligned.csv.gz")
         self.path, self.written = path, 1
         path.write_text(self.rows[0])
 
@@ -127,7 +127,8 @@ def test_api_follows_two_machines_names_their_programs_and_asks_for_the_token(tr
     finally:
         code, stdout, stderr = server.stop()
     assert code == 0, stderr[-2000:]
-    assert "serve: stopped after" in stdout and "mill1:" in stdout
+    assert "serve: stopped after" in stdout and re.search(r"mill1: \d+ rows, program face \(locked\)", stdout)
+    assert re.search(r"mill2: \d+ rows, (program adaptive \(locked\)|last named adaptive \(p )", stdout), stdout
     assert json.loads((out / "metrics.json").read_text())["serve/machines"][0]["locked"] == "face"
     written = "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
     assert token not in written and token not in stdout + stderr

@@ -144,6 +144,17 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = Tru
                silent_rows=int((~alive).sum()), unparsed_chunks=unparsed, path=str(path), warnings=notes, times=times)
 
 
+def opener(path: Path):
+    """gzip.open for a `.gz` name (any case), else open: how a recording's text is opened by its name."""
+    return gzip.open if path.name.lower().endswith(".gz") else open
+
+
+def text_rows(path: Path) -> list[str]:
+    """The recording's text lines, newlines kept, header first: what a logger wrote, to replay it row by row."""
+    with opener(path)(path, "rt", newline="") as f:
+        return f.read().splitlines(keepends=True)
+
+
 def read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
     """The file as a table with checked column names, and warnings about what a rule fixed.
 
