@@ -478,7 +478,7 @@ NEW = ("python run.py model=toolpath data.dir=../shared/data/cnc_sensor_gcode da
 KNOWN_OR_NEW = ("python run.py task=predict ckpt_path=/tmp/doc/known/checkpoints/best.pt "
                 "predict.fallback=/tmp/doc/new/checkpoints/best.pt data.dir=DIR")
 PERTURBATIONS = ("python run.py -m task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR "
-                 "perturb=none,crop,pace_slow,pace_fast,shift,concat,shop")
+                 "perturb=none,crop,pace_slow,pace_fast,shift,concat,shop,unplug")
 ROCKET_KNOWN = ("python run.py -m model=rocket data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
                 "trainer.line_exact=true hydra.sweep.dir=multirun/rocket-known")
 ROCKET_FAMILY = ("python run.py -m model=rocket data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "

@@ -26,6 +26,7 @@ from gcode_exp.data.perturb import (
     perturb_recordings,
     perturb_with_rows,
     shift_start,
+    unplug,
 )
 from gcode_exp.data.read import DataError, RecordedRun
 from tests.conftest import ROOT, default_run_and_two_programs, make_cfg, run_py
@@ -70,6 +71,23 @@ def test_shift_drops_that_many_rows():
     run = recording("face_001", n=10)
     out = shift_start(run, 3)
     assert out.lines == run.lines[3:] and np.array_equal(out.values, run.values[3:]) and out.times[0] == "3"
+
+
+def test_unplug_removes_a_share_of_each_recordings_boards_by_seed():
+    """ceil(share x boards) whole boards gone (every column of each), motor currents and rows kept; the
+    boards drawn per recording from the seed and its name."""
+    columns = ("spindle", "a.Ax", "a.Ay", "b.Ax", "c.Ax", "d.Ax", "d.Ay")
+    run = recording("face_001", columns=columns)
+    out = unplug(run, 0.25, seed=0)  # ceil(4 x 0.25) = 1 board
+    gone = {c.split(".")[0] for c in columns if "." in c} - {c.split(".")[0] for c in out.columns if "." in c}
+    assert len(gone) == 1 and "spindle" in out.columns and out.lines == run.lines
+    assert out.columns == [c for c in columns if c.split(".")[0] not in gone]
+    assert np.array_equal(out.values, run.values[:, [columns.index(c) for c in out.columns]])
+    assert len({c.split(".")[0] for c in unplug(run, 0.3, seed=0).columns if "." in c}) == 2  # ceil(1.2)
+    assert unplug(run, 0.25, seed=0).columns == out.columns, "deterministic"
+    assert len({tuple(unplug(run, 0.25, seed=s).columns) for s in range(20)}) > 1, "another seed, other boards"
+    assert unplug(recording("face_002"), 0.5, seed=0).columns == ["spindle", "x_motor"]  # no boards: unchanged
+    assert run.columns == list(columns), "the input is never changed"
 
 
 def test_pace_half_doubles_the_rows_and_labels_follow_the_executing_row():
@@ -147,7 +165,7 @@ def test_concat_refuses_a_single_operation():
 
 
 def test_combinations_apply_in_the_documented_order():
-    assert ORDER == ("concat", "crop_start", "shift", "pace")
+    assert ORDER == ("concat", "crop_start", "shift", "pace", "unplug")
     runs = [recording("face_001", n=40), recording("pocket_001", n=30)]
     cfg = {"pace": 1.25, "shift": 3, "crop_start": 0.1, "concat": True, "seed": 4}
     by_hand = [change_pace(shift_start(crop_start(r, 0.1), 3), 1.25) for r in concat_pairs(runs, 4)]
@@ -193,6 +211,7 @@ def test_every_option_validates_in_silence_for_eval(option, caplog):
     ("perturb.shift=1.5", "perturb.shift=1.5: must be a whole number >= 0"),
     ("perturb.concat=2", "perturb.concat=2: must be true or false"),
     ("perturb.seed=-3", "perturb.seed=-3: must be a whole number >= 0"),
+    ("perturb.unplug=1", "perturb.unplug=1: must be between 0 and 0.9"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=f"^{message.replace('(', '[(]')}"):

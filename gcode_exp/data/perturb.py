@@ -5,16 +5,19 @@ real shop use, applied to each recording as a whole before it is windowed. Train
 - `crop_start`: a share of each recording's first rows dropped: a monitor switched on mid-job.
 - `shift`: a number of first rows dropped: the windows fall on another grid than in training.
 - `pace`: the job runs `pace` times as fast (a feed override): the rows are resampled in time.
+- `unplug`: a share of each recording's IMU boards removed, its columns gone (boards unplugged or failed).
 
 They are applied in that fixed order (ORDER), each only where its value is not neutral (NEUTRAL); a
-neutral config returns the recordings as they are (the same objects). `seed` makes the one random choice,
-concat's pairing, reproducible. Every function is pure: it returns new RecordedRuns, never changes one.
+neutral config returns the recordings as they are (the same objects). `seed` makes the random choices,
+concat's pairing and unplug's boards, reproducible. Every function is pure: it returns new RecordedRuns,
+never changes one.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -27,8 +30,8 @@ from gcode_exp.data.vocab import parse_line
 
 log = logging.getLogger(__name__)
 
-ORDER = ("concat", "crop_start", "shift", "pace")  # the order the transforms are applied in
-NEUTRAL: dict[str, Any] = {"concat": False, "crop_start": 0.0, "shift": 0, "pace": 1.0}  # nothing changed
+ORDER = ("concat", "crop_start", "shift", "pace", "unplug")  # the order the transforms are applied in
+NEUTRAL: dict[str, Any] = {"concat": False, "crop_start": 0.0, "shift": 0, "pace": 1.0, "unplug": 0.0}  # unchanged
 STATE_COLUMNS = ("stat", "unit", "dist", "coor")  # controller state codes: taken from a row, never interpolated
 CLOCK = re.compile(r"^(\d{1,2}):(\d{2}):(\d{2}(?:\.(\d+))?)$")  # t_console: 14:34:23.365
 DAY = 86400.0
@@ -233,6 +236,18 @@ def concat_pairs(runs: list[RecordedRun], seed: int) -> list[RecordedRun]:
     return [join(r, runs[j]) for r, j in zip(runs, concat_partners(runs, seed))]
 
 
+# --- boards ------------------------------------------------------------------------------------------------
+def unplug(run: RecordedRun, share: float, seed: int) -> RecordedRun:
+    """The run without ceil(share x its boards) of its IMU boards (their columns removed), chosen at random
+    per recording from `seed` and its name: boards come loose or fail, and a shop may fit fewer of them."""
+    boards = sorted({c.split(".")[0] for c in run.columns if "." in c})
+    n = min(len(boards), int(np.ceil(share * len(boards) - 1e-9)))
+    rng = np.random.default_rng([seed, zlib.crc32(run.name.encode())])
+    gone = {boards[i] for i in rng.choice(len(boards), size=n, replace=False)} if n else set()
+    keep = [i for i, c in enumerate(run.columns) if c.split(".")[0] not in gone or "." not in c]
+    return recounted(replace(run, columns=[run.columns[i] for i in keep], values=run.values[:, keep]))
+
+
 # --- all of them ---------------------------------------------------------------------------------------------
 def perturb_with_rows(runs: list[RecordedRun], perturb_cfg: Mapping | None, *, window: int | None = None,
                       stride: int | None = None, on_error: str = "raise", skipped: list[dict] | None = None
@@ -253,13 +268,15 @@ def perturb_with_rows(runs: list[RecordedRun], perturb_cfg: Mapping | None, *, w
     if s["pace"] != NEUTRAL["pace"]:
         items = [(_paced(r, pos, s["pace"]), rows[executing(pos)])
                  for r, rows in items for pos in [pace_positions(len(r.lines), s["pace"])]]
+    if s["unplug"]:
+        items = [(unplug(r, s["unplug"], s["seed"]), rows) for r, rows in items]
     return [item for item in items if usable(item[0], s, window, stride, on_error, skipped)]
 
 
 def perturb_recordings(runs: list[RecordedRun], perturb_cfg: Mapping | None, *, window: int | None = None,
                        stride: int | None = None, on_error: str = "raise", skipped: list[dict] | None = None
                        ) -> list[RecordedRun]:
-    """The recordings as perturb_cfg changes them (concat, crop_start, shift, pace, in that order); a neutral
+    """The recordings as perturb_cfg changes them (concat, crop_start, shift, pace, unplug, in that order); a neutral
     config returns them as they are. With `window`, a recording left with fewer rows than one window (with
     `stride` too: no window of that grid holding a labelled row, what task=eval scores) is handled like a
     short file (data.on_error): a one-line DataError naming it and the keys, or with on_error=skip a
