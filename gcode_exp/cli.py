@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from gcode_exp import GcodeExpError, trust  # noqa: E402
-from gcode_exp.config import seed_of  # noqa: E402, F401  (registers the resolver used by conf/hparams_search)
+from gcode_exp.config import seed_of  # noqa: E402, F401  (registers the resolvers conf/ uses: seed_of, folder_label)
 
 log = logging.getLogger("gcode_exp")
 trust.redact_logs()  # no storage password in any log line, the console's, run.log's or Hydra's own

@@ -43,7 +43,14 @@ def seed_of(text: str) -> int:
     return zlib.crc32(str(text).encode()) % 2**31
 
 
+def folder_label(task: str, name: str, perturb: str) -> str:
+    """A run folder's label: what a run fits (`name`); for a job that scores a checkpoint, the task and
+    the perturbation (`eval-crop`), since its model is the checkpoint's, unknown until it is read."""
+    return name if task in ("train", "prepare") else f"{task}-{perturb}"
+
+
 OmegaConf.register_resolver("seed_of", seed_of, replace=True)
+OmegaConf.register_resolver("folder_label", folder_label, replace=True)
 
 
 # --- metric names -------------------------------------------------------------------------------------

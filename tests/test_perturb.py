@@ -240,6 +240,7 @@ def test_eval_sweep_over_perturbations_and_its_summary(checkpoint):
                "perturb=none,crop,pace_slow", f"hydra.sweep.dir={sweep}", cache=checkpoint["cache"])
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     jobs = sorted(sweep.glob("[0-9]_*"))
+    assert [j.name for j in jobs] == ["0_eval-none", "1_eval-crop", "2_eval-pace_slow"]  # not the command's model
     assert [json.loads((j / "metrics.json").read_text())["perturb"] for j in jobs] == ["none", "crop_start=0.25",
                                                                                       "pace=0.8"]
     summary = json.loads((jobs[1] / "data_summary.json").read_text())
