@@ -238,15 +238,16 @@ def test_a_training_run_whose_boards_trail_its_controller_is_read_at_its_boards_
 
 
 def test_a_checkpoint_from_before_the_stretch_reading_is_read_as_it_was_then():
-    """An align checkpoint saved before model.straight/snap/max_lag and their tables existed loads and
-    answers as the path."""
+    """An align checkpoint saved before model.straight/snap/max_lag/shared_boards and their tables existed
+    loads and answers as the path."""
     old = OmegaConf.create(OmegaConf.to_container(align_cfg("model.smooth=1")))  # as a checkpoint stores it
-    for key in ("straight", "snap", "max_lag"):
+    for key in ("straight", "snap", "max_lag", "shared_boards"):
         del old[key]
     feats = Features(channels=[f"frame.A{i}" for i in range(C)], boards=[], mean=[0.0] * C, std=[1.0] * C)
     then = AlignModel(old, max_len=5)
     then.fit(split_of([noisy_job(0), noisy_job(1)], window=10), feats, window=10)
-    state = {k: v for k, v in then.state().items() if k not in ("firsts", "programs", "lagged_ids")}
+    newer = ("firsts", "programs", "lagged_ids", "key_mask", "group_of", "flag_columns", "dim_group")
+    state = {k: v for k, v in then.state().items() if k not in newer}
     model = AlignModel(old, max_len=5)
     model.load_state(state)
     rows, _ = noisy_job(2)
@@ -266,3 +267,27 @@ def test_novelty_is_the_share_of_rows_off_every_training_path_at_any_pace():
     new = program(7)[0]
     assert float(model.predict(Windows.of_rows(new, torch.arange(0, len(new) - 10, 10), 10)).novelty.mean()) >= 0.9
     assert fitted().predict(seen[0]).novelty is None  # a signal key cannot tell (docs/RESULTS.md)
+
+
+def with_boards(rows: torch.Tensor, present: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """Rows of channels a.A0, a.A1 (board a) and b.A0 (board b) with the two presence flags the inputs carry;
+    an absent board's channel reads 0 (the mean), as a recording without its columns does."""
+    rows = rows.clone()
+    rows[:, 2] *= present[1]
+    rows[:, :2] *= present[0]
+    return torch.cat([rows, torch.tensor(present).expand(len(rows), 2)], 1)
+
+
+@pytest.mark.parametrize("shared, at_least, below", [(True, 0.95, 1.01), (False, 0.0, 0.6)])
+def test_a_board_unplugged_in_the_scored_recording_is_no_evidence(shared, at_least, below):
+    """Training runs with boards a and b; the scored run, started mid-job, lacks b. Compared on the boards
+    both have (model.shared_boards=true) its rows are placed by board a; compared on every channel, b's
+    zeros pull them to wherever the training signal of b is near its mean."""
+    feats = Features(channels=["a.A0", "a.A1", "b.A0"], boards=["a", "b"], mean=[0.0] * C, std=[1.0] * C)
+    model = AlignModel(align_cfg("model.smooth=1", f"model.shared_boards={shared}"), max_len=5)
+    model.fit(split_of([(with_boards(r), ln) for r, ln in (program(0), program(1))], window=10), feats, window=10)
+    rows, lines = program(0)
+    rows = rows[100:] + 0.3 * torch.randn(len(rows) - 100, C, generator=torch.Generator().manual_seed(5))
+    assert model.masked == shared
+    assert at_least <= share_right(model, with_boards(rows, (1.0, 0.0)), lines[100:]) < below
+    assert share_right(model, with_boards(rows), lines[100:]) >= 0.95  # with both boards: read as before

@@ -15,10 +15,13 @@ path through the whole recording (past `max_cells`: the best path ending `lag` r
 the line holding most of its rows, as its target is defined.
 
 The key (`model.key`): `position` (features=all) compares the work position, the G-code's own frame;
-`signal` compares every input but the elapsed time, each channel smoothed over `smooth` rows. A signal
-places a row only roughly, so there each stretch of the path in one program is read at one pace
-(`straightened`), and each training run's lines are moved by how far its sensor boards trail its
-controller rows (`lagged`).
+`signal` compares every input but the elapsed time, each channel smoothed over `smooth` rows; with
+`shared_boards` (and board flags among the inputs) only the channels of the boards both rows' recordings have,
+as a mean over them, each board on its own principal directions: a board unplugged in one recording (or
+never fitted in another shop) is no evidence either way, where compared as zeros it pulled rows to wherever
+the training signal of that board is near its mean. A signal places a row only roughly, so there each
+stretch of the path in one program is read at one pace (`straightened`), and each training run's lines are
+moved by how far its sensor boards trail its controller rows (`lagged`).
 It answers only lines of programs seen in training.
 """
 
@@ -32,6 +35,7 @@ from omegaconf import OmegaConf
 
 from gcode_exp.config import Bool, Float, Int, OneOf
 from gcode_exp.data.windows import Features, Split
+from gcode_exp.models import board_keys
 from gcode_exp.models.base import Answer, Reference, Windows
 from gcode_exp.models.nearest import POSITION, most_rows, pick_key
 
@@ -53,24 +57,27 @@ class AlignModel(Reference):
     rules = {"key": OneOf("auto", *KEYS), "smooth": Int(ge=1), "dims": Int(ge=0), "max_step": Int(ge=1, le=8),
              "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
              "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0),
-             "max_lag": Int(ge=0), "off_path": Float(gt=0)}
+             "max_lag": Int(ge=0), "off_path": Float(gt=0), "shared_boards": Bool()}
 
     # keys and tables newer than the first checkpoints of this model: where a checkpoint lacks them, it is
     # read the way it was then (the path as traced, no lags; an empty table is not used)
-    since_first = {"straight": False, "snap": 0, "max_lag": 0, "off_path": 0.25}
+    since_first = {"straight": False, "snap": 0, "max_lag": 0, "off_path": 0.25, "shared_boards": False}
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
         self.cfg, self.max_len = OmegaConf.merge(self.since_first, cfg), max_len
         for name in ("keys", "line_ids", "lines", "columns", "same_before", "scale", "clip_at", "centre", "basis",
-                     "firsts", "programs", "lagged_ids"):
+                     "firsts", "programs", "lagged_ids", "key_mask", "group_of", "flag_columns", "dim_group"):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         firsts = state.get("firsts", torch.zeros(0, dtype=torch.long))
         older = {"firsts": firsts, "programs": torch.arange(max(len(firsts) - 1, 0)),  # each run its own program
-                 "lagged_ids": state["line_ids"]}  # no lags: every row keeps its controller line
+                 "lagged_ids": state["line_ids"],  # no lags: every row keeps its controller line
+                 # every channel compared, boards or not
+                 "key_mask": torch.zeros(len(state["keys"]), 0), **dict.fromkeys(
+                     ("group_of", "flag_columns", "dim_group"), torch.zeros(0, dtype=torch.long))}
         super().load_state({**older, **state})
 
     def fit(self, split: Split, feats: Features, window: int) -> None:
@@ -78,6 +85,12 @@ class AlignModel(Reference):
         self.mode = torch.tensor(KEYS.index(key))
         if key == "position":
             self.columns = torch.tensor([feats.channels.index(c) for c in POSITION])
+        elif self.cfg.shared_boards and feats.boards:  # the channels, each board's compared only where both have it
+            self.columns = torch.arange(len(feats.channels))
+            self.flag_columns = torch.arange(len(feats.channels), len(feats.channels) + len(feats.boards))
+            board = {b: i for i, b in enumerate(feats.boards)}  # motors (no board): group len(boards), always there
+            self.group_of = torch.tensor([board.get(c.split(".")[0], len(feats.boards)) if "." in c
+                                          else len(feats.boards) for c in feats.channels])
         else:  # every input but the elapsed time (the clock is what this model does without)
             self.columns = torch.arange(feats.n_inputs - int(feats.elapsed))
         labelled = torch.nonzero(split.row_lines != 0).flatten()
@@ -93,17 +106,23 @@ class AlignModel(Reference):
         self.same_before = (torch.arange(n) - firsts[recording]).clamp(max=self.cfg.max_step)
         self.firsts = torch.cat([firsts, torch.tensor([n])])  # each training recording's first row, and the end
         self.programs = same_program(self.line_ids, self.firsts)
-        keys = self.key_rows(split.gather(torch.arange(len(split.rows))), bounds)
+        rows = split.gather(torch.arange(len(split.rows)))
+        keys = self.key_rows(rows, bounds)
+        self.key_mask = self.mask_rows(rows)
         self.centre, self.basis = keys.mean(0), torch.eye(keys.shape[1])
-        if 0 < self.cfg.dims < keys.shape[1]:  # the training keys' principal directions (SVD of a sample)
+        if self.masked:
+            self.centre, self.basis, self.dim_group = board_keys.group_basis(keys, self.key_mask, self.group_of,
+                                                                             self.cfg.dims)
+        elif 0 < self.cfg.dims < keys.shape[1]:  # the training keys' principal directions (SVD of a sample)
             sample = keys[torch.randperm(len(keys), generator=torch.Generator().manual_seed(0))[:20000]]
             self.basis = torch.linalg.svd(sample - self.centre, full_matrices=False)[2][: self.cfg.dims].T
-        keys = self.project(keys)
+        keys = self.project(keys, self.key_mask)
         # the unit of every cost: the work position is exact up to when rows were taken, so there it is the
         # median distance of a row to the next one (one row of progress); a signal is noisy, so there it
         # is the mean distance of two training rows drawn at random. `clip` is in the latter unit for both.
         pairs = torch.randint(len(keys), (2, 4096), generator=torch.Generator().manual_seed(0))
-        random_pair = (keys[pairs[0]] - keys[pairs[1]]).square().sum(1).mean().clamp(min=1e-12)
+        random_pair = self.row_cost(keys[pairs[0]], self.key_mask[pairs[0]], keys[pairs[1]],
+                                    self.key_mask[pairs[1]]).mean().clamp(min=1e-12)
         if key == "position":
             next_row = (keys[1:] - keys[:-1]).square().sum(1)[self.same_before[1:] > 0]
             self.scale = next_row[next_row > 0].median().clamp(min=1e-12) if (next_row > 0).any() else random_pair
@@ -118,12 +137,37 @@ class AlignModel(Reference):
         x = x[:, self.columns].float()
         edges = [int(b) for b in bounds] + [len(x)]
         parts = [smoothed(x[a:b], self.cfg.smooth) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-        return torch.cat(parts) / parts[0].shape[1] ** 0.5
+        return torch.cat(parts) / (1 if self.masked else parts[0].shape[1] ** 0.5)
 
-    def project(self, keys: torch.Tensor) -> torch.Tensor:
+    @property
+    def masked(self) -> bool:
+        return len(self.group_of) > 0
+
+    def mask_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, n_inputs] -> [T, groups] 1 where the row's recording has the board (the last group, the
+        motors: always); [T, 0] where keys are not masked."""
+        if not self.masked:
+            return x.new_zeros(len(x), 0)
+        return torch.cat([x[:, self.flag_columns].float().round(), x.new_ones(len(x), 1)], 1)
+
+    def row_cost(self, u: torch.Tensor, um: torch.Tensor, v: torch.Tensor, vm: torch.Tensor) -> torch.Tensor:
+        """[..., k] keys and [..., groups] masks -> [...] squared distance per pair of rows (with masks: over the
+        boards both have, gcode_exp/models/board_keys.py)."""
+        return board_keys.row_cost(u, um, v, vm, self.dim_group) if self.masked else (u - v).square().sum(-1)
+
+    def distances(self, q: torch.Tensor, qm: torch.Tensor) -> torch.Tensor:
+        """[A, k] keys, [A, groups] masks -> [A, S] squared distance to every training row (`row_cost`)."""
+        if not self.masked:
+            return torch.cdist(q, self.keys).square_()
+        if getattr(self, "_reference", None) is None or self._reference.keys is not self.keys:
+            self._reference = board_keys.Reference(self.keys, self.key_mask, self.dim_group)
+        return self._reference.distances(q, qm)
+
+    def project(self, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Keys on the `model.dims` principal directions of the training keys (all of them: unchanged but for
         the centring), so that comparing a row with every training row costs dims, not channels, per pair."""
-        return (keys - self.centre) @ self.basis
+        out = (keys - self.centre) @ self.basis
+        return out * mask[:, self.dim_group] if self.masked else out
 
     def brief(self) -> str:
         return f"{len(self.keys)} reference rows ({KEYS[int(self.mode)]})"
@@ -158,7 +202,8 @@ class AlignModel(Reference):
         Viterbi in numpy over float32 costs (its per-step overhead is a fraction of torch's at these sizes);
         each step keeps, per state, how it was reached: 0 .. K rows on, or K + 1 for a jump (from `tops`)."""
         cfg, T = self.cfg, len(x)
-        q = self.project(self.key_rows(x, torch.tensor([0]))) / self.scale.sqrt()
+        qm = self.mask_rows(x)
+        q = self.project(self.key_rows(x, torch.tensor([0])), qm) / self.scale.sqrt()
         jump_cost = np.float32(cfg.jump)
         S, K, lag = len(self.keys), int(cfg.max_step), int(cfg.lag)
         # the cost of reaching row s from s - k (k = 0 .. K) of the same training recording; inf from another
@@ -181,7 +226,7 @@ class AlignModel(Reference):
             return s
 
         for c0 in range(0, T, chunk):
-            d = torch.cdist(q[c0 : c0 + chunk], self.keys).square_().clamp_(max=float(self.clip_at))
+            d = self.distances(q[c0 : c0 + chunk], qm[c0 : c0 + chunk]).clamp_(max=float(self.clip_at))
             near[c0 : c0 + len(d)] = d.argmin(1).cpu()
             d = d.cpu().numpy()
             for j in range(len(d)):
@@ -216,7 +261,7 @@ class AlignModel(Reference):
         if KEYS[int(self.mode)] == "position":
             return self.lagged_ids[states], self.distance_to_paths(q, near.to(q.device)) > cfg.off_path
         if whole and cfg.straight and len(self.firsts):
-            states, clocked = self.straightened(states, q)
+            states, clocked = self.straightened(states, q, qm)
             return torch.where(clocked, self.line_ids[states], self.lagged_ids[states]), None
         return self.lagged_ids[states], None
 
@@ -239,7 +284,8 @@ class AlignModel(Reference):
             best = torch.where(same, torch.minimum(best, (q - p - t[:, None] * seg).square().sum(1)), best)
         return best.sqrt()
 
-    def straightened(self, states: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def straightened(self, states: torch.Tensor, q: torch.Tensor, qm: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each stretch of the path in one program read at one pace: a line fitted to its places in the
         training run it is most in, the line's ends put on that run's first or last row where they come
         within `snap` rows of it, or the stretch taken as the whole job where both do or that matches the
@@ -282,8 +328,8 @@ class AlignModel(Reference):
             # near, or where its rows match the run better than the line fitted (a pace the path did not follow)
             whole = (n - 1) / max(t1 - 1 - t0, 1)
             if 1 / (cfg.max_step + 1) <= whole <= cfg.max_step and (
-                    (starts and ends) or self.line_cost(q[t0:t1], first, n, -whole * t0 + whole * t) <
-                    self.line_cost(q[t0:t1], first, n, a + b * t)):
+                    (starts and ends) or self.line_cost(q[t0:t1], qm[t0:t1], first, n, -whole * t0 + whole * t) <
+                    self.line_cost(q[t0:t1], qm[t0:t1], first, n, a + b * t)):
                 a, b = -whole * t0, whole
             out[t0:t1] = (a + b * t).round().long().clamp(0, n - 1) + first
             # its first or last row on the run's: placed by the controller's clock, not the signal
@@ -302,13 +348,14 @@ class AlignModel(Reference):
         firsts, most, clip = self.firsts.tolist(), int(self.cfg.max_lag), float(self.clip_at)
         spans = list(zip(firsts[:-1], firsts[1:]))
         out = self.line_ids.clone()
+        both, k = torch.cat([self.keys, self.key_mask], 1), self.keys.shape[1]  # keys and masks, cut as one
         for i, (a, b) in enumerate(spans):
             lags = [0]  # the run against itself: with one other run, or two that disagree, nothing moves
             for j, (c, d) in enumerate(spans):
                 if j == i or self.programs[j] != self.programs[i]:
                     continue
-                signal, cost = best_offset(self.keys[a:b], self.keys[c:d], most,
-                                           lambda u, v: (u - v).square().sum(-1).clamp(max=clip))
+                signal, cost = best_offset(both[a:b], both[c:d], most, lambda u, v: self.row_cost(
+                    u[..., :k], u[..., k:], v[..., :k], v[..., k:]).clamp(max=clip))
                 label, differ = best_offset(self.line_ids[a:b], self.line_ids[c:d], most, torch.ne)
                 if cost < 0.8 * clip and differ < 0.5:  # runs whose boards match at all, and whose lines do
                     lags.append(label - signal)
@@ -317,12 +364,13 @@ class AlignModel(Reference):
                 out[a:b] = self.line_ids[(torch.arange(a, b) - lag).clamp(a, b - 1)]
         return out
 
-    def line_cost(self, q: torch.Tensor, first: int, n: int, place: torch.Tensor) -> float:
+    def line_cost(self, q: torch.Tensor, qm: torch.Tensor, first: int, n: int, place: torch.Tensor) -> float:
         """The mean clipped cost of rows `q` laid at `place` (rows into the training run at `first` of `n`
         rows); a row placed off the run costs the clip."""
         at = place.round().long()
         inside = (at >= 0) & (at < n)
-        d = (q - self.keys[first + at.clamp(0, n - 1)]).square().sum(1).clamp(max=float(self.clip_at))
+        rows = first + at.clamp(0, n - 1)
+        d = self.row_cost(q, qm, self.keys[rows], self.key_mask[rows]).clamp(max=float(self.clip_at))
         return float(torch.where(inside, d, self.clip_at.to(d.dtype)).mean())
 
 
