@@ -40,7 +40,8 @@ from gcode_exp.training.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # what is timed: the default and the toolpath (nothing trained) and the token models, each composed with these
-MODELS = {"default": [], "baseline": ["model=baseline", "aug=3x"], "multihead": ["model=multihead", "aug=3x"],
+MODELS = {"default": [], "default_side": ["features=side_channel"], "baseline": ["model=baseline", "aug=3x"],
+          "multihead": ["model=multihead", "aug=3x"],
           "new_programs": ["experiment=new_programs"], "toolpath": ["model=toolpath"], "rocket": ["model=rocket"]}
 FITTED = ("toolpath", "rocket")  # fitted once, no optimiser steps: timed like the default
 
@@ -310,6 +311,7 @@ def bench(args: argparse.Namespace) -> dict:
         if name == "multihead":
             result["epoch_s_by_data_size"] = bench_scaling(mcfg, data)
     result["default"] = bench_default(cfg, data)
+    result["default_side"] = bench_default(cfgs["default_side"], prepared(cfgs["default_side"]))  # its signal key
     for name in FITTED:
         try:
             result[name] = bench_default(cfgs[name], data)
@@ -329,9 +331,10 @@ def bench(args: argparse.Namespace) -> dict:
         print(f"{name:16s} {m['params']:9d} {m['bare_windows_per_s']:9.0f} {m['pipeline_windows_per_s']:9.0f} "
               f"{m['pipeline_vs_bare']:9.2f} {m['latency_ms_batch1']:9.2f} {m['latency_ms_per_window_batch256']:9.3f} "
               f"{m['live_ms_per_window']:9.2f}")
-    n = result["default"]
-    print(f"default ({cfg.model.name}, {n['reference']}): fitted in {n['fit_s']:.2f} s, "
-          f"{n['latency_ms_batch1']:.2f} ms at batch 1, {n['latency_ms_per_window_batch256']:.3f} ms/window at 256")
+    for name, label in (("default", "default"), ("default_side", "default side-channel")):
+        n = result[name]
+        print(f"{label} ({cfg.model.name}, {n['reference']}): fitted in {n['fit_s']:.2f} s, "
+              f"{n['latency_ms_batch1']:.2f} ms at batch 1, {n['latency_ms_per_window_batch256']:.3f} ms/window at 256")
     for name in FITTED:
         t = result[name]
         print(f"{name}: {t['skipped']}" if "skipped" in t else

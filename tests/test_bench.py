@@ -26,6 +26,8 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     default, toolpath = result["default"], result["toolpath"]  # fitted, not trained
     assert "reference rows" in default["reference"] and default["fit_s"] > 0
     assert default["latency_ms_per_window_batch256"] > 0
+    side = result["default_side"]  # the default with features=side_channel: the signal key, on its boards
+    assert "reference rows (signal)" in side["reference"] and side["fit_s"] > 0 and side["latency_ms_batch1"] > 0
     for fitted in (toolpath, result["rocket"]):
         assert min(fitted[k] for k in ("fit_s", "latency_ms_batch1", "latency_ms_per_window_batch256")) > 0
     search = result["reference_search"]  # the nearest reference's index at 1x, 4x, 10x the training keys
@@ -34,7 +36,8 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
     assert all(v[f"{how}_ms_per_window_batch{n}"] > 0 for v in search.values() for how in ("index", "brute")
                for n in (1, 256))
     printed = capsys.readouterr().out
-    assert "prepare: cold" in printed and "default" in printed and "toolpath: fitted in" in printed
+    assert "prepare: cold" in printed and "default side-channel (align" in printed
+    assert "toolpath: fitted in" in printed
     assert "rocket: fitted in" in printed
     assert "reference search (model=nearest)" in printed
     assert "4x/1x" in printed
@@ -42,9 +45,10 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
 
 def test_model_keys_go_to_the_models_that_have_them():
     cfgs = bench.configs(str(SAMPLE), ["model.d_model=32", "++model.n_heads=2", "model.key=signal", "data.window=32"])
-    assert list(cfgs) == ["default", "baseline", "multihead", "new_programs", "toolpath", "rocket"]
+    assert list(cfgs) == ["default", "default_side", "baseline", "multihead", "new_programs", "toolpath", "rocket"]
     assert {n: c.model.name for n, c in cfgs.items()} == {
-        "default": "align", "baseline": "baseline", "multihead": "multihead", "new_programs": "multihead",
+        "default": "align", "default_side": "align", "baseline": "baseline", "multihead": "multihead",
+        "new_programs": "multihead",
         "toolpath": "toolpath", "rocket": "rocket"}
     assert "d_model" not in cfgs["default"].model and cfgs["default"].model.key == "signal"
     for name in ("baseline", "multihead", "new_programs"):
@@ -91,12 +95,14 @@ def test_an_unusable_data_dir_is_one_line(tmp_path, case):
 
 
 @pytest.mark.parametrize("override, line", [
-    ("model.d_modle=32", "error: model.d_modle=32: no model the bench times (default, baseline, multihead, "
-                         "new_programs, toolpath, rocket) has the key model.d_modle; did you mean model.d_model?"),
-    ("model=baseline", "error: model=baseline: the bench times default, baseline, multihead, new_programs, toolpath, "
-                       "rocket itself; give their keys as model.KEY=VALUE (each goes to the models that have it)"),
+    ("model.d_modle=32", "error: model.d_modle=32: no model the bench times (default, default_side, baseline, "
+                         "multihead, new_programs, toolpath, rocket) has the key model.d_modle; did you mean "
+                         "model.d_model?"),
+    ("model=baseline", "error: model=baseline: the bench times default, default_side, baseline, multihead, "
+                       "new_programs, toolpath, rocket itself; give their keys as model.KEY=VALUE (each goes to the "
+                       "models that have it)"),
     ("experiment=new_programs", "error: experiment=new_programs: sets model=multihead; the bench times default, "
-                                "baseline, multihead, new_programs, toolpath, rocket itself"),
+                                "default_side, baseline, multihead, new_programs, toolpath, rocket itself"),
     ("nosuch=1", "error: nosuch=1: Could not override 'nosuch'. To append to your config use +nosuch=1"),
     ("aug=nosuch", "error: aug=nosuch: In 'config': Could not find 'aug/nosuch' (options: 3x, 5x, none)"),
     ("data.window=[", "error: data.window=[: cannot be parsed: no viable alternative at input '['"),
