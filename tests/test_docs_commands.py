@@ -178,7 +178,7 @@ def one_job_per_perturbation(ran: Ran) -> None:
     done = [(json.loads((j / "data_summary.json").read_text())["perturb"]["name"], metrics(j)["perturb"])
             for j in ran.jobs]
     assert done[:3] == [("none", "none"), ("crop", "crop_start=0.25"), ("pace_slow", "pace=0.8")], done
-    assert len({p for _, p in done}) == 7, done
+    assert len({p for _, p in done}) == 8 and done[-1] == ("unplug", "unplug=0.25"), done
 
 
 def new_programs_answered_by_fallback(ran: Ran) -> None:
@@ -520,7 +520,7 @@ COMMANDS: dict[str, Doc] = {
         Doc(needs=(TOKEN_START,), files=("metrics.json", "program.csv", "predictions")),
     "python run.py task=predict predict.follow=true ckpt_path=RUN/checkpoints/best.pt data.path=FILE.csv":
         Doc(needs=(TOKEN_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
-    PERTURBATIONS: Doc(needs=(TOKEN_START,), jobs=7, check=one_job_per_perturbation),
+    PERTURBATIONS: Doc(needs=(TOKEN_START,), jobs=8, check=one_job_per_perturbation),
     "python -m gcode_exp.bench_serve --ckpt RUN/checkpoints/best.pt --data-dir ../shared/data/cnc_sensor_gcode":
         Doc(needs=(QUICK_START,), setup=quick_start_run, extra=("--seconds", "4"), says=("monitor: 4 machines",),
             check=every_row_shown),
