@@ -34,9 +34,9 @@ from gcode_exp.data.dataset import HOW_READ
 # files Hydra writes into a sweep folder (the basic sweeper, the Optuna sweeper)
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
 # every file or folder a job of this project writes into its run folder
-RUN_FILES = ("metrics.json", "history.csv", "per_class.csv", "vocab.json", "data_summary.json", "error.txt",
-             "run.log", "optuna_trial.json", "checkpoints", "plots", "predictions", "program.csv", ".hydra",
-             "resolved_config.yaml", "wandb", "profile")
+RUN_FILES = ("metrics.json", "history.csv", "per_class.csv", "per_recording.csv", "vocab.json", "data_summary.json",
+             "error.txt", "run.log", "optuna_trial.json", "checkpoints", "plots", "predictions", "program.csv",
+             "segments.csv", ".hydra", "resolved_config.yaml", "wandb", "profile")
 REPLACED = ".replaced"  # overwrite=true: the earlier run's files, until the new run has finished
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 

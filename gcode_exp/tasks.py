@@ -95,8 +95,8 @@ def train_job(cfg, run_dir: Path, trial: TrialLink | None = None) -> dict:
         model, vocab = load_model(blob, device)
         metrics = {}
         for split in ("val", "test"):
-            m, pred = evaluate(model, data.splits[split], vocab, cfg, device, with_lines=cfg.trainer.line_exact,
-                               limit=scored_windows(cfg.trainer))
+            m, pred, _ = evaluate(model, data.splits[split], vocab, cfg, device, with_lines=cfg.trainer.line_exact,
+                                  limit=scored_windows(cfg.trainer))
             metrics.update({f"{split}/{k}": v for k, v in m.items()})
         test = data.splits["test"].targets[: len(pred)]  # the windows scored (trainer.limit_batches: the first ones)
         majority = majority_metrics(blob["majority_line"], test, vocab)
@@ -142,8 +142,8 @@ def eval_job(cfg, run_dir: Path) -> dict:
     model, vocab = load_model(blob, device)
     split = build_split(runs, feats, vocab, data_cfg)
     eval_cfg = OmegaConf.merge(blob["config"], {"hardware": cfg.hardware, "data": data_cfg})
-    m, pred = evaluate(model, split, vocab, eval_cfg, device, with_lines=cfg.trainer.line_exact,
-                       limit=scored_windows(cfg.trainer))
+    m, pred, hits = evaluate(model, split, vocab, eval_cfg, device, with_lines=cfg.trainer.line_exact,
+                             limit=scored_windows(cfg.trainer))
     metrics = {f"test/{k}": v for k, v in m.items()}
     targets = split.targets[: len(pred)]  # the windows scored (trainer.limit_batches: the first ones)
     majority = majority_metrics(blob["majority_line"], targets, vocab)
@@ -154,8 +154,22 @@ def eval_job(cfg, run_dir: Path) -> dict:
                "seen_in_training": seen_in_training(blob, split.files),
                "skipped_files": skipped, "perturb": perturb.summary(cfg.get("perturb"))}
     write_json(run_dir / "data_summary.json", summary)
+    if hits is not None:
+        write_csv(run_dir / "per_recording.csv", per_recording(split, hits), ["recording", "windows", "line_exact"])
     write_outputs(cfg, run_dir, metrics, pred, targets[:, 1:], vocab, None)
     return metrics
+
+
+def per_recording(split, hits) -> list[dict]:
+    """Each scored recording's windows and line exact: which recordings a score comes from (one recording
+    placed in another program moves a folder's figure by a fifteenth)."""
+    rows, start = [], 0
+    for name, n in zip(split.files, split.file_windows):
+        mine = hits[start : start + n]
+        start += n
+        if len(mine):
+            rows.append({"recording": name, "windows": len(mine), "line_exact": round(float(mine.float().mean()), 4)})
+    return rows
 
 
 def write_outputs(cfg, run_dir: Path, metrics: dict, pred, target, vocab, history) -> None:

@@ -49,9 +49,9 @@ def test_evaluate_scores_only_the_first_windows(tmp_path):
     model, _ = new_model(cfg, data)
     split = data.splits["val"]
     assert len(split) > 5
-    _, pred = evaluate(model, split, data.vocab, cfg, torch.device("cpu"), with_lines=False, limit=5)
-    assert len(pred) == 5
-    _, pred = evaluate(model, split, data.vocab, cfg, torch.device("cpu"), with_lines=False, limit=0)
+    _, pred, hits = evaluate(model, split, data.vocab, cfg, torch.device("cpu"), with_lines=False, limit=5)
+    assert len(pred) == 5 and hits is None  # a learning model answers no line unless asked
+    _, pred, _ = evaluate(model, split, data.vocab, cfg, torch.device("cpu"), with_lines=False, limit=0)
     assert len(pred) == len(split)
     assert scored_windows(make_cfg("trainer.limit_batches=3", "trainer.batch_size=8").trainer) == 24
     assert scored_windows(cfg.trainer) == 0  # the default: every window

@@ -29,6 +29,7 @@ from gcode_exp.data.perturb import (
     unplug,
 )
 from gcode_exp.data.read import DataError, RecordedRun
+from gcode_exp.run_folder import RUN_FILES
 from tests.conftest import ROOT, default_run_and_two_programs, make_cfg, run_py
 
 OPTIONS = sorted(p.stem for p in (ROOT / "conf" / "perturb").glob("*.yaml"))
@@ -246,6 +247,12 @@ def test_eval_sweep_over_perturbations_and_its_summary(checkpoint):
     summary = json.loads((jobs[1] / "data_summary.json").read_text())
     assert summary["perturb"]["name"] == "crop" and summary["perturb"]["applied"] == ["crop_start=0.25"]
     assert summary["test"]["files"] == ["face_003", "pocket_016"]
+    assert {p.name for p in jobs[1].iterdir()} <= set(RUN_FILES)  # what overwrite=true sets aside and restores
+    with open(jobs[1] / "per_recording.csv", newline="") as f:  # which recordings the figure comes from
+        per = list(csv.DictReader(f))
+    assert [r["recording"] for r in per] == ["face_003", "pocket_016"]
+    mean = sum(int(r["windows"]) * float(r["line_exact"]) for r in per) / sum(int(r["windows"]) for r in per)
+    assert mean == pytest.approx(json.loads((jobs[1] / "metrics.json").read_text())["test/line_exact"], abs=1e-3)
     res = subprocess.run([sys.executable, "-m", "gcode_exp.summarize", str(sweep)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]

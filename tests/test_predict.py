@@ -34,6 +34,7 @@ from gcode_exp.predict import (
     window_starts,
 )
 from gcode_exp.programs import name_program
+from gcode_exp.run_folder import RUN_FILES
 from tests.conftest import ROOT, SAMPLE, default_run_and_two_programs, run_py
 
 LIVE_LINE = re.compile(r"^\S+  .*  \(p=\d\.\d\d\)$")
@@ -179,6 +180,7 @@ def test_predict_writes_rows_program_gcode_and_metrics(trained):
     out = trained["ws"] / "pred"
     r = predict_py(trained, out)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} <= set(RUN_FILES)  # what overwrite=true sets aside and restores
     metrics = json.loads((out / "metrics.json").read_text())
     for prefix in ("predict", "majority"):
         for key in ("row_line_acc", "axis_acc", "sequence_similarity", "program_acc"):

@@ -12,15 +12,15 @@ from gcode_exp.data.vocab import Vocab
 from gcode_exp.data.windows import Split
 from gcode_exp.models import Model, Windows
 from gcode_exp.training.device import autocast
-from gcode_exp.training.metrics import line_exact, token_metrics
+from gcode_exp.training.metrics import line_hits, token_metrics
 
 
 @torch.no_grad()
 def evaluate(model: Model, split: Split, vocab: Vocab, cfg, device, with_lines: bool, limit: int = 0):
-    """Metrics of one split, and its predicted tokens (teacher-forced where the model learns, else its
-    answers). `limit`: score only the split's first `limit` windows (0: all; `scored_windows`). Under
-    hardware=ddp each rank scores a part and every rank gets the whole split's metrics (the same
-    early-stopping calls)."""
+    """Metrics of one split, its predicted tokens (teacher-forced where the model learns, else its answers)
+    and per window whether its answered line was whole right (None where no line was answered). `limit`:
+    score only the split's first `limit` windows (0: all; `scored_windows`). Under hardware=ddp each rank
+    scores a part and every rank gets the whole split's metrics (the same early-stopping calls)."""
     model.eval()
     n = min(len(split), limit) if limit else len(split)
     mine = distributed.shard(torch.arange(n))
@@ -41,9 +41,10 @@ def evaluate(model: Model, split: Split, vocab: Vocab, cfg, device, with_lines: 
     metrics = token_metrics(pred, target, vocab)
     if model.learns:
         metrics["loss"] = loss / max(n, 1)
-    if with_lines or not model.learns:
-        metrics["line_exact"] = line_exact(answered, target)
-    return metrics, pred
+    hits = line_hits(answered, target) if with_lines or not model.learns else None
+    if hits is not None:
+        metrics["line_exact"] = float(hits.float().mean()) if len(hits) else float("nan")
+    return metrics, pred, hits
 
 
 def scored_windows(tc) -> int:

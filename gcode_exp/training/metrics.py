@@ -55,11 +55,15 @@ def token_metrics(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> dic
     }
 
 
+def line_hits(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[windows] bool: whether the free-running output equals the target up to and including EOS."""
+    gen = generated[:, : target.shape[1]]
+    return ((gen == target) | (target == PAD)).all(dim=1)
+
+
 def line_exact(generated: torch.Tensor, target: torch.Tensor) -> float:
     """Share of windows whose free-running output equals the target up to and including EOS."""
-    gen = generated[:, : target.shape[1]]
-    mask = target != PAD
-    return float(((gen == target) | ~mask).all(dim=1).float().mean()) if len(target) else float("nan")
+    return float(line_hits(generated, target).float().mean()) if len(target) else float("nan")
 
 
 def per_class(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> list[dict]:

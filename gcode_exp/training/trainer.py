@@ -90,8 +90,8 @@ class Trainer:
 
     def validate(self) -> dict:
         with_lines = self.tc.monitor == "val/line_exact"
-        metrics, _ = evaluate(self.model, self.data.splits["val"], self.data.vocab, self.cfg, self.device,
-                              with_lines=with_lines, limit=scored_windows(self.tc))
+        metrics, _, _ = evaluate(self.model, self.data.splits["val"], self.data.vocab, self.cfg, self.device,
+                                 with_lines=with_lines, limit=scored_windows(self.tc))
         return {f"val/{k}": v for k, v in metrics.items()}
 
     def fit(self) -> dict:
