@@ -65,6 +65,12 @@ def run_py_command(*args: str, cache: Path, env: dict | None = None) -> tuple[li
     return cmd, {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
 
 
+def kill_after(epoch: int) -> dict:
+    """The environment in which a training run SIGKILLs itself right after epoch `epoch`'s checkpoint: the
+    fault lives in tests/faults/sitecustomize.py, outside the package."""
+    return {"GCODE_EXP_KILL_AFTER_EPOCH": str(epoch), "PYTHONPATH": str(ROOT / "tests" / "faults")}
+
+
 def run_py(*args: str, cache: Path, timeout: int = 300, env: dict | None = None):
     """`python run.py` in a subprocess (run_py_command), run to its end."""
     import subprocess

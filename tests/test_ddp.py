@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLE, TINY, run_py
+from tests.conftest import ROOT, SAMPLE, TINY, kill_after, run_py
 
 # no augmentation and no dropout: the two processes then differ from one only in how the loss of a batch
 # is averaged (per process, then over the processes) and in the up to 1 window per epoch they leave out
@@ -105,7 +105,7 @@ def test_two_processes_train_like_one(tmp_path):
 
     # interrupted after epoch 1 (both processes killed), then resumed: the uninterrupted run's epochs
     (tmp_path / "three").mkdir()
-    killed = run(["hardware=ddp", *SAME], tmp_path / "three", cache, procs=2, env={"GCODE_EXP_KILL_AFTER_EPOCH": "1"})
+    killed = run(["hardware=ddp", *SAME], tmp_path / "three", cache, procs=2, env=kill_after(1))
     assert killed.returncode != 0
     run_dir = only_folder(tmp_path / "three")
     resumed = run(["hardware=ddp", *SAME, "trainer.resume=true", f"hydra.run.dir={run_dir}"], tmp_path / "three",

@@ -4,7 +4,7 @@ never changes what an earlier command left in its folder unless told to (`overwr
 resumes to the metrics of an uninterrupted run.
 
 Interruptions come from the run itself: GCODE_EXP_KILL_AFTER_EPOCH=k makes the training process
-SIGKILL itself right after epoch k's checkpoint and history are written (callbacks.KillAfterEpoch),
+SIGKILL itself right after epoch k's checkpoint and history are written (tests/faults/sitecustomize.py),
 so no test depends on how fast the machine is."""
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, run_py, run_py_command
+from tests.conftest import ROOT, kill_after, run_py, run_py_command
 
 pytestmark = pytest.mark.slow
-KILL_AFTER = "GCODE_EXP_KILL_AFTER_EPOCH"
+
 
 
 def run_in(run_dir: Path, *args: str, cache: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -81,7 +81,7 @@ def finished_run(tmp_path_factory, cache) -> Path:
 def interrupted_run(tmp_path_factory, cache) -> Path:
     """A 2-epoch run killed right after epoch 1 (never modified: tests work on copies)."""
     run = tmp_path_factory.mktemp("interrupted") / "run"
-    res = run_in(run, "trainer.max_epochs=2", cache=cache, env={KILL_AFTER: "1"})
+    res = run_in(run, "trainer.max_epochs=2", cache=cache, env=kill_after(1))
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     assert last_epoch(run) == 1 and not (run / "metrics.json").exists()
     return run
@@ -121,7 +121,7 @@ def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, 
     ref, run = tmp_path / "ref", tmp_path / "cut"
     ok(run_in(ref, *train, cache=cache))
 
-    killed = run_in(run, *train, cache=cache, env={KILL_AFTER: "2"})
+    killed = run_in(run, *train, cache=cache, env=kill_after(2))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert last_epoch(run) == 2 and len(history(run)) == 2 and not (run / "metrics.json").exists()
 
@@ -328,7 +328,7 @@ def test_a_last_pt_from_before_the_schedule_group_resumes(tmp_path, cache):
     train = ["trainer.max_epochs=2", "trainer/scheduler=cosine", "trainer.scheduler.warmup_epochs=1", "aug=3x"]
     ref, run = tmp_path / "ref", tmp_path / "cut"
     ok(run_in(ref, *train, cache=cache))
-    assert run_in(run, *train, cache=cache, env={KILL_AFTER: "1"}).returncode == -signal.SIGKILL
+    assert run_in(run, *train, cache=cache, env=kill_after(1)).returncode == -signal.SIGKILL
     last = run / "checkpoints" / "last.pt"
     blob = torch.load(last, weights_only=True)
     config = blob["config"]
@@ -350,7 +350,7 @@ def test_a_last_pt_from_before_the_noise_pool_resumes_drawing_noise_per_batch(tm
     """aug.noise_pool came with a default of 8 batches; a run interrupted before it keeps the noise it drew
     (each batch its own: 0) when resumed, rather than today's default."""
     run = tmp_path / "cut"
-    assert run_in(run, "trainer.max_epochs=2", "aug=3x", cache=cache, env={KILL_AFTER: "1"}).returncode == \
+    assert run_in(run, "trainer.max_epochs=2", "aug=3x", cache=cache, env=kill_after(1)).returncode == \
         -signal.SIGKILL
     last = run / "checkpoints" / "last.pt"
     blob = torch.load(last, weights_only=True)

@@ -4,8 +4,6 @@ Each hook does nothing unless a callback overrides it; the Trainer calls them in
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,19 +103,6 @@ class LoggerCallback(Callback):
         self.logger.log(row, step=row["epoch"])
 
 
-class KillAfterEpoch(Callback):
-    """Fault injection for the resume tests: SIGKILL right after epoch `epoch`'s checkpoint and history are
-    written (GCODE_EXP_KILL_AFTER_EPOCH=k)."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
-        if row["epoch"] == self.epoch:
-            distributed.barrier()  # hardware=ddp: rank 0 has written last.pt
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def default_callbacks(cfg, run_dir: Path, logger=None) -> list[Callback]:
     """The callbacks a run's config asks for (progress and profile on rank 0 only)."""
     main, tc = distributed.is_main(), cfg.trainer
@@ -127,6 +112,4 @@ def default_callbacks(cfg, run_dir: Path, logger=None) -> list[Callback]:
     out.append(EpochLog())
     if logger is not None:
         out.append(LoggerCallback(logger))
-    if os.environ.get("GCODE_EXP_KILL_AFTER_EPOCH"):
-        out.append(KillAfterEpoch(int(os.environ["GCODE_EXP_KILL_AFTER_EPOCH"])))
     return out

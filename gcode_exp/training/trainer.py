@@ -18,7 +18,8 @@ from gcode_exp.config import build
 from gcode_exp.data.dataset import Prepared
 from gcode_exp.data.sampler import Batch, Sampler, prefetched
 from gcode_exp.models import Model, new_model
-from gcode_exp.training.callbacks import Callback, default_callbacks
+from gcode_exp.training import callbacks
+from gcode_exp.training.callbacks import Callback
 from gcode_exp.training.checkpoint import describe, load_checkpoint, resumed_settings, save_checkpoint
 from gcode_exp.training.device import autocast, pick_device
 from gcode_exp.training.evaluate import evaluate, scored_windows
@@ -194,7 +195,8 @@ def fit(cfg, data: Prepared, run_dir: Path, logger=None, extra: Sequence[Callbac
         for name in ("best.pt", "last.pt"):
             save_checkpoint(run_dir / "checkpoints" / name, model=model.state(), epoch=0, state=state, **checkpoint)
         return state
-    return Trainer(cfg, data, model, run_dir, checkpoint, [*default_callbacks(cfg, run_dir, logger), *extra]).fit()
+    chosen = callbacks.default_callbacks(cfg, run_dir, logger)
+    return Trainer(cfg, data, model, run_dir, checkpoint, [*chosen, *extra]).fit()
 
 
 def new_state() -> dict:
