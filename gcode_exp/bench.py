@@ -32,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gcode_exp import GcodeExpError
 from gcode_exp.atomic import write_text
-from gcode_exp.config import ConfigError, validate
+from gcode_exp.config import ConfigError
+from gcode_exp.config_checks import validate
 from gcode_exp.data.dataset import cores, prepare
 from gcode_exp.data.sampler import batches
 from gcode_exp.models import Windows, new_model

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from gcode_exp import GcodeExpError, distributed, plots, run_folder, trust
 from gcode_exp.atomic import write_csv, write_json
-from gcode_exp.config import check_against_data, validate
+from gcode_exp.config_checks import check_against_data, validate
 from gcode_exp.data import perturb
 from gcode_exp.data.dataset import Prepared, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
@@ -58,7 +58,7 @@ def run(cfg, run_dir: Path, hydra_cfg=None) -> dict:
 
 
 def prepare_checked(cfg) -> Prepared:
-    """The prepared data, and the config checks only the training data can answer (gcode_exp/config.py)."""
+    """The prepared data, and the config checks only the training data can answer (gcode_exp/config_checks.py)."""
     data = prepare(cfg)
     train = data.summary["train"]
     check_against_data(cfg, data.vocab.tokens, train["targets_cut_share"], train["longest_target"])

@@ -98,7 +98,7 @@ def check_stored(config: dict, where: str) -> None:
     """Refuse (one line naming the key and `where`, the file) a stored config that would make the project
     import or call anything but an allowed class. Names are checked before anything is imported; then
     the object must be a class, defined under an allowed module, of the kind built at that key."""
-    from gcode_exp.config import _class
+    from gcode_exp.rules import named_class
 
     def refuse(key: str, value: Any, why: str) -> UntrustedConfig:
         return UntrustedConfig(f"{where}: {key}._target_={value}: {why}")
@@ -128,7 +128,7 @@ def check_stored(config: dict, where: str) -> None:
             raise refuse(key, name, f"a {type(obj).__name__}, not a class: refused (only classes are built)")
         if not _under(obj.__module__, modules):
             raise refuse(key, name, f"a class of {obj.__module__}, outside {allowed}: refused")
-        if _class(name, base) is None:
+        if named_class(name, base) is None:
             raise refuse(key, name, f"not a subclass of {base.replace(':', '.')}: refused")
 
 

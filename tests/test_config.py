@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
-from gcode_exp.config import SCHEMA, TOKEN_METRICS, ConfigError, check_against_data, metric_names, validate
+from gcode_exp.config import SCHEMA, ConfigError
+from gcode_exp.config_checks import check_against_data, validate
 from gcode_exp.data.vocab import Vocab
-from gcode_exp.training.metrics import token_metrics
+from gcode_exp.training.metrics import TOKEN_METRICS, metric_names, token_metrics
 from tests.conftest import ROOT, make_cfg, run_py
 
 GROUPS = ("data", "features", "vocab", "model", "aug", "trainer", "hardware", "logger", "experiment", "hparams_search",

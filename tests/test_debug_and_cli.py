@@ -67,7 +67,8 @@ def test_debug_options_pick_a_model_that_trains():
 
 
 def test_limit_batches_is_checked():
-    from gcode_exp.config import ConfigError, validate
+    from gcode_exp.config import ConfigError
+    from gcode_exp.config_checks import validate
 
     with pytest.raises(ConfigError, match=r"trainer.limit_batches=-1: must be a whole number >= 0"):
         validate(make_cfg("trainer.limit_batches=-1"))

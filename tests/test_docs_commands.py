@@ -901,7 +901,7 @@ def test_documented_command(command, docs, request):
     if doc.kind == COMPOSE:
         from omegaconf import OmegaConf
 
-        from gcode_exp.config import validate
+        from gcode_exp.config_checks import validate
 
         assert ran.configs, "nothing composed"
         for cfg in ran.configs:

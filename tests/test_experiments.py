@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from gcode_exp import summarize
-from gcode_exp.config import validate
+from gcode_exp.config_checks import validate
 from tests.conftest import ROOT, run_py
 
 EXPERIMENTS = ("baseline", "augmented", "multihead", "multihead_aug")

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from gcode_exp.config import ConfigError, validate
+from gcode_exp.config import ConfigError
+from gcode_exp.config_checks import validate
 from gcode_exp.data.perturb import (
     ORDER,
     change_pace,

@@ -20,20 +20,9 @@ import numpy as np
 import pytest
 
 from gcode_exp.data.read import text_rows
-from gcode_exp.predict import (
-    Guess,
-    RowVote,
-    axis_moves,
-    edit_similarity,
-    endpoints,
-    position_weights,
-    reconstruct,
-    row_head_answers,
-    score_rows,
-    vote,
-    window_starts,
-)
+from gcode_exp.predict import axis_moves, edit_similarity, endpoints, reconstruct, score_rows
 from gcode_exp.programs import name_program
+from gcode_exp.row_votes import Guess, RowVote, position_weights, row_head_answers, vote, window_starts
 from gcode_exp.run_folder import RUN_FILES
 from tests.conftest import ROOT, SAMPLE, default_run_and_two_programs, run_py
 

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from gcode_exp import GcodeExpError, summarize, tasks
-from gcode_exp.config import ConfigError, validate
+from gcode_exp.config import ConfigError
+from gcode_exp.config_checks import validate
 from gcode_exp.data.dataset import load_prepared, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs, read_run
 from gcode_exp.data.vocab import parse_line

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import make_cfg
 
-from gcode_exp.config import ConfigError, validate
+from gcode_exp.config import ConfigError
+from gcode_exp.config_checks import validate
 from gcode_exp.data.augment import Augment
 from gcode_exp.data.dataset import prepare
 from gcode_exp.data.sampler import Sampler, batches

@@ -18,11 +18,13 @@ import yaml
 from omegaconf import open_dict
 
 from gcode_exp import summarize
-from gcode_exp.config import ConfigError, validate
+from gcode_exp.config import ConfigError
+from gcode_exp.config_checks import validate
 from gcode_exp.data.cache import file_hashes
 from gcode_exp.data.dataset import prepare, prepared_key
 from gcode_exp.data.read import RecordedRun, find_recordings, run_name
 from gcode_exp.data.splits import WINDOW_WARNING, covered_rows, family, fold_of_files, split_runs
+from gcode_exp.summary.tables import t975
 from tests.conftest import ROOT, SAMPLE, make_cfg, run_py
 
 SAMPLE_NAMES = sorted(run_name(p)[0] for p in SAMPLE.glob("*_aligned.csv*"))
@@ -275,7 +277,7 @@ def test_compare_names_the_approaches_it_knows(tmp_path):
 def test_t_quantiles():
     for df, t in ((1, 12.706), (4, 2.776), (9, 2.262), (11, 2.201), (14, 2.145), (29, 2.045), (40, 2.021),
                   (120, 1.980)):
-        assert summarize.t975(df) == pytest.approx(t, abs=2e-3), df
+        assert t975(df) == pytest.approx(t, abs=2e-3), df
 
 
 @pytest.mark.slow

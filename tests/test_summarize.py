@@ -12,6 +12,10 @@ import pytest
 import yaml
 
 from gcode_exp import summarize
+from gcode_exp.summary.chart import chart_label
+from gcode_exp.summary.groups import finished_runs, group_labels, short_labels
+from gcode_exp.summary.runs import find_runs
+from gcode_exp.summary.tables import METRICS, as_table, csv_text, markdown
 from gcode_exp.sweeps import TRIAL_FILE, display_url, same_params
 from tests.conftest import ROOT, SAMPLE
 
@@ -317,7 +321,7 @@ def test_metrics_option_chooses_the_columns_in_its_order(tmp_path):
 def test_an_unknown_metric_is_refused_naming_it_and_listing_the_known(tmp_path, spec, line):
     make_run(tmp_path / "0_demo", metrics={"test/command_acc": 0.5, "test/loss": 2.0})
     before = files_under(tmp_path)
-    known = ", ".join([*summarize.METRICS, "loss", "sec_per_epoch", "epochs", "collapsed"])  # + the runs' own
+    known = ", ".join([*METRICS, "loss", "sec_per_epoch", "epochs", "collapsed"])  # + the runs' own
     refused(summarize_cmd(tmp_path, "--metrics", spec), line.format(known=known))
     assert files_under(tmp_path) == before  # nothing written
 
@@ -342,16 +346,16 @@ def test_groups_that_read_alike_get_the_config_keys_that_tell_them_apart(tmp_pat
     intervals = md_tables(capsys.readouterr().out)[1]
     assert intervals[0] == ["approach", "features", "split", "trainer.lr", "n", "command_acc"]
     assert [row[3] for row in intervals[1:]] == ["0.1", "0.01", "-"]
-    labels = summarize.short_labels(summarize.group_labels(summarize.finished_runs(summarize.find_runs([tmp_path]))))
-    assert [summarize.chart_label(row) for _, row in labels.iterrows()] == [
+    labels = short_labels(group_labels(finished_runs(find_runs([tmp_path]))))
+    assert [chart_label(row) for _, row in labels.iterrows()] == [
         "demo\nall\ntrainer.lr=0.1", "demo\nall\ntrainer.lr=0.01", "other\nall\ntrainer.lr=-"]
 
 
 def test_markdown_columns_line_up_and_missing_cells_are_empty():
-    table = summarize.as_table([{"trial": 0, "lr": "0.1", "folder": "a"}, {"trial": 12, "folder": "bb", "extra": 1}])
-    assert summarize.markdown(table).splitlines() == [
+    table = as_table([{"trial": 0, "lr": "0.1", "folder": "a"}, {"trial": 12, "folder": "bb", "extra": 1}])
+    assert markdown(table).splitlines() == [
         "| trial | lr  | folder | extra |",
         "|-------|-----|--------|-------|",
         "| 0     | 0.1 | a      |       |",
         "| 12    |     | bb     | 1     |"]
-    assert summarize.csv_text(table) == "trial,lr,folder,extra\r\n0,0.1,a,\r\n12,,bb,1\r\n"
+    assert csv_text(table) == "trial,lr,folder,extra\r\n0,0.1,a,\r\n12,,bb,1\r\n"

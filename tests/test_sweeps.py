@@ -10,7 +10,8 @@ import optuna
 import pytest
 import yaml
 
-from gcode_exp import summarize
+from gcode_exp.summary.runs import find_runs
+from gcode_exp.summary.trials import study_trials
 from tests.conftest import ROOT, SAMPLE, TINY, run_py
 
 STUDY = "gcode-exp-multihead-all"
@@ -55,7 +56,7 @@ def test_sweep_run_twice_continues_one_study_and_records_failures(tmp_path):
     assert "optimized_metric=val/nope" in (tmp_path / "c" / "0_optuna" / "error.txt").read_text()
     assert trials[4].user_attrs["folder"] == str(tmp_path / "c" / "0_optuna")
 
-    rows = summarize.study_trials(storage, STUDY, summarize.find_runs([tmp_path]))
+    rows = study_trials(storage, STUDY, find_runs([tmp_path]))
     assert [r["state"] for r in rows] == ["COMPLETE"] * 4 + ["FAIL"]
     assert [r["folder"] for r in rows] == [*folders, str(tmp_path / "c" / "0_optuna")]
 
@@ -133,7 +134,7 @@ def check_study(tmp_path, url: str, study: str, folders_of: dict[str, int]) -> N
         os.path.join(w, f"{i}_optuna") for w, n in folders_of.items() for i in range(n))  # no folder shared
     for t in trials:
         assert trial_file(tmp_path / t.user_attrs["folder"])["trial"] == t.number
-    rows = summarize.study_trials(url, study, [])  # folders straight from the storage
+    rows = study_trials(url, study, [])  # folders straight from the storage
     assert [r["folder"] for r in rows] == folders
 
 

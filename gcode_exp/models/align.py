@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from gcode_exp.config import Bool, Float, Int, OneOf
+from gcode_exp.rules import Bool, Float, Int, OneOf
 from gcode_exp.data.windows import Features, Split
 from gcode_exp.models import board_keys
 from gcode_exp.models.base import Answer, Reference, Windows

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from gcode_exp.config import Rule
     from gcode_exp.data.windows import Features, Split
+    from gcode_exp.rules import Rule
 
 
 @dataclass

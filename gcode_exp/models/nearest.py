@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from gcode_exp.config import ConfigError, Float, OneOf
+from gcode_exp.config import ConfigError
 from gcode_exp.data.windows import Features, Split
 from gcode_exp.models.base import Answer, Reference
+from gcode_exp.rules import Float, OneOf
 
 POSITION = ("posx", "posy", "posz")  # work position: the frame of the G-code's X/Y/Z words
 KEYS = ("position", "summary")

@@ -21,9 +21,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gcode_exp.config import Each, Float, Int
 from gcode_exp.data.windows import Features, Split
 from gcode_exp.models.base import Answer, Reference, Windows
+from gcode_exp.rules import Each, Float, Int
 
 LENGTH = 9  # kernel length
 KERNELS = torch.tensor([[2.0 if i in twos else -1.0 for i in range(LENGTH)]

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gcode_exp.config import ConfigError, Each, Float, OneOf
+from gcode_exp.config import ConfigError
 from gcode_exp.data.windows import Features, Split, encode_target
 from gcode_exp.models.base import Answer, Reference, Windows
 from gcode_exp.models.nearest import POSITION, most_rows
+from gcode_exp.rules import Each, Float, OneOf
 
 FEED = "feed"  # the controller's feed rate: 0 while the machine moves rapid (G0)
 JOINS = ("arc", "corner", "other", "mode")  # how a straight move is entered: see `Path.join`

@@ -7,9 +7,28 @@ which no library has, are ours. torchmetrics is imported inside the functions th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from gcode_exp.data.vocab import COMMAND, NUMERIC, PAD, PARAMETER, TYPES, Vocab
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+# the keys of token_metrics, by name, for the config checks (tests/test_config.py keeps the two in step)
+TOKEN_METRICS = ("overall_acc", "command_acc", "type_acc", "param_type_acc", "param_value_acc", "unique_tokens",
+                 "token_coverage", "command_macro_recall", "token_macro_recall")
+LOWER_IS_BETTER = ("loss",)
+
+
+def metric_names(cfg: DictConfig, per_epoch: bool = False) -> list[str]:
+    """Metric names (without the `val/`, `test/` prefix) a run of `cfg` writes for a split.
+
+    Every token metric, the loss and `line_exact` (free-running decoding). Per epoch, validation
+    decodes only when trainer.monitor asks for val/line_exact (it costs about a quarter of an epoch);
+    at the end, when trainer.line_exact is on."""
+    return [*TOKEN_METRICS, "loss", *(["line_exact"] if cfg.trainer.get("line_exact") or per_epoch else [])]
 
 
 def _share(hit: torch.Tensor, where: torch.Tensor) -> float:
