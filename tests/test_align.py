@@ -222,6 +222,20 @@ def test_a_whole_job_is_read_from_its_first_to_its_last_row_at_any_pace(pace):
     assert share_right(model, *resampled(*job_alike_inside(2), pace)) >= 0.9
 
 
+@pytest.mark.parametrize("dropped", [8, 16])
+def test_a_recording_that_starts_a_few_rows_into_its_job_is_not_pulled_onto_the_jobs_first_row(dropped):
+    """The path's first row lands within model.snap rows of the job's; taken as the job's own start, every row
+    would be read `dropped` rows early (4-8 lines). The signal of the first rows matches the shifted start
+    better, so the stretch is placed by the signal; as recorded it still starts on the job's first row."""
+    channels = [f"frame.A{i}" for i in range(C)]
+    rows, lines = noisy_job(2)
+    checked = fitted_on([noisy_job(0), noisy_job(1)], channels)
+    assert share_right(checked, rows, lines) == 1.0
+    assert share_right(checked, rows[dropped:], lines[dropped:]) >= 0.6
+    path_ends_alone = fitted_on([noisy_job(0), noisy_job(1)], channels, "model.snap_rows=0")
+    assert share_right(path_ends_alone, rows[dropped:], lines[dropped:]) < 0.3
+
+
 def test_a_training_run_whose_boards_trail_its_controller_is_read_at_its_boards_place():
     """Three runs of one program with the same lines at the same rows; the third's signal comes 6 rows late
     (its boards' clock). A row of it placed by the signal takes the line from 6 rows before; the others keep
@@ -238,15 +252,15 @@ def test_a_training_run_whose_boards_trail_its_controller_is_read_at_its_boards_
 
 
 def test_a_checkpoint_from_before_the_stretch_reading_is_read_as_it_was_then():
-    """An align checkpoint saved before model.straight/snap/max_lag/shared_boards and their tables existed
+    """An align checkpoint saved before model.straight/snap/max_lag/shared_boards/snap_rows and their tables existed
     loads and answers as the path."""
     old = OmegaConf.create(OmegaConf.to_container(align_cfg("model.smooth=1")))  # as a checkpoint stores it
-    for key in ("straight", "snap", "max_lag", "shared_boards"):
+    for key in ("straight", "snap", "max_lag", "shared_boards", "snap_rows", "snap_margin"):
         del old[key]
     feats = Features(channels=[f"frame.A{i}" for i in range(C)], boards=[], mean=[0.0] * C, std=[1.0] * C)
     then = AlignModel(old, max_len=5)
     then.fit(split_of([noisy_job(0), noisy_job(1)], window=10), feats, window=10)
-    newer = ("firsts", "programs", "lagged_ids", "key_mask", "group_of", "flag_columns", "dim_group")
+    newer = ("firsts", "programs", "lagged_ids", "key_mask", "group_of", "flag_columns", "dim_group", "run_lags")
     state = {k: v for k, v in then.state().items() if k not in newer}
     model = AlignModel(old, max_len=5)
     model.load_state(state)

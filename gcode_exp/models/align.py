@@ -21,23 +21,21 @@ as a mean over them, each board on its own principal directions: a board unplugg
 never fitted in another shop) is no evidence either way, where compared as zeros it pulled rows to wherever
 the training signal of that board is near its mean. A signal places a row only roughly, so there each
 stretch of the path in one program is read at one pace (`straightened`), and each training run's lines are
-moved by how far its sensor boards trail its controller rows (`lagged`).
-It answers only lines of programs seen in training.
+moved by how far its sensor boards trail its controller rows (`lagged`). It answers only lines of programs seen.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from gcode_exp.rules import Bool, Float, Int, OneOf
 from gcode_exp.data.windows import Features, Split
 from gcode_exp.models import board_keys
 from gcode_exp.models.base import Answer, Reference, Windows
 from gcode_exp.models.nearest import POSITION, most_rows, pick_key
+from gcode_exp.models.training_runs import best_offset, same_program
+from gcode_exp.rules import Bool, Float, Int, OneOf
 
 KEYS = ("position", "signal")
 
@@ -57,17 +55,20 @@ class AlignModel(Reference):
     rules = {"key": OneOf("auto", *KEYS), "smooth": Int(ge=1), "dims": Int(ge=0), "max_step": Int(ge=1, le=8),
              "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
              "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0),
-             "max_lag": Int(ge=0), "off_path": Float(gt=0), "shared_boards": Bool()}
+             "max_lag": Int(ge=0), "off_path": Float(gt=0), "shared_boards": Bool(), "snap_rows": Int(ge=0),
+             "snap_margin": Float(ge=0)}
 
     # keys and tables newer than the first checkpoints of this model: where a checkpoint lacks them, it is
     # read the way it was then (the path as traced, no lags; an empty table is not used)
-    since_first = {"straight": False, "snap": 0, "max_lag": 0, "off_path": 0.25, "shared_boards": False}
+    since_first = {"straight": False, "snap": 0, "max_lag": 0, "off_path": 0.25, "shared_boards": False,
+                   "snap_rows": 0}
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
         self.cfg, self.max_len = OmegaConf.merge(self.since_first, cfg), max_len
         for name in ("keys", "line_ids", "lines", "columns", "same_before", "scale", "clip_at", "centre", "basis",
-                     "firsts", "programs", "lagged_ids", "key_mask", "group_of", "flag_columns", "dim_group"):
+                     "firsts", "programs", "lagged_ids", "key_mask", "group_of", "flag_columns", "dim_group",
+                     "run_lags"):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
 
@@ -75,6 +76,7 @@ class AlignModel(Reference):
         firsts = state.get("firsts", torch.zeros(0, dtype=torch.long))
         older = {"firsts": firsts, "programs": torch.arange(max(len(firsts) - 1, 0)),  # each run its own program
                  "lagged_ids": state["line_ids"],  # no lags: every row keeps its controller line
+                 "run_lags": torch.zeros(max(len(firsts) - 1, 0), dtype=torch.long),
                  # every channel compared, boards or not
                  "key_mask": torch.zeros(len(state["keys"]), 0), **dict.fromkeys(
                      ("group_of", "flag_columns", "dim_group"), torch.zeros(0, dtype=torch.long))}
@@ -130,6 +132,7 @@ class AlignModel(Reference):
             self.scale = random_pair
         self.clip_at = self.cfg.clip * random_pair / self.scale
         self.keys = keys / self.scale.sqrt()
+        self.run_lags = torch.zeros(len(self.firsts) - 1, dtype=torch.long)
         self.lagged_ids = self.lagged() if key == "signal" and self.cfg.max_lag else self.line_ids
 
     def key_rows(self, x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -318,16 +321,17 @@ class AlignModel(Reference):
                 miss = (rows - (a + b * t)).abs()
                 keep = miss <= miss.quantile(0.7)
             b = min(max(b, 1 / (cfg.max_step + 1)), float(cfg.max_step))
-            starts = abs(a + b * t0) <= cfg.snap
-            ends = abs(a + b * (t1 - 1) - (n - 1)) <= cfg.snap
+            whole = (n - 1) / max(t1 - 1 - t0, 1)  # the pace at which the stretch is the whole job
+            paces = [b, whole] if 1 / (cfg.max_step + 1) <= whole <= cfg.max_step else [b]
+            starts = abs(a + b * t0) <= cfg.snap and self.snaps(q, qm, t0, t1, home, paces, end=False)
+            ends = abs(a + b * (t1 - 1) - (n - 1)) <= cfg.snap and self.snaps(q, qm, t0, t1, home, paces, end=True)
             if starts:
                 a = -b * t0
             elif ends:
                 a = (n - 1) - b * (t1 - 1)
             # the stretch as the whole job, its first and last rows on the run's: taken where both ends came
             # near, or where its rows match the run better than the line fitted (a pace the path did not follow)
-            whole = (n - 1) / max(t1 - 1 - t0, 1)
-            if 1 / (cfg.max_step + 1) <= whole <= cfg.max_step and (
+            if len(paces) > 1 and (
                     (starts and ends) or self.line_cost(q[t0:t1], qm[t0:t1], first, n, -whole * t0 + whole * t) <
                     self.line_cost(q[t0:t1], qm[t0:t1], first, n, a + b * t)):
                 a, b = -whole * t0, whole
@@ -335,6 +339,26 @@ class AlignModel(Reference):
             # its first or last row on the run's: placed by the controller's clock, not the signal
             clocked[t0:t1] = abs(a + b * t0) < 0.5 or abs(a + b * (t1 - 1) - (n - 1)) < 0.5
         return out, clocked
+
+    def snaps(self, q: torch.Tensor, qm: torch.Tensor, t0: int, t1: int, run: int, paces: list[float], end: bool
+              ) -> bool:
+        """Whether the stretch t0..t1, placed in training `run` with its first (`end`: last) row on the run's, at
+        one of `paces`, matches the signal of its first (last) `snap_rows` rows within `snap_margin` of the best
+        shift of up to `snap` rows (the board lag of `run` allowed for). A recording that starts a few rows
+        into its job (or stops a few before its end) would be pulled onto the job's first (last) row by the
+        path's ends alone; there the signal matches a shift better. `snap_rows=0`: the path's ends alone."""
+        cfg, rows = self.cfg, int(self.cfg.snap_rows)
+        if not rows:
+            return True
+        first, n, r = int(self.firsts[run]), int(self.firsts[run + 1] - self.firsts[run]), int(cfg.snap)
+        lo, hi = (max(t1 - rows, t0), t1) if end else (t0, min(t0 + rows, t1))
+        t = torch.arange(lo, hi, dtype=torch.float64)
+        for b in paces:
+            at = ((n - 1) - b * (t1 - 1) if end else -b * t0) + b * t + int(self.run_lags[run])
+            cost = torch.tensor([self.line_cost(q[lo:hi], qm[lo:hi], first, n, at + d) for d in range(-r, r + 1)])
+            if cost[r] <= cost.min() + cfg.snap_margin:
+                return True
+        return False
 
     def lagged(self) -> torch.Tensor:
         """Each training row's line where its board signal says the job was: the line `lag` rows before,
@@ -362,6 +386,7 @@ class AlignModel(Reference):
             if len(lags) > 2:  # row r of i: its signal is where its controller was `lag` rows before
                 lag = int(torch.tensor(lags, dtype=torch.float).median().round())
                 out[a:b] = self.line_ids[(torch.arange(a, b) - lag).clamp(a, b - 1)]
+                self.run_lags[i] = lag
         return out
 
     def line_cost(self, q: torch.Tensor, qm: torch.Tensor, first: int, n: int, place: torch.Tensor) -> float:
@@ -373,28 +398,3 @@ class AlignModel(Reference):
         d = self.row_cost(q, qm, self.keys[rows], self.key_mask[rows]).clamp(max=float(self.clip_at))
         return float(torch.where(inside, d, self.clip_at.to(d.dtype)).mean())
 
-
-def same_program(line_ids: torch.Tensor, firsts: torch.Tensor, overlap: float = 0.5) -> torch.Tensor:
-    """[recordings] a program number per training recording: recordings whose sets of lines overlap by at
-    least `overlap` (shared / either's) ran the same program. Runs of one program share nearly all lines,
-    different programs (feed variants included) a few of 50-300."""
-    sets, programs = [], []
-    for a, b in zip(firsts[:-1].tolist(), firsts[1:].tolist()):
-        lines = set(line_ids[a:b].unique().tolist())
-        match = [i for i, s in enumerate(sets) if len(s & lines) >= overlap * len(s | lines)]
-        if not match:
-            sets.append(lines)
-        programs.append(match[0] if match else len(sets) - 1)
-    return torch.tensor(programs, dtype=torch.long)
-
-
-def best_offset(x: torch.Tensor, other: torch.Tensor, most: int, cost: Callable) -> tuple[int, float]:
-    """The shift o in -most .. most at which rows r of `x` against rows r + o of `other` (those both have, at
-    least half the shorter's) have the lowest mean `cost(x rows, other rows)` (a cost per row), and that mean."""
-    at = torch.arange(len(x))[None] + torch.arange(-most, most + 1)[:, None]  # [shifts, rows] rows of `other`
-    both = (at >= 0) & (at < len(other))
-    per_row = cost(x[None].expand(len(at), *x.shape), other[at.clamp(0, len(other) - 1)]).float() * both
-    mean = per_row.sum(1) / both.sum(1).clamp(min=1)
-    mean[both.sum(1) < min(len(x), len(other)) // 2] = torch.inf
-    o = int(mean.argmin())
-    return o - most, float(mean[o])
