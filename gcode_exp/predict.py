@@ -28,7 +28,7 @@ from gcode_exp.data.windows import Features, run_inputs
 from gcode_exp.models import Windows
 from gcode_exp.programs import name_program, op_line_counts, row_programs, segments
 from gcode_exp.row_votes import Guess, RowVote, row_head_answers, vote, window_starts
-from gcode_exp.training.checkpoint import load_checkpoint, load_model, seen_in_training
+from gcode_exp.training.checkpoint import Checkpoint
 from gcode_exp.training.device import autocast, pick_device
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,11 @@ def check_channels(path: Path | str, columns: list[str], feats: Features) -> Non
 class Predictor:
     """A checkpoint's model, vocabulary, features and window geometry: windows in, lines out."""
 
-    def __init__(self, blob: dict, hardware, batch_size: int):
+    def __init__(self, ckpt: Checkpoint, hardware, batch_size: int):
         self.device = pick_device(hardware)
-        self.model, self.vocab = load_model(blob, self.device)
-        self.feats = Features(**blob["features"])
-        data = blob["config"]["data"]
+        self.model, self.vocab = ckpt.model(self.device)
+        self.feats = ckpt.features
+        data = ckpt.config["data"]
         self.window, self.stride, self.max_len = data["window"], data["stride"], data["max_len"]
         self.amp, self.batch_size = bool(hardware.amp), batch_size
 
@@ -195,17 +195,17 @@ def score_rows(pred: list[str], true: list[str]) -> dict[str, float]:
 # --- the job ---------------------------------------------------------------------------------------------
 def predict_job(cfg, run_dir: Path) -> dict:
     """Offline: every recording of data.dir; live (predict.follow=true): data.path as it is written."""
-    blob = load_checkpoint(cfg.ckpt_path)
-    pred = Predictor(blob, cfg.hardware, cfg.predict.batch_size)
+    ckpt = Checkpoint.load(cfg.ckpt_path)
+    pred = Predictor(ckpt, cfg.hardware, cfg.predict.batch_size)
     fallback = None  # the checkpoint that answers a recording of no known program (offline only)
     if cfg.predict.fallback and not cfg.predict.follow:
-        fallback_blob = load_checkpoint(cfg.predict.fallback, source=f"predict.fallback={cfg.predict.fallback}")
-        fallback = Predictor(fallback_blob, cfg.hardware, cfg.predict.batch_size)
+        fallback_ckpt = Checkpoint.load(cfg.predict.fallback, source=f"predict.fallback={cfg.predict.fallback}")
+        fallback = Predictor(fallback_ckpt, cfg.hardware, cfg.predict.batch_size)
     out = run_dir / "predictions"  # made once there is something to write: a failed run leaves none
     if cfg.predict.follow:
         from gcode_exp.live import follow
 
-        return follow(cfg, run_dir, pred, op_line_counts(blob, cfg, pred.vocab))
+        return follow(cfg, run_dir, pred, op_line_counts(ckpt, cfg, pred.vocab))
     recordings, skipped = [], []
     paths = list_runs(cfg.data.dir, cfg.data.pattern)
     twice = same_recording_twice(paths)
@@ -227,9 +227,9 @@ def predict_job(cfg, run_dir: Path) -> dict:
     recordings = perturbed(recordings, cfg, pred.window, skipped)
     if not recordings:
         raise DataError(f"{cfg.data.dir}: no usable recordings")
-    seen_in_training(blob, [rec.run.name for rec in recordings])
-    counts = op_line_counts(blob, cfg, pred.vocab)
-    majority_line = pred.vocab.decode(blob["majority_line"][1:].tolist())
+    ckpt.seen_in_training([rec.run.name for rec in recordings])
+    counts = op_line_counts(ckpt, cfg, pred.vocab)
+    majority_line = pred.vocab.decode(ckpt.majority_line[1:].tolist())
     majority_op = max(sorted(counts), key=lambda op: sum(counts[op].values())) if counts else ""
     totals: Counter = Counter()
     end_errors: dict[str, list[np.ndarray]] = {"predict": [], "majority": []}

@@ -8,6 +8,7 @@ import logging
 import math
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -16,19 +17,22 @@ from gcode_exp.data.dataset import prepare
 from gcode_exp.data.read import run_name
 from gcode_exp.data.vocab import Vocab
 
+if TYPE_CHECKING:
+    from gcode_exp.training.checkpoint import Checkpoint
+
 log = logging.getLogger(__name__)
 
 
-def op_line_counts(blob: dict, cfg, vocab: Vocab) -> dict[str, Counter] | None:
+def op_line_counts(ckpt: Checkpoint, cfg, vocab: Vocab) -> dict[str, Counter] | None:
     """Per training operation: how many training windows have each target line.
 
     From the checkpoint's `train_windows` ({"files", "file_windows", "targets"} of the training split);
     checkpoints without it rebuild the training split from its data.dir (cached like training); None
     (naming off, warned) where that folder cannot be read."""
-    train = blob.get("train_windows")
+    train = ckpt.train_windows
     if train is None:
         # the checkpoint's settings over today's defaults: keys added since it was saved keep their defaults
-        train_cfg = OmegaConf.merge(OmegaConf.to_container(cfg), blob["config"])
+        train_cfg = OmegaConf.merge(OmegaConf.to_container(cfg), ckpt.config)
         train_cfg.data.cache_dir = cfg.data.cache_dir
         log.info("checkpoint has no train_windows: rebuilding the training split of %s", train_cfg.data.dir)
         try:

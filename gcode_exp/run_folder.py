@@ -24,12 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from gcode_exp import GcodeExpError, distributed, trust
 from gcode_exp.atomic import write_text
 from gcode_exp.config import READS_CHECKPOINT
-from gcode_exp.data.dataset import HOW_READ
 
 # files Hydra writes into a sweep folder (the basic sweeper, the Optuna sweeper)
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
@@ -50,78 +49,31 @@ def state(run_dir: Path) -> str:
     return "used" if any((run_dir / name).exists() for name in RUN_FILES) else "empty"
 
 
-# what a checkpoint's own config decides: of an interrupted run when resumed (its experiment, not the
-# trainer's knobs); of the model task=eval and task=predict read recordings for (all but the data's place)
-RESUMED_GROUPS = ("model", "vocab", "features", "data", "aug", "seed", "name")
-USERS_DATA = ("dir", "pattern", "on_error", "max_nonfinite", "path", *HOW_READ)  # eval/predict: the command's
-
-
 def resumed_config(cfg: DictConfig, run_dir: Path, explicit: list[str] | None) -> DictConfig:
-    """The settings a checkpoint decides, taken from it, so that a default changed since it was written
-    never changes what it does, and the run folder records what ran:
-
-    - `trainer.resume=true` on an interrupted run: its own model, data, vocabulary, features,
-      augmentation and seed (from checkpoints/last.pt). Keys set on the command line (`explicit`,
-      Hydra's task overrides) are kept, so that `check_resumable` refuses them if they differ.
-    - `task=eval` and `task=predict`: the same from `ckpt_path`, but the data's place (data.dir,
-      pattern, path, ...) from the command; a command-line key that would read the recordings another
-      way than the model was trained is refused, naming it.
-
-    None: nothing is known to be explicit, nothing taken."""
+    """The settings a checkpoint decides, taken from it (`Checkpoint.reading_config`): of
+    checkpoints/last.pt when `trainer.resume=true` continues an interrupted run, of `ckpt_path` for
+    task=eval, predict and serve. `explicit`: Hydra's task overrides, the keys set on the command line;
+    None: nothing is known to be explicit, nothing taken. A damaged checkpoint is left to `claim`, or the
+    job, to report; an untrusted one is refused here, before anything is imported, built or written."""
     if explicit is None:
         return cfg
     if cfg.task == "train" and cfg.trainer.resume:
-        path, scoring, source = run_dir / "checkpoints" / "last.pt", False, f"trainer.resume=true: {run_dir}"
+        path, source = run_dir / "checkpoints" / "last.pt", f"trainer.resume=true: {run_dir}: checkpoints/last.pt"
     elif cfg.task in READS_CHECKPOINT and cfg.get("ckpt_path"):
-        path, scoring, source = Path(str(cfg.ckpt_path)), True, None
+        path, source = Path(str(cfg.ckpt_path)), None
     else:
         return cfg
     if not path.is_file():
         return cfg  # claim, or the job, reports it
-    from gcode_exp.training.checkpoint import load_checkpoint
+    from gcode_exp.training.checkpoint import Checkpoint  # torch: not for a command that reads no checkpoint
 
     try:
-        old = load_checkpoint(path, source and f"{source}: checkpoints/last.pt")["config"]
+        ckpt = Checkpoint.load(path, source)
     except trust.UntrustedConfig:
         raise  # refused before anything is imported, built or written
     except GcodeExpError:
         return cfg  # claim, or the job, reports the damaged checkpoint
-    keys = [o.lstrip("+~").split("=")[0] for o in explicit]
-    if scoring:
-        _refuse_changed(cfg, OmegaConf.create(old), keys)
-    out = cfg.copy()
-    with open_dict(out):
-        for group in RESUMED_GROUPS:
-            if group in old and group not in keys:
-                kept = {k: OmegaConf.select(cfg, k) for k in keys if k.startswith(group + ".")}
-                same_kind = isinstance(old[group], dict) and old[group].get("name") == cfg[group].get("name")
-                # keys added since the run started keep their defaults; another model's keys do not mix in
-                out[group] = OmegaConf.merge(cfg[group], old[group]) if same_kind else old[group]
-                for key, value in kept.items():
-                    OmegaConf.update(out, key, value, force_add=True)
-        if scoring:
-            for key in USERS_DATA:
-                if key in cfg.data:
-                    out.data[key] = cfg.data[key]
-    return out
-
-
-def _refuse_changed(cfg: DictConfig, old: DictConfig, keys: list[str]) -> None:
-    """task=eval/predict: a command-line key the checkpoint decides, set to another value than it has."""
-    for key in keys:
-        group = key.split(".")[0]
-        if group not in ("model", "vocab", "features", "data") or (group == "data" and key[5:] in USERS_DATA):
-            continue  # the run's label, seed and augmentation change nothing in what a trained model answers
-        mine, theirs = (f"{key}.name", f"{key}.name") if key == group and group != "seed" else (key, key)
-        now, then = OmegaConf.select(cfg, mine), OmegaConf.select(old, theirs, default="<absent>")
-        if then != "<absent>" and now != then:
-            shown = OmegaConf.select(cfg, key) if key == mine else now
-            raise GcodeExpError(f"{key}={_text(shown)}: task={cfg.task} reads recordings the way the checkpoint "
-                                f"was trained ({theirs}={_text(then)}); drop it")
-
-
-def _text(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    return ckpt.reading_config(cfg, [o.lstrip("+~").split("=")[0] for o in explicit])
 
 
 def claim(run_dir: Path, cfg: DictConfig) -> None:
@@ -149,14 +101,14 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
         return
     if resume:
         if now == "interrupted":  # refuse another model/data/seed now, not after .hydra/ and run.log are written
-            from gcode_exp.training.checkpoint import check_resumable, load_checkpoint
+            from gcode_exp.training.checkpoint import Checkpoint
 
             try:  # named as what the user asked for: ckpt_path is not theirs here
-                old = load_checkpoint(run_dir / "checkpoints" / "last.pt",
-                                      source=f"trainer.resume=true: cannot resume {run_dir}: checkpoints/last.pt")
+                ckpt = Checkpoint.load(run_dir / "checkpoints" / "last.pt",
+                                       source=f"trainer.resume=true: cannot resume {run_dir}: checkpoints/last.pt")
             except GcodeExpError as e:
                 raise GcodeExpError(f"{e}; pass overwrite=true to start the run afresh") from None
-            check_resumable(old["config"], cfg)
+            ckpt.check_resume(cfg)
             return
         why = {"finished": "it already finished (metrics.json)", "empty": "it holds no checkpoints/last.pt",
                "used": "it holds no checkpoints/last.pt"}[now]

@@ -39,7 +39,7 @@ from gcode_exp.data.read import DataError, run_name
 from gcode_exp.live import LiveStream, Window, tail_rows
 from gcode_exp.predict import Predictor, check_channels, endpoints, merge_repeats, read_recording
 from gcode_exp.programs import name_program, op_line_counts
-from gcode_exp.training.checkpoint import load_checkpoint
+from gcode_exp.training.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -248,9 +248,9 @@ def serve_job(cfg, run_dir) -> dict:
         if not p.is_file():
             raise DataError(f"{p}: no such file (serve.machines)")
     token = cfg.serve.token or os.environ.get(SERVE_TOKEN_ENV) or None
-    blob = load_checkpoint(cfg.ckpt_path)
-    pred = Predictor(blob, cfg.hardware, cfg.predict.batch_size)
-    monitor = Monitor(cfg, pred, op_line_counts(blob, cfg, pred.vocab), paths)
+    ckpt = Checkpoint.load(cfg.ckpt_path)
+    pred = Predictor(ckpt, cfg.hardware, cfg.predict.batch_size)
+    monitor = Monitor(cfg, pred, op_line_counts(ckpt, cfg, pred.vocab), paths)
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.serve.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -15,10 +15,10 @@ from gcode_exp.config_checks import check_against_data, validate
 from gcode_exp.data import perturb
 from gcode_exp.data.dataset import Prepared, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs
-from gcode_exp.data.windows import Features, build_split
+from gcode_exp.data.windows import build_split
 from gcode_exp.logger import make_logger
 from gcode_exp.sweeps import TrialLink, pruning, record_optuna_trial
-from gcode_exp.training.checkpoint import load_checkpoint, load_model, seen_in_training
+from gcode_exp.training.checkpoint import Checkpoint
 from gcode_exp.training.device import pick_device
 from gcode_exp.training.evaluate import evaluate, scored_windows
 from gcode_exp.training.metrics import majority_metrics, per_class
@@ -91,15 +91,15 @@ def train_job(cfg, run_dir: Path, trial: TrialLink | None = None) -> dict:
     try:
         state = fit(cfg, data, run_dir, logger, pruning(cfg, trial))
         device = pick_device(cfg.hardware)
-        blob = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-        model, vocab = load_model(blob, device)
+        ckpt = Checkpoint.load(run_dir / "checkpoints" / "best.pt")
+        model, vocab = ckpt.model(device)
         metrics = {}
         for split in ("val", "test"):
             m, pred, _ = evaluate(model, data.splits[split], vocab, cfg, device, with_lines=cfg.trainer.line_exact,
                                   limit=scored_windows(cfg.trainer))
             metrics.update({f"{split}/{k}": v for k, v in m.items()})
         test = data.splits["test"].targets[: len(pred)]  # the windows scored (trainer.limit_batches: the first ones)
-        majority = majority_metrics(blob["majority_line"], test, vocab)
+        majority = majority_metrics(ckpt.majority_line, test, vocab)
         history = state["history"]
         metrics.update({f"majority/{k}": v for k, v in majority.items()})
         metrics.update(
@@ -123,9 +123,9 @@ def train_job(cfg, run_dir: Path, trial: TrialLink | None = None) -> dict:
 
 def eval_job(cfg, run_dir: Path) -> dict:
     """Score a checkpoint on every window of every file in data.dir, read the way it was trained."""
-    blob = load_checkpoint(cfg.ckpt_path)
-    feats = Features(**blob["features"])
-    data_cfg = OmegaConf.create(blob["config"]["data"])
+    ckpt = Checkpoint.load(cfg.ckpt_path)
+    feats = ckpt.features
+    data_cfg = OmegaConf.create(ckpt.config["data"])
     for key in ("dir", "pattern", "on_error", "max_nonfinite"):
         data_cfg[key] = cfg.data[key]
     runs, skipped = read_runs(list_runs(data_cfg.dir, data_cfg.pattern), data_cfg)
@@ -139,19 +139,19 @@ def eval_job(cfg, run_dir: Path) -> dict:
         if missing:
             raise DataError(f"{r.path}: lacks channels the checkpoint was trained on: {', '.join(missing[:5])}")
     device = pick_device(cfg.hardware)
-    model, vocab = load_model(blob, device)
+    model, vocab = ckpt.model(device)
     split = build_split(runs, feats, vocab, data_cfg)
-    eval_cfg = OmegaConf.merge(blob["config"], {"hardware": cfg.hardware, "data": data_cfg})
+    eval_cfg = OmegaConf.merge(ckpt.config, {"hardware": cfg.hardware, "data": data_cfg})
     m, pred, hits = evaluate(model, split, vocab, eval_cfg, device, with_lines=cfg.trainer.line_exact,
                              limit=scored_windows(cfg.trainer))
     metrics = {f"test/{k}": v for k, v in m.items()}
     targets = split.targets[: len(pred)]  # the windows scored (trainer.limit_batches: the first ones)
-    majority = majority_metrics(blob["majority_line"], targets, vocab)
+    majority = majority_metrics(ckpt.majority_line, targets, vocab)
     metrics.update({f"majority/{k}": v for k, v in majority.items()})
     metrics["ckpt_path"] = str(cfg.ckpt_path)
     metrics["perturb"] = perturb.describe(cfg.get("perturb"))
     summary = {"data_dir": str(data_cfg.dir), "test": {"files": split.files, "windows": len(split)},
-               "seen_in_training": seen_in_training(blob, split.files),
+               "seen_in_training": ckpt.seen_in_training(split.files),
                "skipped_files": skipped, "perturb": perturb.summary(cfg.get("perturb"))}
     write_json(run_dir / "data_summary.json", summary)
     if hits is not None:

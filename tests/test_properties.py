@@ -16,7 +16,7 @@ from gcode_exp.data.read import DataError, read_run
 from gcode_exp.data.vocab import BOS, EOS, UNK, Vocab, parse_line
 from gcode_exp.live import tail_rows
 from gcode_exp.predict import Predictor
-from gcode_exp.training.checkpoint import load_checkpoint
+from gcode_exp.training.checkpoint import Checkpoint
 from tests.conftest import SAMPLE, run_py
 
 FEW = settings(max_examples=80, deadline=None)
@@ -178,7 +178,7 @@ def test_checkpoint_loader_builds_or_refuses_any_config_tree(tmp_path, checkpoin
     path = tmp_path / "changed.pt"
     torch.save(blob, path)
     try:
-        loaded = load_checkpoint(path)
+        loaded = Checkpoint.load(path)
         Predictor(loaded, OmegaConf.create({"device": "cpu", "amp": False, "threads": 0}), batch_size=8)
     except GcodeExpError as e:
         assert str(path) in str(e) and "\n" not in str(e), str(e)

@@ -30,7 +30,7 @@ from gcode_exp.config_checks import validate
 from gcode_exp.data.dataset import load_prepared, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs, read_run
 from gcode_exp.data.vocab import parse_line
-from gcode_exp.training.checkpoint import load_checkpoint, save_checkpoint
+from gcode_exp.training.checkpoint import Checkpoint, save_checkpoint
 from tests.conftest import ROOT, SAMPLE, TINY, make_cfg
 from tests.test_summarize import make_run
 
@@ -560,7 +560,7 @@ def test_truncated_real_checkpoint_is_refused(tmp_path, trained):
     data = (trained / "checkpoints" / "best.pt").read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(GcodeExpError, match=re.escape(f"ckpt_path={cut}: not a readable checkpoint")):
-        load_checkpoint(cut)
+        Checkpoint.load(cut)
 
 
 @pytest.mark.slow

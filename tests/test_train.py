@@ -3,7 +3,7 @@ import json
 import pytest
 
 from gcode_exp import tasks
-from gcode_exp.training.checkpoint import load_checkpoint
+from gcode_exp.training.checkpoint import Checkpoint
 from tests.conftest import SAMPLE
 
 RUN_FOLDER = ["metrics.json", "history.csv", "vocab.json", "data_summary.json", "per_class.csv",
@@ -27,8 +27,8 @@ def test_train_round_trip_writes_complete_run_folder(tiny_cfg, tmp_path, overrid
     assert saved["epochs"] == 2 and 1 <= saved["best_epoch"] <= 2
     assert 0 <= saved["test/overall_acc"] <= 1
     assert len((run / "history.csv").read_text().splitlines()) == 3
-    blob = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert blob["config"]["model"]["name"] == cfg.model.name and blob["epoch"] == saved["best_epoch"]
+    ckpt = Checkpoint.load(run / "checkpoints" / "best.pt")
+    assert ckpt.config["model"]["name"] == cfg.model.name and ckpt.stored["epoch"] == saved["best_epoch"]
     assert metrics == saved
 
 
@@ -110,7 +110,7 @@ def test_optimizer_is_built_from_its_config(tmp_path):
     res = run_py("model=baseline", "trainer.max_epochs=1", "trainer.optimizer._target_=torch.optim.SGD",
                  "+trainer.optimizer.momentum=0.9", f"hydra.run.dir={run}", cache=tmp_path / "c")
     assert res.returncode == 0, res.stderr[-2000:]
-    (group,) = load_checkpoint(run / "checkpoints" / "last.pt")["optimizer"]["param_groups"]
+    (group,) = Checkpoint.load(run / "checkpoints" / "last.pt").stored["optimizer"]["param_groups"]
     assert group["momentum"] == 0.9 and group["lr"] == 0.001 and "betas" not in group
 
     bad = run_py("model=baseline", "trainer.optimizer._target_=torch.optim.Adagrad", "+trainer.optimizer.lr_decay=-1",

@@ -1,5 +1,6 @@
 """A checkpoint is one dict: model, optimiser, vocabulary, features, config, epoch, RNG and loop state.
-Everything `task=eval` needs to read new recordings exactly as the training data was read."""
+Everything `task=eval` needs to read new recordings exactly as the training data was read. Written by
+`save_checkpoint`; read only through `Checkpoint`, which checks it and says what it imposes on a run."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gcode_exp import GcodeExpError, trust
 from gcode_exp.atomic import torch_save
+from gcode_exp.config import READS_CHECKPOINT
 from gcode_exp.data.dataset import HOW_READ, Prepared
 from gcode_exp.data.read import recording_key
 from gcode_exp.data.vocab import Vocab
@@ -32,6 +34,10 @@ OLD_AUGMENT = "gcode_exp.data.augment.Augment"
 OLD_SCHEDULES = {"constant": "gcode_exp.training.optim.Constant", "cosine": "gcode_exp.training.optim.WarmupCosine"}
 OLD_ENCODERS = {"conv": {"_target_": "gcode_exp.models.encoder.ConvEncoder", "kernel": 5},
                 "lstm": {"_target_": "gcode_exp.models.encoder.LSTMEncoder"}}
+# what a checkpoint's own config decides: of an interrupted run when resumed (its experiment, not the
+# trainer's knobs); of the model task=eval and task=predict read recordings for (all but the data's place)
+RESUMED_GROUPS = ("model", "vocab", "features", "data", "aug", "seed", "name")
+USERS_DATA = ("dir", "pattern", "on_error", "max_nonfinite", "path", *HOW_READ)  # eval/predict: the command's
 
 
 def save_checkpoint(path: Path, **blob) -> None:
@@ -39,8 +45,8 @@ def save_checkpoint(path: Path, **blob) -> None:
 
 
 def describe(cfg, data: Prepared, lines: torch.Tensor) -> dict:
-    """What every checkpoint of a run carries besides its weights: all that `load_model`, task=eval and
-    task=predict need, so that none of them reads a model setting from the command line."""
+    """What every checkpoint of a run carries besides its weights: all that `Checkpoint.model`, task=eval
+    and task=predict need, so that none of them reads a model setting from the command line."""
     train = data.splits["train"]
     return {
         "vocab": data.vocab.to_dict(),
@@ -53,51 +59,150 @@ def describe(cfg, data: Prepared, lines: torch.Tensor) -> dict:
     }
 
 
-def seen_in_training(blob: dict, names: list[str]) -> list[str]:
-    """The recordings among `names` (a perturbed `a+b`: either part) that were in the checkpoint's own
-    training split, warned about: their scores are of memorised recordings, not unseen ones."""
-    train = {recording_key(n) for n in (blob.get("train_windows") or {}).get("files", [])}
-    seen = [n for n in names if any(recording_key(part) in train for part in n.split("+"))]
-    if seen:
-        log.warning("%d of the %d scored recordings were in the checkpoint's training split (%s%s): their scores "
-                    "are not those of unseen recordings", len(seen), len(names), ", ".join(seen[:5]),
-                    " ..." if len(seen) > 5 else "")
-    return seen
+class Checkpoint:
+    """One checked checkpoint: the only place that knows what a checkpoint imposes on a run that reads
+    it (the model, how recordings are read, what a resumed run may change), and where a checkpoint from
+    someone else is refused before anything it names is imported (gcode_exp/trust.py). Made by `load`."""
+
+    def __init__(self, stored: dict, path: Path, features: Features, vocab: Vocab):
+        self.stored = stored  # as saved (config upgraded): weights, optimiser, schedule, RNG and loop state, epoch
+        self.path, self.features, self.vocab = path, features, vocab
+        self.config: dict = stored["config"]  # as trained, in today's spelling, checked against the allow-list
+
+    @property
+    def majority_line(self) -> torch.Tensor:
+        return self.stored["majority_line"]
+
+    @property
+    def train_windows(self) -> dict | None:
+        """The training split's files, windows per file and targets (None: a checkpoint from before them)."""
+        return self.stored.get("train_windows")
+
+    @classmethod
+    def load(cls, path: str | Path, source: str | None = None) -> Checkpoint:
+        """Load and check a checkpoint; a missing file or a foreign one is a one-line error, which begins
+        with `source`, where the path came from (default: `ckpt_path=PATH`, what the user typed). A checkpoint
+        may come from someone else: its config may name only allowed classes (gcode_exp/trust.py)."""
+        path = Path(path)
+        where = source or f"ckpt_path={path}"
+        if path.is_dir():
+            why = folder_hint(path) if source is None else "a folder, not a checkpoint file"
+            raise GcodeExpError(f"{where}: {why}")
+        if not path.is_file():
+            raise GcodeExpError(f"{where}: no such file")
+        try:  # tensors, numbers, strings and containers only: loading a checkpoint runs no code from it
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise GcodeExpError(f"{where}: not a readable checkpoint ({type(e).__name__})") from None
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT or any(k not in blob for k in REQUIRED):
+            raise GcodeExpError(f"{where}: not a gcode-exp checkpoint (format {FORMAT})")
+        try:  # what every reader rebuilds from it: a damaged part is named here, not met as a bug later
+            features, vocab = Features(**blob["features"]), Vocab.from_dict(blob["vocab"])
+        except Exception as e:
+            raise GcodeExpError(f"{where}: a damaged checkpoint ({type(e).__name__} reading its "
+                                "features and vocabulary)") from None
+        if not isinstance(blob["config"], dict):
+            raise GcodeExpError(f"{where}: a damaged checkpoint (its config is not a mapping)")
+        data = blob["config"].get("data")
+        for key in ("window", "stride", "max_len"):  # the window geometry every reader takes from it
+            value = data.get(key) if isinstance(data, dict) else None
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GcodeExpError(f"{where}: a damaged checkpoint (its config's data.{key} is {value!r}, not a "
+                                    "whole number >= 1)")
+        blob["config"] = upgraded(blob["config"])
+        trust.check_stored(blob["config"], where)  # before any reader imports or builds what it names
+        return cls(blob, path, features, vocab)
+
+    def model(self, device) -> tuple[Model, Vocab]:
+        """Rebuild the model the checkpoint was trained with, weights loaded, in eval mode."""
+        try:  # a config that does not compose (a key cut, `???`, a broken interpolation) is damage, not a bug
+            cfg = OmegaConf.create(self.config)
+            shapes = (cfg.model, cfg.data.window, cfg.data.max_len)
+        except (OmegaConfBaseException, TypeError, ValueError, AttributeError) as e:
+            why = " ".join(str(e).split())[:200] or type(e).__name__
+            raise GcodeExpError(f"ckpt_path={self.path}: a damaged checkpoint (its config: {why})") from None
+        try:
+            model = build_model(shapes[0], self.vocab, self.features.n_inputs, shapes[1], shapes[2],
+                                self.stored.get("lines"))
+            model.load_state(self.stored["model"])
+        except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            why = " ".join(str(e).split()) or type(e).__name__  # torch names the missing keys on its second line
+            raise GcodeExpError(f"ckpt_path={self.path}: its weights do not fit the model its config "
+                                f"describes ({why[:300]})") from None
+        return model.to(device).eval(), self.vocab
+
+    def seen_in_training(self, names: list[str]) -> list[str]:
+        """The recordings among `names` (a perturbed `a+b`: either part) that were in the checkpoint's own
+        training split, warned about: their scores are of memorised recordings, not unseen ones."""
+        train = {recording_key(n) for n in (self.train_windows or {}).get("files", [])}
+        seen = [n for n in names if any(recording_key(part) in train for part in n.split("+"))]
+        if seen:
+            log.warning("%d of the %d scored recordings were in the checkpoint's training split (%s%s): their "
+                        "scores are not those of unseen recordings", len(seen), len(names), ", ".join(seen[:5]),
+                        " ..." if len(seen) > 5 else "")
+        return seen
+
+    def check_resume(self, cfg: DictConfig) -> list[str]:
+        """Resuming must continue the same experiment: a changed model, data, vocabulary, feature set or seed
+        is refused with the keys that differ (run_folder.claim asks before the folder is touched). Returns
+        the trainer keys the command changes: those are applied."""
+        old, new = self.config, OmegaConf.to_container(cfg, resolve=True)
+        known = OmegaConf.create(old)  # a key the run's config lacks is newer than the run: not a change
+        fixed = [k for k in diff_keys(old, new) if (k.split(".")[0] in ("model", "vocab", "features", "seed")
+                 or k in ("trainer.optimizer._target_", "trainer.scheduler._target_")  # state of another class
+                 or (k.startswith("data.") and k.removeprefix("data.") not in ("on_error", *HOW_READ)))
+                 and OmegaConf.select(known, k, default="<absent>") != "<absent>"]
+        if fixed:
+            raise GcodeExpError(f"trainer.resume=true: the run was trained with other settings "
+                                f"({', '.join(fixed)}); resume with the same ones, or start a new run")
+        return [k for k in diff_keys(old.get("trainer", {}), new["trainer"], "trainer.") if k != "trainer.resume"]
+
+    def reading_config(self, cfg: DictConfig, explicit: list[str]) -> DictConfig:
+        """`cfg` with the settings this checkpoint decides taken from it, so that a default changed since it
+        was written never changes what it does, and the run folder records what ran:
+
+        - `trainer.resume=true` (task=train): the run's own model, data, vocabulary, features,
+          augmentation and seed. Keys set on the command line (`explicit`) are kept, so that
+          `check_resume` refuses them if they differ.
+        - task=eval, predict, serve: the same, but the data's place (data.dir, pattern, path, ...) from
+          the command; a command-line key that would read the recordings another way than the model was
+          trained is refused, naming it."""
+        old, scoring = self.config, cfg.task in READS_CHECKPOINT
+        if scoring:
+            _refuse_changed(cfg, OmegaConf.create(old), explicit)
+        out = cfg.copy()
+        with open_dict(out):
+            for group in RESUMED_GROUPS:
+                if group in old and group not in explicit:
+                    kept = {k: OmegaConf.select(cfg, k) for k in explicit if k.startswith(group + ".")}
+                    same_kind = isinstance(old[group], dict) and old[group].get("name") == cfg[group].get("name")
+                    # keys added since the run started keep their defaults; another model's keys do not mix in
+                    out[group] = OmegaConf.merge(cfg[group], old[group]) if same_kind else old[group]
+                    for key, value in kept.items():
+                        OmegaConf.update(out, key, value, force_add=True)
+            if scoring:
+                for key in USERS_DATA:
+                    if key in cfg.data:
+                        out.data[key] = cfg.data[key]
+        return out
 
 
-def load_checkpoint(path: str | Path, source: str | None = None) -> dict:
-    """Load and check a checkpoint; a missing file or a foreign one is a one-line error, which begins
-    with `source`, where the path came from (default: `ckpt_path=PATH`, what the user typed). A checkpoint
-    may come from someone else: its config may name only allowed classes (gcode_exp/trust.py)."""
-    path = Path(path)
-    where = source or f"ckpt_path={path}"
-    if path.is_dir():
-        raise GcodeExpError(f"{where}: {folder_hint(path) if source is None else 'a folder, not a checkpoint file'}")
-    if not path.is_file():
-        raise GcodeExpError(f"{where}: no such file")
-    try:  # tensors, numbers, strings and containers only: loading a checkpoint runs no code from it
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GcodeExpError(f"{where}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT or any(k not in blob for k in REQUIRED):
-        raise GcodeExpError(f"{where}: not a gcode-exp checkpoint (format {FORMAT})")
-    try:  # what every reader rebuilds from it: a damaged part is named here, not met as a bug later
-        Features(**blob["features"])
-        Vocab.from_dict(blob["vocab"])
-    except Exception as e:
-        raise GcodeExpError(f"{where}: a damaged checkpoint ({type(e).__name__} reading its "
-                            "features and vocabulary)") from None
-    if not isinstance(blob["config"], dict):
-        raise GcodeExpError(f"{where}: a damaged checkpoint (its config is not a mapping)")
-    data = blob["config"].get("data")
-    for key in ("window", "stride", "max_len"):  # the window geometry every reader takes from it
-        value = data.get(key) if isinstance(data, dict) else None
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise GcodeExpError(f"{where}: a damaged checkpoint (its config's data.{key} is {value!r}, not a whole "
-                                "number >= 1)")
-    blob["config"], blob["path"] = upgraded(blob["config"]), str(path)
-    trust.check_stored(blob["config"], where)  # before any reader imports or builds what it names
-    return blob
+def _refuse_changed(cfg: DictConfig, old: DictConfig, keys: list[str]) -> None:
+    """task=eval/predict: a command-line key the checkpoint decides, set to another value than it has."""
+    for key in keys:
+        group = key.split(".")[0]
+        if group not in ("model", "vocab", "features", "data") or (group == "data" and key[5:] in USERS_DATA):
+            continue  # the run's label, seed and augmentation change nothing in what a trained model answers
+        mine, theirs = (f"{key}.name", f"{key}.name") if key == group and group != "seed" else (key, key)
+        now, then = OmegaConf.select(cfg, mine), OmegaConf.select(old, theirs, default="<absent>")
+        if then != "<absent>" and now != then:
+            shown = OmegaConf.select(cfg, key) if key == mine else now
+            raise GcodeExpError(f"{key}={_text(shown)}: task={cfg.task} reads recordings the way the checkpoint "
+                                f"was trained ({theirs}={_text(then)}); drop it")
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def folder_hint(path: Path) -> str:
@@ -133,49 +238,6 @@ def upgraded(config: dict) -> dict:
         trainer["scheduler"] = {**schedule, "warmup_epochs": warmup} if name == "cosine" else schedule
         config = {**config, "trainer": trainer}
     return config
-
-
-def load_model(blob: dict, device) -> tuple[Model, Vocab]:
-    """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode."""
-    vocab = Vocab.from_dict(blob["vocab"])
-    n_inputs = Features(**blob["features"]).n_inputs
-    try:  # a config that does not compose (a key cut, `???`, a broken interpolation) is damage, not a bug
-        cfg = OmegaConf.create(blob["config"])
-        shapes = (cfg.model, cfg.data.window, cfg.data.max_len)
-    except (OmegaConfBaseException, TypeError, ValueError, AttributeError) as e:
-        why = " ".join(str(e).split())[:200] or type(e).__name__
-        raise GcodeExpError(f"ckpt_path={blob.get('path', '?')}: a damaged checkpoint (its config: {why})") from None
-    try:
-        model = build_model(shapes[0], vocab, n_inputs, shapes[1], shapes[2], blob.get("lines"))
-        model.load_state(blob["model"])
-    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        why = " ".join(str(e).split()) or type(e).__name__  # torch names the missing keys on its second line
-        raise GcodeExpError(f"ckpt_path={blob.get('path', '?')}: its weights do not fit the model its config "
-                            f"describes ({why[:300]})") from None
-    return model.to(device).eval(), vocab
-
-
-def check_resumable(old: dict, cfg) -> None:
-    """Resuming must continue the same experiment: a changed model, data, vocabulary, feature set or seed
-    is refused with the keys that differ. Also called by run_folder.claim, before the folder is touched."""
-    new = OmegaConf.to_container(cfg, resolve=True)
-    known = OmegaConf.create(old)  # a key the run's config lacks is newer than the run: not a change
-    fixed = [k for k in diff_keys(old, new) if (k.split(".")[0] in ("model", "vocab", "features", "seed")
-             or k in ("trainer.optimizer._target_", "trainer.scheduler._target_")  # state of another class
-             or (k.startswith("data.") and k.removeprefix("data.") not in ("on_error", *HOW_READ)))
-             and OmegaConf.select(known, k, default="<absent>") != "<absent>"]
-    if fixed:
-        raise GcodeExpError(f"trainer.resume=true: the run was trained with other settings ({', '.join(fixed)}); "
-                            "resume with the same ones, or start a new run")
-
-
-def resumed_settings(old: dict, cfg) -> None:
-    """`check_resumable`, then log the changed trainer settings (they are applied)."""
-    check_resumable(old, cfg)
-    new = OmegaConf.to_container(cfg, resolve=True)
-    for key in diff_keys(old.get("trainer", {}), new["trainer"], "trainer."):
-        if key != "trainer.resume":
-            log.info("resume: %s changed to %s", key, OmegaConf.select(cfg, key))
 
 
 def diff_keys(a, b, prefix: str = "") -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from gcode_exp import distributed
 from gcode_exp.atomic import write_csv
@@ -20,7 +21,7 @@ from gcode_exp.data.sampler import Batch, Sampler, prefetched
 from gcode_exp.models import Model, new_model
 from gcode_exp.training import callbacks
 from gcode_exp.training.callbacks import Callback
-from gcode_exp.training.checkpoint import describe, load_checkpoint, resumed_settings, save_checkpoint
+from gcode_exp.training.checkpoint import Checkpoint, describe, save_checkpoint
 from gcode_exp.training.device import autocast, pick_device
 from gcode_exp.training.evaluate import evaluate, scored_windows
 from gcode_exp.training.optim import StepSchedule, new_optimizer, new_scheduler
@@ -153,8 +154,10 @@ class Trainer:
     def resume(self) -> None:
         """Continue from last.pt: weights, optimiser, schedule, RNG and loop state. The command line's
         optimiser settings (trainer.lr, ...) win over the checkpoint's."""
-        blob = load_checkpoint(self.ckpt_dir / "last.pt")
-        resumed_settings(blob["config"], self.cfg)
+        ckpt = Checkpoint.load(self.ckpt_dir / "last.pt")
+        for key in ckpt.check_resume(self.cfg):
+            log.info("resume: %s changed to %s", key, OmegaConf.select(self.cfg, key))
+        blob = ckpt.stored
         self.model.load_state(blob["model"])
         wanted = dict(self.opt.defaults)
         self.opt.load_state_dict(blob["optimizer"])
