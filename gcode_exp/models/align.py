@@ -323,8 +323,8 @@ class AlignModel(Reference):
             b = min(max(b, 1 / (cfg.max_step + 1)), float(cfg.max_step))
             whole = (n - 1) / max(t1 - 1 - t0, 1)  # the pace at which the stretch is the whole job
             paces = [b, whole] if 1 / (cfg.max_step + 1) <= whole <= cfg.max_step else [b]
-            starts = abs(a + b * t0) <= cfg.snap and self.snaps(q, qm, t0, t1, home, paces, end=False)
-            ends = abs(a + b * (t1 - 1) - (n - 1)) <= cfg.snap and self.snaps(q, qm, t0, t1, home, paces, end=True)
+            starts = abs(a + b * t0) <= cfg.snap and self.starts_there(q, qm, t0, t1, home, paces)
+            ends = abs(a + b * (t1 - 1) - (n - 1)) <= cfg.snap
             if starts:
                 a = -b * t0
             elif ends:
@@ -340,22 +340,22 @@ class AlignModel(Reference):
             clocked[t0:t1] = abs(a + b * t0) < 0.5 or abs(a + b * (t1 - 1) - (n - 1)) < 0.5
         return out, clocked
 
-    def snaps(self, q: torch.Tensor, qm: torch.Tensor, t0: int, t1: int, run: int, paces: list[float], end: bool
-              ) -> bool:
-        """Whether the stretch t0..t1, placed in training `run` with its first (`end`: last) row on the run's, at
-        one of `paces`, matches the signal of its first (last) `snap_rows` rows within `snap_margin` of the best
-        shift of up to `snap` rows (the board lag of `run` allowed for). A recording that starts a few rows
-        into its job (or stops a few before its end) would be pulled onto the job's first (last) row by the
-        path's ends alone; there the signal matches a shift better. `snap_rows=0`: the path's ends alone."""
+    def starts_there(self, q: torch.Tensor, qm: torch.Tensor, t0: int, t1: int, run: int, paces: list[float]
+                     ) -> bool:
+        """Whether the stretch t0..t1, its first row on training `run`'s first, at one of `paces`, matches the
+        signal of its first `snap_rows` rows within `snap_margin` of the best shift of up to `snap` rows (the
+        run's board lag allowed for). A recording that starts a few rows into its job would be pulled onto
+        the job's first row by the path's start alone; there a shift matches better (`snap_rows=0`: it is not
+        checked). Nor is the end: a job's last rows (spindle stopping, idle) place it too loosely (docs/RESULTS.md)."""
         cfg, rows = self.cfg, int(self.cfg.snap_rows)
         if not rows:
             return True
         first, n, r = int(self.firsts[run]), int(self.firsts[run + 1] - self.firsts[run]), int(cfg.snap)
-        lo, hi = (max(t1 - rows, t0), t1) if end else (t0, min(t0 + rows, t1))
-        t = torch.arange(lo, hi, dtype=torch.float64)
+        hi = min(t0 + rows, t1)
+        t = torch.arange(t0, hi, dtype=torch.float64)
         for b in paces:
-            at = ((n - 1) - b * (t1 - 1) if end else -b * t0) + b * t + int(self.run_lags[run])
-            cost = torch.tensor([self.line_cost(q[lo:hi], qm[lo:hi], first, n, at + d) for d in range(-r, r + 1)])
+            at = b * (t - t0) + int(self.run_lags[run])
+            cost = torch.tensor([self.line_cost(q[t0:hi], qm[t0:hi], first, n, at + d) for d in range(-r, r + 1)])
             if cost[r] <= cost.min() + cfg.snap_margin:
                 return True
         return False
