@@ -225,7 +225,7 @@ def test_a_whole_job_is_read_from_its_first_to_its_last_row_at_any_pace(pace):
 @pytest.mark.parametrize("dropped", [8, 16])
 def test_a_recording_that_starts_a_few_rows_into_its_job_is_not_pulled_onto_the_jobs_first_row(dropped):
     """The path's first row lands within model.snap rows of the job's; taken as the job's own start, every row
-    would be read `dropped` rows early (4-8 lines). The signal of the first rows matches the shifted start
+    would be placed `dropped` rows behind the job (4-8 lines). The signal of the first rows matches the shifted start
     better, so the stretch is placed by the signal; as recorded it still starts on the job's first row."""
     channels = [f"frame.A{i}" for i in range(C)]
     rows, lines = noisy_job(2)
