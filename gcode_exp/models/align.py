@@ -355,7 +355,7 @@ class AlignModel(Reference):
         t = torch.arange(t0, hi, dtype=torch.float64)
         for b in paces:
             at = b * (t - t0) + int(self.run_lags[run])
-            cost = torch.tensor([self.line_cost(q[t0:hi], qm[t0:hi], first, n, at + d) for d in range(-r, r + 1)])
+            cost = self.line_cost(q[t0:hi], qm[t0:hi], first, n, at + torch.arange(-r, r + 1)[:, None])
             if cost[r] <= cost.min() + cfg.snap_margin:
                 return True
         return False
@@ -389,12 +389,12 @@ class AlignModel(Reference):
                 self.run_lags[i] = lag
         return out
 
-    def line_cost(self, q: torch.Tensor, qm: torch.Tensor, first: int, n: int, place: torch.Tensor) -> float:
-        """The mean clipped cost of rows `q` laid at `place` (rows into the training run at `first` of `n`
-        rows); a row placed off the run costs the clip."""
+    def line_cost(self, q: torch.Tensor, qm: torch.Tensor, first: int, n: int, place: torch.Tensor) -> torch.Tensor:
+        """[..., T] places -> [...] the mean clipped cost of rows `q` [T, k] laid at `place` (rows into the
+        training run at `first` of `n` rows); a row placed off the run costs the clip."""
         at = place.round().long()
         inside = (at >= 0) & (at < n)
         rows = first + at.clamp(0, n - 1)
         d = self.row_cost(q, qm, self.keys[rows], self.key_mask[rows]).clamp(max=float(self.clip_at))
-        return float(torch.where(inside, d, self.clip_at.to(d.dtype)).mean())
+        return torch.where(inside, d, self.clip_at.to(d.dtype)).mean(-1)
 
