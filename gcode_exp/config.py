@@ -224,6 +224,7 @@ SCHEMA: dict[str, Rule] = {
     "perturb.shift": Int(ge=0, note="rows dropped from each recording's start"),
     "perturb.pace": Float(ge=0.5, le=2.0, note="the job N times as fast"),
     "perturb.unplug": Float(ge=0, le=0.9, note="share of each recording's IMU boards removed"),
+    "perturb.unplug_from": Float(ge=0, le=0.9, note="share of rows before unplug's boards fail"),
     "perturb.seed": Int(ge=0),
     # hardware
     "hardware.device": OneOf("auto", "cpu", "cuda", "mps"),

@@ -181,6 +181,12 @@ def one_job_per_perturbation(ran: Ran) -> None:
     assert len({p for _, p in done}) == 8 and done[-1] == ("unplug", "unplug=0.25"), done
 
 
+def boards_unplugged_or_failing(ran: Ran) -> None:
+    """RESULTS, 'a board that fails mid-recording': four jobs, each saying how its boards went."""
+    done = [metrics(j)["perturb"] for j in ran.jobs]
+    assert done == ["unplug=0.25", "unplug=0.25 unplug_from=0.5", "unplug=0.5", "unplug=0.5 unplug_from=0.5"], done
+
+
 def new_programs_answered_by_fallback(ran: Ran) -> None:
     """README, 'Known or new': fold 0 holds the adaptive family out of training; DIR's adaptive recordings are
     found new and answered by the toolpath, its face and pocket ones by the alignment, with their program."""
@@ -479,6 +485,8 @@ KNOWN_OR_NEW = ("python run.py task=predict ckpt_path=/tmp/doc/known/checkpoints
                 "predict.fallback=/tmp/doc/new/checkpoints/best.pt data.dir=DIR")
 PERTURBATIONS = ("python run.py -m task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR "
                  "perturb=none,crop,pace_slow,pace_fast,shift,concat,shop,unplug")
+UNPLUG_FROM = ("python run.py -m task=eval ckpt_path=RUN/checkpoints/best.pt data.dir=DIR perturb=unplug "
+               "perturb.unplug=0.25,0.5 perturb.unplug_from=0,0.5")
 ROCKET_KNOWN = ("python run.py -m model=rocket data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
                 "trainer.line_exact=true hydra.sweep.dir=multirun/rocket-known")
 ROCKET_FAMILY = ("python run.py -m model=rocket data.dir=../shared/data/cnc_sensor_gcode features=all,side_channel "
@@ -521,6 +529,7 @@ COMMANDS: dict[str, Doc] = {
     "python run.py task=predict predict.follow=true ckpt_path=RUN/checkpoints/best.pt data.path=FILE.csv":
         Doc(needs=(TOKEN_START,), setup=plain_csv, extra=("predict.idle_s=1",), says=("live:",)),
     PERTURBATIONS: Doc(needs=(TOKEN_START,), jobs=8, check=one_job_per_perturbation),
+    UNPLUG_FROM: Doc(needs=(TOKEN_START,), jobs=4, check=boards_unplugged_or_failing),
     "python -m gcode_exp.bench_serve --ckpt RUN/checkpoints/best.pt --data-dir ../shared/data/cnc_sensor_gcode":
         Doc(needs=(QUICK_START,), setup=quick_start_run, extra=("--seconds", "4"), says=("monitor: 4 machines",),
             check=every_row_shown),

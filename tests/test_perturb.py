@@ -30,6 +30,7 @@ from gcode_exp.data.perturb import (
     unplug,
 )
 from gcode_exp.data.read import DataError, RecordedRun
+from gcode_exp.data.windows import fit_features, run_inputs
 from gcode_exp.run_folder import RUN_FILES
 from tests.conftest import ROOT, default_run_and_two_programs, make_cfg, run_py
 
@@ -90,6 +91,26 @@ def test_unplug_removes_a_share_of_each_recordings_boards_by_seed():
     assert len({tuple(unplug(run, 0.25, seed=s).columns) for s in range(20)}) > 1, "another seed, other boards"
     assert unplug(recording("face_002"), 0.5, seed=0).columns == ["spindle", "x_motor"]  # no boards: unchanged
     assert run.columns == list(columns), "the input is never changed"
+
+
+def test_unplug_from_a_share_of_rows_blanks_the_same_boards_from_there():
+    """unplug_from > 0: the boards unplug would remove keep their columns, their cells empty from that share
+    of the rows on (a board failing mid-job, as a logger writes it); they count as a failed board, not as
+    empty cells, and the run's inputs say each is absent from that row on."""
+    columns = ("spindle", "a.Ax", "a.Ay", "b.Ax", "c.Ax", "d.Ax", "d.Ay")
+    run = recording("face_001", columns=columns)
+    removed = unplug(run, 0.5, seed=0)
+    failed = unplug(run, 0.5, seed=0, from_share=0.25)  # from row floor(0.25 x 20) = 5
+    gone = [j for j, c in enumerate(columns) if c not in removed.columns]
+    assert failed.columns == list(columns) and failed.lines == run.lines and failed.nonfinite_cells == 0
+    assert np.isnan(failed.values[5:, gone]).all() and not np.isnan(failed.values[:5]).any()
+    kept = [j for j in range(len(columns)) if j not in gone]
+    assert np.array_equal(failed.values[:, kept], run.values[:, kept])
+    feats = fit_features([run], ["motors", "boards"], board_flags=True)
+    flags = run_inputs(failed, feats)[:, len(feats.channels):]
+    for k, board in enumerate(feats.boards):
+        assert flags[:5, k].min() == 1 and flags[5:, k].max() == float(board not in {columns[j][0] for j in gone})
+    assert describe({"unplug": 0.5, "unplug_from": 0.25}) == "unplug=0.5 unplug_from=0.25"
 
 
 def test_pace_half_doubles_the_rows_and_labels_follow_the_executing_row():

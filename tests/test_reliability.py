@@ -30,6 +30,7 @@ from gcode_exp.config_checks import validate
 from gcode_exp.data.dataset import load_prepared, prepare, read_runs
 from gcode_exp.data.read import DataError, list_runs, read_run
 from gcode_exp.data.vocab import parse_line
+from gcode_exp.data.windows import run_inputs
 from gcode_exp.training.checkpoint import Checkpoint, save_checkpoint
 from tests.conftest import ROOT, SAMPLE, TINY, make_cfg
 from tests.test_summarize import make_run
@@ -90,7 +91,7 @@ def bad_cases(frame: pd.DataFrame) -> dict[str, tuple[str, object, str]]:
     raw = GOOD.read_bytes()
     text = gzip.decompress(raw)
     nonfinite = frame.copy()
-    nonfinite.loc[10:150, boards(frame)] = float("nan")
+    nonfinite.loc[10:150, boards(frame)[::2]] = float("nan")  # every board keeps a value: damage, not a failed board
     nonfinite.loc[150:200, ["x_motor", "y_motor"]] = float("inf")
     return {
         "truncated .gz": ("truncgz_001_aligned.csv.gz", _bytes(raw[: len(raw) // 2]),
@@ -588,6 +589,26 @@ def test_damaged_parts_of_a_real_checkpoint_are_one_line(tmp_path, trained, dama
 
 
 @pytest.mark.slow
+def test_a_board_failing_mid_recording_reads_as_absent_from_there_with_a_warning(tmp_path, frame, caplog):
+    """Two boards whose every cell is empty from row 150 on (a logger writes a failed board so): more empty
+    cells than data.max_nonfinite allows, yet not damage. The file is read, the boards named in a warning,
+    and their presence flags are 0 from that row on (1 before), so a model compares them only where they were."""
+    folder = good_folder(tmp_path / "data", frame)
+    failed = [c for c in boards(frame) if c.split(".")[0] in ("frame_b2", "frame_l2")]
+    assert 0.05 * len(frame) * len(sensors(frame)) < (len(frame) - 150) * len(failed)  # past the limit
+    frame.pipe(_edit, failed, slice(150, None), None).to_csv(folder / "pocket_101_aligned.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        data = prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path))
+    warning = next(w["warning"] for w in data.summary["file_warnings"] if w["file"] == "pocket_101_aligned.csv")
+    assert "IMU board frame_b2, frame_l2 silent (every cell empty) on 150 rows, first at row 152" in warning
+    assert warning in caplog.text and data.summary["nonfinite_cells_filled"] == 0
+    run = read_run(folder / "pocket_101_aligned.csv")
+    flags = run_inputs(run, data.features)[:, len(data.features.channels):]
+    for k, board in enumerate(data.features.boards):
+        gone = board in ("frame_b2", "frame_l2")
+        assert flags[:150, k].min() == 1 and flags[150:, k].max() == (0 if gone else 1), board
+
+
 def test_eval_folder_whose_channels_do_not_match_the_checkpoint(tmp_path, trained, frame):
     other = tmp_path / "other"
     other.mkdir()

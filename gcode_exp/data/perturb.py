@@ -5,7 +5,8 @@ real shop use, applied to each recording as a whole before it is windowed. Train
 - `crop_start`: a share of each recording's first rows dropped: a monitor switched on mid-job.
 - `shift`: a number of first rows dropped: the windows fall on another grid than in training.
 - `pace`: the job runs `pace` times as fast (a feed override): the rows are resampled in time.
-- `unplug`: a share of each recording's IMU boards removed, its columns gone (boards unplugged or failed).
+- `unplug`: a share of each recording's IMU boards removed, its columns gone (boards unplugged); with
+  `unplug_from` > 0 they fail that share of rows into the recording instead, their cells empty from there on.
 
 They are applied in that fixed order (ORDER), each only where its value is not neutral (NEUTRAL); a
 neutral config returns the recordings as they are (the same objects). `seed` makes the random choices,
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gcode_exp.data.read import DataError, RecordedRun
+from gcode_exp.data.read import DataError, RecordedRun, silent_boards
 from gcode_exp.data.vocab import parse_line
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,16 @@ def settings(perturb_cfg: Mapping | None) -> dict[str, Any]:
     cfg = perturb_cfg or {}
     out = {key: cfg.get(key, NEUTRAL[key]) for key in ORDER}
     out["seed"] = int(cfg.get("seed", 0))
+    out["unplug_from"] = float(cfg.get("unplug_from", 0.0))  # how unplug's boards go: not a transform of its own
     return out
 
 
 def applied(perturb_cfg: Mapping | None) -> list[str]:
     """`perturb.<key>=<value>` of each transform that changes something, in the order they are applied."""
     s = settings(perturb_cfg)
-    return [f"perturb.{key}={str(s[key]).lower() if isinstance(s[key], bool) else s[key]}"
-            for key in ORDER if s[key] != NEUTRAL[key]]
+    out = [f"perturb.{key}={str(s[key]).lower() if isinstance(s[key], bool) else s[key]}"
+           for key in ORDER if s[key] != NEUTRAL[key]]
+    return out + [f"perturb.unplug_from={s['unplug_from']}"] if s["unplug"] and s["unplug_from"] else out
 
 
 def is_neutral(perturb_cfg: Mapping | None) -> bool:
@@ -82,7 +85,8 @@ def take_rows(run: RecordedRun, idx: np.ndarray) -> RecordedRun:
 def recounted(run: RecordedRun) -> RecordedRun:
     """nonfinite_cells and unparsed_chunks counted again on the run's rows as they now are."""
     dropped = {line: parse_line(line)[1] for line in set(run.lines)}
-    return replace(run, nonfinite_cells=int(np.isnan(run.values).sum()),
+    bad = np.isnan(run.values)
+    return replace(run, nonfinite_cells=int((bad & ~silent_boards(run.columns, bad)).sum()),
                    unparsed_chunks=sum(dropped[line] for line in run.lines))
 
 
@@ -237,14 +241,21 @@ def concat_pairs(runs: list[RecordedRun], seed: int) -> list[RecordedRun]:
 
 
 # --- boards ------------------------------------------------------------------------------------------------
-def unplug(run: RecordedRun, share: float, seed: int) -> RecordedRun:
-    """The run without ceil(share x its boards) of its IMU boards (their columns removed), chosen at random
-    per recording from `seed` and its name: boards come loose or fail, and a shop may fit fewer of them."""
+def unplug(run: RecordedRun, share: float, seed: int, from_share: float = 0.0) -> RecordedRun:
+    """The run without ceil(share x its boards) of its IMU boards, chosen at random per recording from `seed`
+    and its name: boards come loose or fail, and a shop may fit fewer of them. `from_share` 0: their columns
+    removed; else their cells empty from that share of the rows on (a board failing mid-job, as a logger
+    writes it: the columns stay, the cells go blank)."""
     boards = sorted({c.split(".")[0] for c in run.columns if "." in c})
     n = min(len(boards), int(np.ceil(share * len(boards) - 1e-9)))
     rng = np.random.default_rng([seed, zlib.crc32(run.name.encode())])
     gone = {boards[i] for i in rng.choice(len(boards), size=n, replace=False)} if n else set()
-    keep = [i for i, c in enumerate(run.columns) if c.split(".")[0] not in gone or "." not in c]
+    failed = [i for i, c in enumerate(run.columns) if "." in c and c.split(".")[0] in gone]
+    if from_share:
+        values = run.values.copy()
+        values[crop_rows(len(run.lines), from_share):, failed] = np.nan
+        return recounted(replace(run, values=values))
+    keep = [i for i in range(len(run.columns)) if i not in set(failed)]
     return recounted(replace(run, columns=[run.columns[i] for i in keep], values=run.values[:, keep]))
 
 
@@ -269,7 +280,7 @@ def perturb_with_rows(runs: list[RecordedRun], perturb_cfg: Mapping | None, *, w
         items = [(_paced(r, pos, s["pace"]), rows[executing(pos)])
                  for r, rows in items for pos in [pace_positions(len(r.lines), s["pace"])]]
     if s["unplug"]:
-        items = [(unplug(r, s["unplug"], s["seed"]), rows) for r, rows in items]
+        items = [(unplug(r, s["unplug"], s["seed"], s["unplug_from"]), rows) for r, rows in items]
     return [item for item in items if usable(item[0], s, window, stride, on_error, skipped)]
 
 

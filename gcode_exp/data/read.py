@@ -52,7 +52,7 @@ class RecordedRun:
     columns: list[str]
     values: np.ndarray  # float32 [rows, len(columns)]
     lines: list[str]  # G-code text per row; "" where the controller reported none
-    nonfinite_cells: int  # cells that were empty, NaN or inf and will read as the channel mean
+    nonfinite_cells: int  # cells that were empty, NaN or inf and read as the channel mean (a silent board: absent)
     silent_rows: int  # rows dropped because no sensor column held a finite value
     unparsed_chunks: int  # G-code text the tokenizer could not read (e.g. `#5`), dropped from targets
     path: str = ""  # the file it was read from, for messages
@@ -118,9 +118,15 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = Tru
         raise DataError(f"{path}: no row has any sensor value (motor currents or IMU boards)")
     values = values[alive]  # rows where every sensor is silent carry nothing to learn from
     bad = ~np.isfinite(values)
-    nonfinite = int(bad.sum())
+    silent = silent_boards(columns, bad)
+    if silent.any():  # a board that fails mid-job: absent on those rows (its flag), not damage to the file
+        boards = sorted({columns[j].split(".")[0] for j in np.flatnonzero(silent.any(0))})
+        rows = np.flatnonzero(silent.any(1))
+        notes.append(f"{path}: IMU board {', '.join(boards)} silent (every cell empty) on {len(rows)} rows, first "
+                     f"at row {int(np.flatnonzero(alive)[rows[0]]) + 2}: read as absent there")
+    nonfinite = int((bad & ~silent).sum())
     if nonfinite > max_nonfinite * values.size:
-        row, j = np.argwhere(bad)[0]
+        row, j = np.argwhere(bad & ~silent)[0]
         raise DataError(
             f"{path}: {nonfinite / values.size:.0%} of sensor cells are empty/NaN/inf "
             f"(limit data.max_nonfinite={max_nonfinite}; first at row {row + 2}, column '{columns[j]}')"
@@ -142,6 +148,15 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = Tru
     name, op = run_name(path)
     return RecordedRun(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite,
                silent_rows=int((~alive).sum()), unparsed_chunks=unparsed, path=str(path), warnings=notes, times=times)
+
+
+def silent_boards(columns: list[str], bad: np.ndarray) -> np.ndarray:
+    """[rows, columns] the empty cells of boards with every cell of the row empty (a board that failed)."""
+    out = np.zeros_like(bad)
+    for board in {c.split(".")[0] for c in columns if "." in c}:
+        mine = [j for j, c in enumerate(columns) if "." in c and c.split(".")[0] == board]
+        out[np.ix_(bad[:, mine].all(1), mine)] = True
+    return out
 
 
 def opener(path: Path):

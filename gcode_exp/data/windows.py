@@ -105,13 +105,19 @@ def run_inputs(run: RecordedRun, feats: Features, first_row: int = 0) -> np.ndar
         raise DataError(f"{run.name}: none of the model's {len(feats.channels)} input channels are in this file")
     mean, std = np.asarray(feats.mean, np.float32), np.asarray(feats.std, np.float32)
     x[:, dst] = (run.values[:, src] - mean[dst]) / std[dst]
-    present = {c.split(".")[0] for c in run.columns}
-    for k, board in enumerate(feats.boards):
-        x[:, len(feats.channels) + k] = float(board in present)
+    for k, board in enumerate(feats.boards):  # per row: a board failing mid-job is absent from there on
+        x[:, len(feats.channels) + k] = board_present(run, board)
     if feats.elapsed:
         x[:, -1] = (first_row + np.arange(len(run.lines))) / ELAPSED_SCALE
     np.nan_to_num(x, copy=False, nan=0.0)
     return x
+
+
+def board_present(run: RecordedRun, board: str) -> np.ndarray:
+    """[rows] whether the recording has `board` on each row: its columns, and a value in at least one of them
+    (a logger writes a failed board's cells empty)."""
+    mine = [j for j, c in enumerate(run.columns) if c.split(".")[0] == board and "." in c]
+    return np.isfinite(run.values[:, mine]).any(1) if mine else np.zeros(len(run.lines), dtype=bool)
 
 
 def window_target(lines: list[str], mode: str, max_lines: int) -> list[str] | None:
