@@ -205,7 +205,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
     if cfg.predict.follow:
         from gcode_exp.live import follow
 
-        return follow(cfg, run_dir, pred, op_line_counts(ckpt, cfg, pred.vocab))
+        return follow(cfg, run_dir, pred, op_line_counts(ckpt, pred.vocab))
     recordings, skipped = [], []
     paths = list_runs(cfg.data.dir, cfg.data.pattern)
     twice = same_recording_twice(paths)
@@ -228,7 +228,7 @@ def predict_job(cfg, run_dir: Path) -> dict:
     if not recordings:
         raise DataError(f"{cfg.data.dir}: no usable recordings")
     ckpt.seen_in_training([rec.run.name for rec in recordings])
-    counts = op_line_counts(ckpt, cfg, pred.vocab)
+    counts = op_line_counts(ckpt, pred.vocab)
     majority_line = pred.vocab.decode(ckpt.majority_line[1:].tolist())
     majority_op = max(sorted(counts), key=lambda op: sum(counts[op].values())) if counts else ""
     totals: Counter = Counter()

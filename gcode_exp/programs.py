@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from gcode_exp.data.dataset import prepare
 from gcode_exp.data.read import run_name
 from gcode_exp.data.vocab import Vocab
 
@@ -23,25 +21,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def op_line_counts(ckpt: Checkpoint, cfg, vocab: Vocab) -> dict[str, Counter] | None:
-    """Per training operation: how many training windows have each target line.
-
-    From the checkpoint's `train_windows` ({"files", "file_windows", "targets"} of the training split);
-    checkpoints without it rebuild the training split from its data.dir (cached like training); None
-    (naming off, warned) where that folder cannot be read."""
+def op_line_counts(ckpt: Checkpoint, vocab: Vocab) -> dict[str, Counter]:
+    """Per training operation: how many training windows have each target line (from the checkpoint's
+    `train_windows`, the training split's files, windows per file and targets)."""
     train = ckpt.train_windows
-    if train is None:
-        # the checkpoint's settings over today's defaults: keys added since it was saved keep their defaults
-        train_cfg = OmegaConf.merge(OmegaConf.to_container(cfg), ckpt.config)
-        train_cfg.data.cache_dir = cfg.data.cache_dir
-        log.info("checkpoint has no train_windows: rebuilding the training split of %s", train_cfg.data.dir)
-        try:
-            split = prepare(train_cfg).splits["train"]
-        except Exception as e:  # a folder moved away, or a checkpoint older than today's data config
-            log.warning("program naming off: the checkpoint has no train_windows and its training data cannot be "
-                        "read (%s)", e)
-            return None
-        train = {"files": split.files, "file_windows": split.file_windows, "targets": split.targets}
     counts: dict[str, Counter] = {}
     row = 0
     for name, n in zip(train["files"], train["file_windows"]):

@@ -250,7 +250,7 @@ def serve_job(cfg, run_dir) -> dict:
     token = cfg.serve.token or os.environ.get(SERVE_TOKEN_ENV) or None
     ckpt = Checkpoint.load(cfg.ckpt_path)
     pred = Predictor(ckpt, cfg.hardware, cfg.predict.batch_size)
-    monitor = Monitor(cfg, pred, op_line_counts(ckpt, cfg, pred.vocab), paths)
+    monitor = Monitor(cfg, pred, op_line_counts(ckpt, pred.vocab), paths)
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.serve.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from gcode_exp.config import ConfigError
 from gcode_exp.data.vocab import BOS, EOS, PAD
@@ -249,25 +248,6 @@ def test_a_training_run_whose_boards_trail_its_controller_is_read_at_its_boards_
     assert torch.equal(model.lagged_ids[2 * n + lag :], model.line_ids[2 * n : 3 * n - lag])
     unmoved = fitted_on([(rows, lines), (rows.clone(), lines), late], channels, "model.max_lag=0")
     assert torch.equal(unmoved.lagged_ids, unmoved.line_ids)
-
-
-def test_a_checkpoint_from_before_the_stretch_reading_is_read_as_it_was_then():
-    """An align checkpoint saved before model.straight/snap/max_lag/shared_boards/snap_rows and their tables existed
-    loads and answers as the path."""
-    old = OmegaConf.create(OmegaConf.to_container(align_cfg("model.smooth=1")))  # as a checkpoint stores it
-    for key in ("straight", "snap", "max_lag", "shared_boards", "snap_rows", "snap_margin"):
-        del old[key]
-    feats = Features(channels=[f"frame.A{i}" for i in range(C)], boards=[], mean=[0.0] * C, std=[1.0] * C)
-    then = AlignModel(old, max_len=5)
-    then.fit(split_of([noisy_job(0), noisy_job(1)], window=10), feats, window=10)
-    newer = ("firsts", "programs", "lagged_ids", "key_mask", "group_of", "flag_columns", "dim_group", "run_lags")
-    state = {k: v for k, v in then.state().items() if k not in newer}
-    model = AlignModel(old, max_len=5)
-    model.load_state(state)
-    rows, _ = noisy_job(2)
-    path = fitted_on([noisy_job(0), noisy_job(1)], [f"frame.A{i}" for i in range(C)], "model.straight=false",
-                     "model.max_lag=0")
-    assert read_lines(model, rows) == read_lines(path, rows)
 
 
 def test_novelty_is_the_share_of_rows_off_every_training_path_at_any_pace():

@@ -536,7 +536,7 @@ def test_bad_ckpt_path_fails_before_any_work(tmp_path):
     torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint")
     for name, message in (("nope.pt", "no such file"), ("text.pt", "not a readable checkpoint (UnpicklingError)"),
-                          ("foreign.pt", "not a gcode-exp checkpoint (format gcode-exp/1)")):
+                          ("foreign.pt", "not a gcode-exp checkpoint (format gcode-exp/2)")):
         run_dir = tmp_path / f"eval_{name}"
         with pytest.raises(GcodeExpError, match=re.escape(f"ckpt_path={tmp_path / name}: {message}")):
             tasks.run(make_cfg("task=eval", f"ckpt_path={tmp_path / name}", tmp=tmp_path), run_dir)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.conftest import ROOT, kill_after, run_py, run_py_command
 
@@ -321,42 +320,3 @@ def test_resume_without_a_checkpoint_is_one_line(tmp_path, cache):
     assert [p.name for p in run.iterdir()] == ["error.txt"]  # why it failed; no config, log or checkpoint
 
 
-def test_a_last_pt_from_before_the_schedule_group_resumes(tmp_path, cache):
-    """A run interrupted before the augmentation and the schedule named their classes (`trainer.scheduler:
-    cosine`, `trainer.warmup_epochs`, no `aug._target_`, LambdaLR's state) resumes to the history an
-    uninterrupted run of today writes; the schedule is still the run's own (another one is refused)."""
-    train = ["trainer.max_epochs=2", "trainer/scheduler=cosine", "trainer.scheduler.warmup_epochs=1", "aug=3x"]
-    ref, run = tmp_path / "ref", tmp_path / "cut"
-    ok(run_in(ref, *train, cache=cache))
-    assert run_in(run, *train, cache=cache, env=kill_after(1)).returncode == -signal.SIGKILL
-    last = run / "checkpoints" / "last.pt"
-    blob = torch.load(last, weights_only=True)
-    config = blob["config"]
-    trainer = {**config["trainer"], "scheduler": "cosine", "warmup_epochs": 1}
-    aug = {k: v for k, v in config["aug"].items() if k != "_target_"}
-    steps = blob["scheduler"]["last_epoch"]
-    lambda_lr = {"base_lrs": [0.001], "last_epoch": steps, "_step_count": steps + 1, "lr_lambdas": [None],
-                 "_get_lr_called_within_step": False, "_last_lr": [0.001]}
-    torch.save({**blob, "config": {**config, "trainer": trainer, "aug": aug}, "scheduler": lambda_lr}, last)
-
-    refused = one_error_line(run_in(run, "trainer.max_epochs=2", "trainer.resume=true", cache=cache))
-    assert refused.startswith("trainer.resume=true: the run was trained with other settings "
-                              "(trainer.scheduler._target_"), refused
-    ok(run_in(run, *train, "trainer.resume=true", cache=cache))
-    assert history(run) == history(ref)
-
-
-def test_a_last_pt_from_before_the_noise_pool_resumes_drawing_noise_per_batch(tmp_path, cache):
-    """aug.noise_pool came with a default of 8 batches; a run interrupted before it keeps the noise it drew
-    (each batch its own: 0) when resumed, rather than today's default."""
-    run = tmp_path / "cut"
-    assert run_in(run, "trainer.max_epochs=2", "aug=3x", cache=cache, env=kill_after(1)).returncode == \
-        -signal.SIGKILL
-    last = run / "checkpoints" / "last.pt"
-    blob = torch.load(last, weights_only=True)
-    assert blob["config"]["aug"]["noise_pool"] == 8
-    aug = {k: v for k, v in blob["config"]["aug"].items() if k != "noise_pool"}
-    torch.save({**blob, "config": {**blob["config"], "aug": aug}}, last)
-    ok(run_in(run, "trainer.max_epochs=2", "trainer.resume=true", cache=cache))  # the run's own aug, data, model
-    assert yaml.safe_load((run / "resolved_config.yaml").read_text())["aug"]["noise_pool"] == 0
-    assert [r["epoch"] for r in history(run)] == ["1", "2"]

@@ -57,27 +57,31 @@ def test_same_seed_same_metrics(tiny_cfg, tmp_path):
     assert a["val/loss"] != c["val/loss"]
 
 
-def test_checkpoint_of_before_the_encoder_group_still_evaluates(tmp_path):
-    """A checkpoint written when configs did not name their classes (`model.encoder: conv`, no
-    `_target_`) evaluates through `python run.py task=eval`, to the same scores as today's."""
+def test_a_checkpoint_of_the_earlier_development_format_is_one_line(tmp_path):
+    """Checkpoints of format gcode-exp/1 (configs of several spellings, read through upgrade shims until
+    2026-12-07) are refused by eval, predict and resume in one line that says what to do, nothing written."""
     import torch
 
+    from gcode_exp.training.checkpoint import FORMAT
     from tests.conftest import run_py
 
-    run = tmp_path / "run"
-    assert run_py("model=multihead", f"hydra.run.dir={run}", cache=tmp_path / "cache").returncode == 0
-    blob = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
-    model = dict(blob["config"]["model"])
-    del model["_target_"]
-    model["encoder"] = "conv"
-    torch.save({**blob, "config": {**blob["config"], "model": model}}, tmp_path / "old.pt")
-    scores = {}
-    for name in ("old.pt", "run/checkpoints/best.pt"):
-        out = tmp_path / f"eval-{name.split('/')[0]}"
-        res = run_py("task=eval", f"ckpt_path={tmp_path / name}", f"hydra.run.dir={out}", cache=tmp_path / "cache")
-        assert res.returncode == 0, res.stderr[-2000:]
-        scores[name] = json.loads((out / "metrics.json").read_text())["test/overall_acc"]
-    assert scores["old.pt"] == scores["run/checkpoints/best.pt"], scores
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert run_py("model=multihead", f"hydra.run.dir={run}", cache=cache).returncode == 0
+    for name in ("best.pt", "last.pt"):
+        blob = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert blob["format"] == FORMAT
+        torch.save({**blob, "format": "gcode-exp/1"}, run / "checkpoints" / name)
+    best = run / "checkpoints" / "best.pt"
+    says = ("a checkpoint of an earlier development format (gcode-exp/1; this version reads gcode-exp/2): fit or "
+            "train it again with this version")
+    for task in ("eval", "predict"):
+        out = tmp_path / task
+        res = run_py(f"task={task}", f"ckpt_path={best}", f"hydra.run.dir={out}", cache=cache)
+        assert (res.returncode, res.stderr.splitlines()) == (2, [f"error: ckpt_path={best}: {says}"]), res.stderr
+        assert not (out / "metrics.json").exists()
+    (run / "metrics.json").unlink()  # as a run killed before its end leaves it: resumable
+    res = run_py(f"hydra.run.dir={run}", "trainer.resume=true", "trainer.max_epochs=2", cache=cache)
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1 and says in res.stderr, res.stderr
 
 
 def test_eval_and_predict_read_recordings_as_the_checkpoint_was_trained(tmp_path):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from gcode_exp.data.windows import Features, Split
 from gcode_exp.models import board_keys
@@ -58,29 +57,19 @@ class AlignModel(Reference):
              "max_lag": Int(ge=0), "off_path": Float(gt=0), "shared_boards": Bool(), "snap_rows": Int(ge=0),
              "snap_margin": Float(ge=0)}
 
-    # keys and tables newer than the first checkpoints of this model: where a checkpoint lacks them, it is
-    # read the way it was then (the path as traced, no lags; an empty table is not used)
-    since_first = {"straight": False, "snap": 0, "max_lag": 0, "off_path": 0.25, "shared_boards": False,
-                   "snap_rows": 0}
-
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
-        self.cfg, self.max_len = OmegaConf.merge(self.since_first, cfg), max_len
+        self.cfg, self.max_len = cfg, max_len
         for name in ("keys", "line_ids", "lines", "columns", "same_before", "scale", "clip_at", "centre", "basis",
-                     "firsts", "programs", "lagged_ids", "key_mask", "group_of", "flag_columns", "dim_group",
-                     "run_lags"):
+                     "firsts", "programs", "key_mask", "group_of", "flag_columns", "dim_group", "run_lags"):
             self.register_buffer(name, torch.zeros(0))
         self.register_buffer("mode", torch.tensor(-1))  # index into KEYS, set by fit
+        # each training row's line where its board signal says the job was (from run_lags: not stored)
+        self.register_buffer("lagged_ids", torch.zeros(0, dtype=torch.long), persistent=False)
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        firsts = state.get("firsts", torch.zeros(0, dtype=torch.long))
-        older = {"firsts": firsts, "programs": torch.arange(max(len(firsts) - 1, 0)),  # each run its own program
-                 "lagged_ids": state["line_ids"],  # no lags: every row keeps its controller line
-                 "run_lags": torch.zeros(max(len(firsts) - 1, 0), dtype=torch.long),
-                 # every channel compared, boards or not
-                 "key_mask": torch.zeros(len(state["keys"]), 0), **dict.fromkeys(
-                     ("group_of", "flag_columns", "dim_group"), torch.zeros(0, dtype=torch.long))}
-        super().load_state({**older, **state})
+        super().load_state(state)
+        self.lagged_ids = self.lagged_lines()
 
     def fit(self, split: Split, feats: Features, window: int) -> None:
         key = pick_key(self.cfg.key, feats, otherwise="signal")
@@ -132,8 +121,9 @@ class AlignModel(Reference):
             self.scale = random_pair
         self.clip_at = self.cfg.clip * random_pair / self.scale
         self.keys = keys / self.scale.sqrt()
-        self.run_lags = torch.zeros(len(self.firsts) - 1, dtype=torch.long)
-        self.lagged_ids = self.lagged() if key == "signal" and self.cfg.max_lag else self.line_ids
+        self.run_lags = self.lags() if key == "signal" and self.cfg.max_lag else torch.zeros(len(self.firsts) - 1,
+                                                                                            dtype=torch.long)
+        self.lagged_ids = self.lagged_lines()
 
     def key_rows(self, x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
         """[T, n_inputs] rows of recordings starting at `bounds` -> [T, k] keys, smoothed per recording."""
@@ -360,18 +350,18 @@ class AlignModel(Reference):
                 return True
         return False
 
-    def lagged(self) -> torch.Tensor:
-        """Each training row's line where its board signal says the job was: the line `lag` rows before,
-        `lag` being how far its recording's signal trails its controller rows against the other training
-        runs of its program (up to `model.max_lag` rows either way; the median over those runs and itself).
+    def lags(self) -> torch.Tensor:
+        """[training runs] how many rows each run's board signal trails its controller rows against the other
+        training runs of its program (up to `model.max_lag` rows either way; the median over those runs and
+        itself, 0 where fewer than two others match).
 
         The boards keep their own clock: runs of one program whose G-code lines line up at the same row
         match best with their signals shifted by up to ~25 rows (docs/RESULTS.md). A row placed by the
-        signal takes its line from where the signal was; one placed from its recording's first row (the
-        controller's clock, `straightened`) keeps the controller's line."""
+        signal takes its line from where the signal was (`lagged_lines`); one placed from its recording's
+        first row (the controller's clock, `straightened`) keeps the controller's line."""
         firsts, most, clip = self.firsts.tolist(), int(self.cfg.max_lag), float(self.clip_at)
         spans = list(zip(firsts[:-1], firsts[1:]))
-        out = self.line_ids.clone()
+        out = torch.zeros(len(spans), dtype=torch.long)
         both, k = torch.cat([self.keys, self.key_mask], 1), self.keys.shape[1]  # keys and masks, cut as one
         for i, (a, b) in enumerate(spans):
             lags = [0]  # the run against itself: with one other run, or two that disagree, nothing moves
@@ -383,10 +373,18 @@ class AlignModel(Reference):
                 label, differ = best_offset(self.line_ids[a:b], self.line_ids[c:d], most, torch.ne)
                 if cost < 0.8 * clip and differ < 0.5:  # runs whose boards match at all, and whose lines do
                     lags.append(label - signal)
-            if len(lags) > 2:  # row r of i: its signal is where its controller was `lag` rows before
-                lag = int(torch.tensor(lags, dtype=torch.float).median().round())
-                out[a:b] = self.line_ids[(torch.arange(a, b) - lag).clamp(a, b - 1)]
-                self.run_lags[i] = lag
+            if len(lags) > 2:
+                out[i] = int(torch.tensor(lags, dtype=torch.float).median().round())
+        return out
+
+    def lagged_lines(self) -> torch.Tensor:
+        """Each training row's line where its board signal says the job was: row r of run i, the line its
+        controller ran `run_lags[i]` rows before (clamped to the run)."""
+        out = self.line_ids.clone()
+        firsts = self.firsts.tolist()
+        for i, (a, b) in enumerate(zip(firsts[:-1], firsts[1:])):
+            if int(self.run_lags[i]):
+                out[a:b] = self.line_ids[(torch.arange(a, b) - int(self.run_lags[i])).clamp(a, b - 1)]
         return out
 
     def line_cost(self, q: torch.Tensor, qm: torch.Tensor, first: int, n: int, place: torch.Tensor) -> torch.Tensor:

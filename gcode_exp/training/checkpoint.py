@@ -23,17 +23,9 @@ from gcode_exp.training.metrics import majority_line
 
 log = logging.getLogger(__name__)
 
-FORMAT = "gcode-exp/1"
-REQUIRED = ("format", "model", "vocab", "features", "config", "epoch", "majority_line")
-# checkpoints written before the model and encoder configs named their classes (`_target_`)
-OLD_MODELS = {"baseline": "gcode_exp.models.baseline.BaselineModel",
-              "multihead": "gcode_exp.models.multihead.MultiHeadModel",
-              "nearest": "gcode_exp.models.nearest.NearestModel"}
-# ... and before the augmentation and the learning-rate schedule did (`trainer.scheduler: cosine`)
-OLD_AUGMENT = "gcode_exp.data.augment.Augment"
-OLD_SCHEDULES = {"constant": "gcode_exp.training.optim.Constant", "cosine": "gcode_exp.training.optim.WarmupCosine"}
-OLD_ENCODERS = {"conv": {"_target_": "gcode_exp.models.encoder.ConvEncoder", "kernel": 5},
-                "lstm": {"_target_": "gcode_exp.models.encoder.LSTMEncoder"}}
+FORMAT = "gcode-exp/2"  # /1: the development format before 2026-12-07 (configs of several spellings)
+EARLIER = ("gcode-exp/1",)
+REQUIRED = ("format", "model", "vocab", "features", "config", "epoch", "majority_line", "lines", "train_windows")
 # what a checkpoint's own config decides: of an interrupted run when resumed (its experiment, not the
 # trainer's knobs); of the model task=eval and task=predict read recordings for (all but the data's place)
 RESUMED_GROUPS = ("model", "vocab", "features", "data", "aug", "seed", "name")
@@ -65,18 +57,18 @@ class Checkpoint:
     someone else is refused before anything it names is imported (gcode_exp/trust.py). Made by `load`."""
 
     def __init__(self, stored: dict, path: Path, features: Features, vocab: Vocab):
-        self.stored = stored  # as saved (config upgraded): weights, optimiser, schedule, RNG and loop state, epoch
+        self.stored = stored  # as saved: weights, optimiser, schedule, RNG and loop state, epoch
         self.path, self.features, self.vocab = path, features, vocab
-        self.config: dict = stored["config"]  # as trained, in today's spelling, checked against the allow-list
+        self.config: dict = stored["config"]  # as trained, checked against the allow-list
 
     @property
     def majority_line(self) -> torch.Tensor:
         return self.stored["majority_line"]
 
     @property
-    def train_windows(self) -> dict | None:
-        """The training split's files, windows per file and targets (None: a checkpoint from before them)."""
-        return self.stored.get("train_windows")
+    def train_windows(self) -> dict:
+        """The training split's files, windows per file and targets."""
+        return self.stored["train_windows"]
 
     @classmethod
     def load(cls, path: str | Path, source: str | None = None) -> Checkpoint:
@@ -94,6 +86,9 @@ class Checkpoint:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise GcodeExpError(f"{where}: not a readable checkpoint ({type(e).__name__})") from None
+        if isinstance(blob, dict) and blob.get("format") in EARLIER:
+            raise GcodeExpError(f"{where}: a checkpoint of an earlier development format ({blob['format']}; this "
+                                f"version reads {FORMAT}): fit or train it again with this version")
         if not isinstance(blob, dict) or blob.get("format") != FORMAT or any(k not in blob for k in REQUIRED):
             raise GcodeExpError(f"{where}: not a gcode-exp checkpoint (format {FORMAT})")
         try:  # what every reader rebuilds from it: a damaged part is named here, not met as a bug later
@@ -109,7 +104,6 @@ class Checkpoint:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise GcodeExpError(f"{where}: a damaged checkpoint (its config's data.{key} is {value!r}, not a "
                                     "whole number >= 1)")
-        blob["config"] = upgraded(blob["config"])
         trust.check_stored(blob["config"], where)  # before any reader imports or builds what it names
         return cls(blob, path, features, vocab)
 
@@ -123,7 +117,7 @@ class Checkpoint:
             raise GcodeExpError(f"ckpt_path={self.path}: a damaged checkpoint (its config: {why})") from None
         try:
             model = build_model(shapes[0], self.vocab, self.features.n_inputs, shapes[1], shapes[2],
-                                self.stored.get("lines"))
+                                self.stored["lines"])
             model.load_state(self.stored["model"])
         except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
             why = " ".join(str(e).split()) or type(e).__name__  # torch names the missing keys on its second line
@@ -134,7 +128,7 @@ class Checkpoint:
     def seen_in_training(self, names: list[str]) -> list[str]:
         """The recordings among `names` (a perturbed `a+b`: either part) that were in the checkpoint's own
         training split, warned about: their scores are of memorised recordings, not unseen ones."""
-        train = {recording_key(n) for n in (self.train_windows or {}).get("files", [])}
+        train = {recording_key(n) for n in self.train_windows["files"]}
         seen = [n for n in names if any(recording_key(part) in train for part in n.split("+"))]
         if seen:
             log.warning("%d of the %d scored recordings were in the checkpoint's training split (%s%s): their "
@@ -211,33 +205,6 @@ def folder_hint(path: Path) -> str:
         if inside.is_file():
             return f"a folder, not a checkpoint file; did you mean ckpt_path={inside}?"
     return "a folder, not a checkpoint file (a run folder holds its best as checkpoints/best.pt)"
-
-
-def upgraded(config: dict) -> dict:
-    """A checkpoint's config in today's spelling, so that an older checkpoint evaluates, predicts and
-    resumes as before: the classes it was built with, named (`_target_`): model, encoder, augmentation,
-    learning-rate schedule; and the noise it drew (each batch its own, `aug.noise_pool: 0`)."""
-    model = config.get("model")
-    if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"] in OLD_MODELS:
-        model = {"_target_": OLD_MODELS[model["name"]], **model}
-        if isinstance(model.get("encoder"), str) and model["encoder"] in OLD_ENCODERS:
-            model["encoder"] = dict(OLD_ENCODERS[model["encoder"]])
-        config = {**config, "model": model}
-    aug = config.get("aug")
-    if isinstance(aug, dict) and "_target_" not in aug:
-        aug = {"_target_": OLD_AUGMENT, **aug}
-    if isinstance(aug, dict) and aug["_target_"] == OLD_AUGMENT and "noise_pool" not in aug:
-        aug = {**aug, "noise_pool": 0}  # from before the noise pool: each batch drew its own noise
-    if aug is not config.get("aug"):
-        config = {**config, "aug": aug}
-    trainer = config.get("trainer")
-    if isinstance(trainer, dict) and str(trainer.get("scheduler")) in OLD_SCHEDULES:
-        trainer = dict(trainer)
-        name, warmup = trainer["scheduler"], trainer.pop("warmup_epochs", 2)
-        schedule = {"_target_": OLD_SCHEDULES[name]}
-        trainer["scheduler"] = {**schedule, "warmup_epochs": warmup} if name == "cosine" else schedule
-        config = {**config, "trainer": trainer}
-    return config
 
 
 def diff_keys(a, b, prefix: str = "") -> list[str]:
