@@ -1,4 +1,3 @@
-import json
 import os
 import shutil
 import subprocess
@@ -7,40 +6,7 @@ import sys
 import pytest
 
 from gcode_exp import bench
-from tests.conftest import ROOT, SAMPLE, TINY
-
-
-@pytest.mark.slow
-def test_bench_prints_and_writes_every_figure(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    # token-model sizes as a user types them (no `++`): they go to the token models only
-    overrides = [o.removeprefix("++") for o in TINY if o.startswith(("data.", "model.", "++model."))]
-    result = bench.main(["--data-dir", str(SAMPLE), "--steps", "2", "--out", str(out), *overrides])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    assert set(result["models"]) == {"baseline", "multihead", "new_programs"}
-    for m in result["models"].values():
-        assert m["bare_windows_per_s"] > 0 and m["pipeline_windows_per_s"] > 0
-        assert m["latency_ms_batch1"] > 0 and m["latency_ms_per_window_batch256"] > 0 and m["live_ms_per_window"] > 0
-    assert result["prepare_cold_s"] > result["prepare_cached_s"] > 0
-    assert set(result["epoch_s_by_data_size"]) == {"1x", "2x", "4x"} and result["peak_rss_mb"] > 0
-    default, toolpath = result["default"], result["toolpath"]  # fitted, not trained
-    assert "reference rows" in default["reference"] and default["fit_s"] > 0
-    assert default["latency_ms_per_window_batch256"] > 0
-    side = result["default_side"]  # the default with features=side_channel: the signal key, on its boards
-    assert "reference rows (signal)" in side["reference"] and side["fit_s"] > 0 and side["latency_ms_batch1"] > 0
-    for fitted in (toolpath, result["rocket"]):
-        assert min(fitted[k] for k in ("fit_s", "latency_ms_batch1", "latency_ms_per_window_batch256")) > 0
-    search = result["reference_search"]  # the nearest reference's index at 1x, 4x, 10x the training keys
-    assert list(search) == ["1x", "4x", "10x"] and [v["keys"] for v in search.values()] == [
-        search["1x"]["keys"] * k for k in (1, 4, 10)]
-    assert all(v[f"{how}_ms_per_window_batch{n}"] > 0 for v in search.values() for how in ("index", "brute")
-               for n in (1, 256))
-    printed = capsys.readouterr().out
-    assert "prepare: cold" in printed and "default side-channel (align" in printed
-    assert "toolpath: fitted in" in printed
-    assert "rocket: fitted in" in printed
-    assert "reference search (model=nearest)" in printed
-    assert "4x/1x" in printed
+from tests.conftest import ROOT, SAMPLE
 
 
 def test_model_keys_go_to_the_models_that_have_them():
@@ -124,27 +90,6 @@ def test_a_bad_out_or_steps_is_refused_before_any_work(tmp_path):
             "error: --steps=0: must be a whole number >= 1")
     refused(tmp_path, bench_cmd(tmp_path, "--out", tmp_path / "b.json", "--steps", "x"),
             "error: argument --steps: invalid int value: 'x' (see --help)")
-
-
-@pytest.mark.slow
-def test_scale_bench_measures_each_factor(tmp_path):
-    """`--scale`: copies of the recordings at each factor; prepare cold / per-file cache / cached / one file
-    added, then a real training run's epoch time and peak memory."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("pocket_016", "pocket_019", "face_003", "face_004"):
-        shutil.copy(SAMPLE / f"{name}_aligned.csv.gz", data)
-    out = tmp_path / "scale.json"
-    overrides = [o.removeprefix("++") for o in TINY if o.startswith(("data.", "model.", "++model."))]
-    ran = bench_cmd(tmp_path, "--scale", "1,2", "--data-dir", data, "--out", out, *overrides, timeout=600)
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    scale = json.loads(out.read_text())["scale"]
-    assert list(scale) == ["1x", "2x"] and [s["files"] for s in scale.values()] == [4, 8]
-    for s in scale.values():
-        assert s["prepare_cold_s"] > 0 and s["prepare_cached_s"] > 0 and s["add_one_file_s"] > 0 and s["epoch_s"] > 0
-        assert s["train_peak_rss_mb"] > 0 and s["prepare_peak_rss_mb"] > 0
-    assert scale["2x"]["train_windows"] > scale["1x"]["train_windows"]
-    assert "2x" in ran.stdout and list((tmp_path / "tmp").glob("gcode-exp-scale-*")) == []  # the copies are gone
 
 
 @pytest.mark.parametrize("value", ["4,1", "0", "x", "1,1"])

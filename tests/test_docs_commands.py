@@ -262,11 +262,27 @@ def submitit_job_folders(ran: Ran) -> None:
 
 
 def bench_json(name: str) -> Callable[[Ran], None]:
+    """README and RESULTS, 'Speed': every figure printed and written (`name`), each one measured (> 0)."""
     def check(ran: Ran) -> None:
         result = json.loads((ran.cwd / name).read_text())
         assert set(result["models"]) == {"baseline", "multihead", "new_programs"}
-        assert result["default"]["fit_s"] > 0 and "reference rows" in result["default"]["reference"], result["default"]
-        assert set(result["epoch_s_by_data_size"]) == {"1x", "2x", "4x"} and result["prepare_cold_s"] > 0
+        for m in result["models"].values():
+            assert min(m[k] for k in ("bare_windows_per_s", "pipeline_windows_per_s", "latency_ms_batch1",
+                                      "latency_ms_per_window_batch256", "live_ms_per_window")) > 0, m
+        assert result["prepare_cold_s"] > result["prepare_cached_s"] > 0
+        assert set(result["epoch_s_by_data_size"]) == {"1x", "2x", "4x"} and result["peak_rss_mb"] > 0
+        default, side = result["default"], result["default_side"]  # fitted, not trained; side: the signal key
+        assert "reference rows" in default["reference"] and "reference rows (signal)" in side["reference"]
+        for fitted in (default, side, result["toolpath"], result["rocket"]):
+            assert min(fitted[k] for k in ("fit_s", "latency_ms_batch1", "latency_ms_per_window_batch256")) > 0
+        search = result["reference_search"]  # the nearest reference's index at 1x, 4x, 10x the training keys
+        assert list(search) == ["1x", "4x", "10x"] and [v["keys"] for v in search.values()] == [
+            search["1x"]["keys"] * k for k in (1, 4, 10)]
+        assert all(v[f"{how}_ms_per_window_batch{n}"] > 0 for v in search.values() for how in ("index", "brute")
+                   for n in (1, 256))
+        for text in ("default side-channel (align", "toolpath: fitted in", "rocket: fitted in",
+                     "reference search (model=nearest)", "4x/1x"):
+            assert text in ran.out, text
     return check
 
 
@@ -284,9 +300,15 @@ def cosine_schedule(ran: Ran) -> None:
 
 
 def scale_json(ran: Ran) -> None:
+    """RESULTS, 'Scale': per factor, copies of the recordings prepared cold, per-file cached, cached and with
+    one file added, then a real training run's epoch time and peak memory; the copies removed after."""
     scale = json.loads((ran.cwd / "docs/bench_scale.json").read_text())["scale"]
-    assert [s["files"] for s in scale.values()] == [6, 12], scale
-    assert all(s["add_one_file_s"] > 0 and s["train_peak_rss_mb"] > 0 for s in scale.values()), scale
+    assert list(scale) == ["1x", "2x"] and [s["files"] for s in scale.values()] == [6, 12], scale
+    for s in scale.values():
+        assert min(s[k] for k in ("prepare_cold_s", "prepare_cached_s", "add_one_file_s", "epoch_s",
+                                  "train_peak_rss_mb", "prepare_peak_rss_mb")) > 0, s
+    assert scale["2x"]["train_windows"] > scale["1x"]["train_windows"]
+    assert (ran.cwd / "tmp").is_dir() and not list((ran.cwd / "tmp").glob("gcode-exp-scale-*")), "copies left"
 
 
 def damaged_file_refused(ran: Ran) -> None:
@@ -685,6 +707,7 @@ class DocSession:
         self.pg_url: str | None = None
         (ws / "doc").mkdir()  # /tmp/doc: the docs' scratch folder (its first command there creates it)
         (ws / "docs").mkdir()  # docs/bench.json lands here, not in the checkout
+        (ws / "tmp").mkdir()  # every command's TMPDIR: what one leaves behind is seen, none lands in /tmp
         (ws / "DIR").mkdir()
         for name in ("pocket_016", "pocket_019", "face_003", "face_004", "adaptive_016", "adaptive_017"):
             shutil.copy(SAMPLE / f"{name}_aligned.csv.gz", ws / "DIR")
@@ -715,7 +738,7 @@ def run_doc(s: DocSession, command: str, doc: Doc) -> Ran:
                                ("/shared/recordings", str(SAMPLE)), ("$(hostname)-$$", "doc-host-1")):
         text = text.replace(placeholder, value)
     base_env = {k: v for k, v in os.environ.items() if k not in ("GCODE_EXP_OPTUNA_STORAGE", "GCODE_EXP_DATA")}
-    base_env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
+    base_env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", TMPDIR=str(s.ws / "tmp"),
                     PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     if doc.kind == PG:
         base_env["GCODE_EXP_OPTUNA_STORAGE"] = s.pg_url
