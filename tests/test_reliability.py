@@ -609,6 +609,26 @@ def test_a_board_failing_mid_recording_reads_as_absent_from_there_with_a_warning
         assert flags[:150, k].min() == 1 and flags[150:, k].max() == (0 if gone else 1), board
 
 
+def test_a_clock_that_goes_backwards_and_rows_written_twice_are_named(tmp_path, frame, caplog):
+    """A logger's clock set back mid-job, and a row it wrote twice: the rows are kept in file order (their
+    row numbers the file's), and each oddity is a warning naming the file and its first row."""
+    folder = good_folder(tmp_path / "data", frame)
+    odd = frame.copy()
+    odd.loc[100:, "t_console"] = odd.loc[100:, "t_console"].map(lambda t: f"{int(t[:2]) - 1:02d}{t[2:]}")
+    odd = pd.concat([odd.iloc[:201], odd.iloc[200:201], odd.iloc[201:]], ignore_index=True)  # row 200 twice
+    odd.to_csv(folder / "pocket_101_aligned.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        data = prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path))
+    notes = [w["warning"] for w in data.summary["file_warnings"] if w["file"] == "pocket_101_aligned.csv"]
+    back, twice = frame["t_console"][99], frame["t_console"][100]
+    assert notes == [
+        f"{folder / 'pocket_101_aligned.csv'}: t_console goes backwards 1 times (first at row 102: "
+        f"{int(twice[:2]) - 1:02d}{twice[2:]} after {back}): rows kept in file order",
+        f"{folder / 'pocket_101_aligned.csv'}: 1 rows repeat the row before (its time and every value; first at "
+        "row 203): kept, each read as a row of its own"], notes
+    assert all(n in caplog.text for n in notes) and len(read_run(folder / "pocket_101_aligned.csv").lines) == 301
+
+
 def test_eval_folder_whose_channels_do_not_match_the_checkpoint(tmp_path, trained, frame):
     other = tmp_path / "other"
     other.mkdir()

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gcode_exp.data.read import DataError, RecordedRun, silent_boards
+from gcode_exp.data.read import CLOCK, DAY, DataError, RecordedRun, silent_boards, time_seconds
 from gcode_exp.data.vocab import parse_line
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 ORDER = ("concat", "crop_start", "shift", "pace", "unplug")  # the order the transforms are applied in
 NEUTRAL: dict[str, Any] = {"concat": False, "crop_start": 0.0, "shift": 0, "pace": 1.0, "unplug": 0.0}  # unchanged
 STATE_COLUMNS = ("stat", "unit", "dist", "coor")  # controller state codes: taken from a row, never interpolated
-CLOCK = re.compile(r"^(\d{1,2}):(\d{2}):(\d{2}(?:\.(\d+))?)$")  # t_console: 14:34:23.365
-DAY = 86400.0
 
 
 # --- the settings ------------------------------------------------------------------------------------------
@@ -136,30 +134,15 @@ def interpolate(values: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(a) | np.isnan(b), nearest, mixed).astype(values.dtype)
 
 
-def seconds(text: str) -> float | None:
-    """A time as seconds: a number, or a clock time HH:MM:SS(.fff); None for anything else."""
-    m = CLOCK.match(text.strip())
-    if m:
-        return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
-    try:
-        x = float(text)
-    except ValueError:
-        return None
-    return x if np.isfinite(x) else None
-
-
 def paced_times(times: list[str], pos: np.ndarray, pace: float) -> list[str]:
     """The new rows' times. Numbers (the row number where the file has no t_console, or seconds) and clock
     times: the time at `pos` (interpolated), its distance from the first row's time divided by pace, so
     rows keep the recording's spacing (~4 Hz) and the job takes 1/pace as long; written as the originals
     are (whole numbers, or the clock with as many decimals). Times that are neither: the executing row's."""
-    secs = [seconds(t) for t in times]
-    if not times or any(s is None for s in secs):
+    t = time_seconds(times)
+    if not times or t is None:
         return [times[i] for i in executing(pos)]
-    t = np.asarray(secs, dtype=np.float64)
     clock = all(CLOCK.match(x.strip()) for x in times)
-    if clock:  # a recording past midnight keeps counting up
-        t = t + DAY * np.concatenate([[0], np.cumsum(np.diff(t) < -DAY / 2)])
     new = t[0] + (np.interp(pos, np.arange(len(t)), t) - t[0]) / pace
     if clock:
         digits = max((len(m[4] or "") for m in map(CLOCK.match, (x.strip() for x in times))), default=0)

@@ -29,6 +29,8 @@ ALWAYS_EMPTY = ("vel", "plane")
 CONTROLLER = ("posx", "posy", "posz", "mpox", "mpoy", "mpoz", "feed", "stat", "unit", "dist", "coor")
 MOTORS = ("spindle", "x_motor", "y_motor", "z_motor")
 RUN_NAME = re.compile(r"^(?P<op>[a-z]+\d*)_(?P<idx>\d+)", re.IGNORECASE)  # FACE_003 is face_003
+CLOCK = re.compile(r"^(\d{1,2}):(\d{2}):(\d{2}(?:\.(\d+))?)$")  # t_console: 14:34:23.365
+DAY = 86400.0
 RECORDING_SUFFIXES = (".csv", ".csv.gz")  # any case; everything else the pattern matches is not read
 SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'"}  # what a one-column header holding them was saved with
 FIELDS = re.compile(r"Expected (?P<want>\d+) fields in line (?P<row>\d+), saw (?P<saw>\d+)")  # pandas' words
@@ -136,6 +138,8 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = Tru
              if "gcode_string" in frame.columns else [""] * len(values))
     times = (frame["t_console"].fillna("").astype(str)[alive].tolist() if "t_console" in frame.columns
              else [str(i) for i in np.flatnonzero(alive)])
+    if "t_console" in frame.columns:
+        notes += time_notes(path, times, values, np.flatnonzero(alive))
     if labelled and not any(lines):
         raise DataError(f"{path}: gcode_string is empty on every row: no labelled row to learn from or score")
     dropped = {line: parse_line(line)[1] for line in set(lines)}
@@ -148,6 +152,46 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = Tru
     name, op = run_name(path)
     return RecordedRun(name=name, op=op, columns=columns, values=values, lines=lines, nonfinite_cells=nonfinite,
                silent_rows=int((~alive).sum()), unparsed_chunks=unparsed, path=str(path), warnings=notes, times=times)
+
+
+def seconds(text: str) -> float | None:
+    """A time as seconds: a number, or a clock time HH:MM:SS(.fff); None for anything else."""
+    m = CLOCK.match(text.strip())
+    if m:
+        return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    return x if np.isfinite(x) else None
+
+
+def time_seconds(times: list[str]) -> np.ndarray | None:
+    """[rows] each row's time in seconds (a clock past midnight counting on into the next day); None where
+    a time is neither a number nor a clock time."""
+    secs = [seconds(t) for t in times]
+    if any(s is None for s in secs):
+        return None
+    t = np.asarray(secs, dtype=np.float64)
+    if len(t) and all(CLOCK.match(x.strip()) for x in times):
+        t = t + DAY * np.concatenate([[0], np.cumsum(np.diff(t) < -DAY / 2)])
+    return t
+
+
+def time_notes(path: Path, times: list[str], values: np.ndarray, file_rows: np.ndarray) -> list[str]:
+    """Warnings for a logger's clock and rows that cannot be what happened: time going backwards, a row
+    written twice (its time and every value the row before's). The rows are kept, in file order."""
+    t, notes = time_seconds(times), []
+    if t is not None and len(t) > 1 and (back := np.flatnonzero(np.diff(t) < 0)).size:
+        k = back[0] + 1
+        notes.append(f"{path}: t_console goes backwards {back.size} times (first at row {file_rows[k] + 2}: "
+                     f"{times[k].strip()} after {times[k - 1].strip()}): rows kept in file order")
+    same = np.concatenate([[False], (np.asarray(times[1:]) == np.asarray(times[:-1]))
+                           & ((values[1:] == values[:-1]) | (np.isnan(values[1:]) & np.isnan(values[:-1]))).all(1)])
+    if same.any():
+        notes.append(f"{path}: {int(same.sum())} rows repeat the row before (its time and every value; first at "
+                     f"row {file_rows[np.flatnonzero(same)[0]] + 2}): kept, each read as a row of its own")
+    return notes
 
 
 def silent_boards(columns: list[str], bad: np.ndarray) -> np.ndarray:
