@@ -68,3 +68,17 @@ def test_json_round_trip(tmp_path):
     w = Vocab.from_dict(json.loads((tmp_path / "vocab.json").read_text()))
     assert w.tokens == v.tokens and w.ranges == v.ranges
     assert w.encode("G1 X-0.1254 Y2.5") == v.encode("G1 X-0.1254 Y2.5")
+
+
+def test_one_far_coordinate_does_not_widen_every_bucket():
+    """A typo'd X999 among a part's X values (0 .. 3.8): left out of X's range, named in a warning, and read
+    as the edge bucket; without it the 100 buckets would each be ~10 wide and every real X one bucket.
+    Few values (F: 4 feeds) are never judged: a gap between few values is no evidence of a typo."""
+    lines = [f"G1 X{0.2 * i:.1f} Y{0.1 * i:.1f} F{f}" for i, f in zip(range(20), [7.3, 13.3, 22.0, 40.0] * 5)]
+    vocab = Vocab.build([*lines, "G1 X999", "G1 Y-500"], digits=2)
+    assert vocab.ranges["X"] == (0.0, 3.8) and vocab.ranges["Y"] == (0.0, 1.9) and vocab.ranges["F"] == (7.3, 40.0)
+    assert vocab.left_out == {"X": [999.0], "Y": [-500.0]}
+    assert vocab.range_notes()[0].startswith("vocab: X value 999 lie far beyond every other X (0 .. 3.8)")
+    assert vocab.decode(vocab.encode("G1 X999")[1:-1]) == vocab.decode(vocab.encode("G1 X3.8")[1:-1])
+    assert len({vocab.encode(line)[3] for line in lines}) == 20, "every real X keeps a bucket of its own"  # NUM_X_..
+    assert Vocab.build(lines, digits=2).left_out == {}

@@ -27,7 +27,7 @@ from gcode_exp.atomic import atomic_write, torch_save
 from gcode_exp.data.read import RecordedRun
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 10  # bump when what is cached changes
+CACHE_VERSION = 11  # bump when what is cached changes
 
 
 class DamagedEntry(ValueError):

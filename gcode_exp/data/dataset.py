@@ -227,8 +227,8 @@ def prepare(cfg) -> Prepared:
         log.info("data cache hit: %s", cache)
         for s in cached.summary["skipped_files"]:  # the warnings of the run that built it, again
             log.warning("skipping %s", s["error"])
-        for w in cached.summary["file_warnings"]:
-            log.warning("%s", w["warning"])
+        for w in [*(w["warning"] for w in cached.summary["file_warnings"]), *cached.summary["vocab_warnings"]]:
+            log.warning("%s", w)
         cached.summary["ignored_files"] = ignored  # not part of the key: what the folder holds now
         if cfg.data.split_by == "window":
             log.warning("%s", WINDOW_WARNING)
@@ -244,6 +244,8 @@ def prepare(cfg) -> Prepared:
         parts, split_info = split_runs(runs, cfg.data)
         keep, fit_on = None, parts["train"]
     vocab = Vocab.build((t for r in fit_on for t in r.lines if t), cfg.vocab.digits)
+    for note in vocab.range_notes():
+        log.warning("%s", note)
     feats = fit_features(fit_on, list(cfg.features.groups), cfg.features.board_flags, cfg.features.elapsed)
     splits = {name: build_split(parts[name], feats, vocab, cfg.data, keep[name] if keep else None) for name in SPLITS}
     oddities = {k: sum(getattr(r, k) for r in runs) for k in ("nonfinite_cells", "silent_rows", "unparsed_chunks")}
@@ -274,6 +276,7 @@ def data_summary(splits: dict[str, Split], vocab: Vocab, feats: Features, listin
         "nonfinite_cells_filled": oddities["nonfinite_cells"],  # read as the channel's training mean
         "silent_rows_dropped": oddities["silent_rows"],  # rows where every sensor column was empty
         "unparsed_chunks_dropped": oddities["unparsed_chunks"],  # G-code text the tokenizer could not read
+        "vocab_warnings": vocab.range_notes(),  # numbers left out of their letter's bucket range
     }
     for name, split in splits.items():
         t = split.targets[:, 1:]

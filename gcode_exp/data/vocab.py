@@ -53,6 +53,19 @@ def parse_line(text: str) -> tuple[list[tuple[str, float]], int]:
     return words, dropped
 
 
+def bucket_range(values: list[float], least: int = 20) -> tuple[tuple[float, float], list[float]]:
+    """(lo, hi) of a parameter letter's buckets, and the values left out of it: with at least `least`
+    distinct values, an extreme one farther from its neighbour than the span of all the others (one typo'd
+    or test coordinate, `X999` among a 4-inch part's) is left out, so that it does not widen every bucket."""
+    s = sorted(set(values))
+    out: list[float] = []
+    while len(s) >= least and s[-1] - s[-2] > s[-2] - s[0]:
+        out.append(s.pop())
+    while len(s) >= least and s[1] - s[0] > s[-1] - s[1]:
+        out.append(s.pop(0))
+    return (s[0], s[-1]), sorted(out)
+
+
 @dataclass
 class Vocab:
     """Token list plus per-letter bucket ranges; knows each token's type and how to decode it."""
@@ -60,6 +73,7 @@ class Vocab:
     digits: int
     ranges: dict[str, tuple[float, float]]
     tokens: list[str]
+    left_out: dict[str, list[float]] = field(default_factory=dict, repr=False, compare=False)  # `bucket_range`
     index: dict[str, int] = field(init=False, repr=False)
     encoded: dict[str, list[int]] = field(init=False, repr=False, compare=False)  # text -> ids, each parsed once
 
@@ -177,12 +191,23 @@ class Vocab:
             for letter, value in words:
                 if letter not in COMMAND_LETTERS:
                     values.setdefault(letter, []).append(value)
-        ranges = {k: (min(v), max(v)) for k, v in sorted(values.items())}
+        ranges, left_out = {}, {}
+        for letter, v in sorted(values.items()):
+            ranges[letter], out = bucket_range(v)
+            if out:
+                left_out[letter] = out
         vocab = cls(digits=digits, ranges=ranges, tokens=list(SPECIALS))
         seen = {t for words in parsed for t in vocab._tokens_of(words)}
         order = (COMMAND, PARAMETER, NUMERIC)
         body = sorted(seen, key=lambda t: (order.index(vocab.token_type(t)), t))
-        return cls(digits=digits, ranges=ranges, tokens=[*SPECIALS, *body])
+        return cls(digits=digits, ranges=ranges, tokens=[*SPECIALS, *body], left_out=left_out)
+
+    def range_notes(self) -> list[str]:
+        """One warning per parameter letter whose bucket range left values out (`bucket_range`)."""
+        return [f"vocab: {letter} value{'s' * (len(out) > 1)} {', '.join(f'{x:g}' for x in out)} lie far beyond every "
+                f"other {letter} ({self.ranges[letter][0]:g} .. {self.ranges[letter][1]:g}): left out of {letter}'s "
+                "number buckets (read as the edge bucket), which would otherwise widen to fit them"
+                for letter, out in self.left_out.items()]
 
     def to_dict(self) -> dict:
         types = [TYPES[self.token_type(t)] for t in self.tokens]
