@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gcode_exp.atomic import write_json
-from gcode_exp.data.read import DataError, RecordedRun, channel_group, opener, run_name, seconds
+from gcode_exp.data.read import DAY, DataError, RecordedRun, channel_group, opener, run_name, seconds
 from gcode_exp.data.windows import run_inputs
 from gcode_exp.predict import Predictor, check_channels
 from gcode_exp.programs import name_program
@@ -190,7 +190,7 @@ def tail_one(path: Path, poll_s: float, idle_s: float, header: list[str] | None,
 def elapsed(first: str, now: str) -> float | None:
     """Seconds from time `first` to `now` (clock times or seconds); None where either is not a time."""
     a, b = seconds(first), seconds(now)
-    return None if a is None or b is None else (b - a) % 86400  # a clock time may pass midnight
+    return None if a is None or b is None else (b - a) % DAY  # a clock time may pass midnight
 
 
 def rotated(path: Path, f, inode: int) -> bool:

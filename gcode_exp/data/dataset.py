@@ -244,8 +244,6 @@ def prepare(cfg) -> Prepared:
         parts, split_info = split_runs(runs, cfg.data)
         keep, fit_on = None, parts["train"]
     vocab = Vocab.build((t for r in fit_on for t in r.lines if t), cfg.vocab.digits)
-    for note in vocab.range_notes():
-        log.warning("%s", note)
     feats = fit_features(fit_on, list(cfg.features.groups), cfg.features.board_flags, cfg.features.elapsed)
     splits = {name: build_split(parts[name], feats, vocab, cfg.data, keep[name] if keep else None) for name in SPLITS}
     oddities = {k: sum(getattr(r, k) for r in runs) for k in ("nonfinite_cells", "silent_rows", "unparsed_chunks")}
@@ -253,6 +251,8 @@ def prepare(cfg) -> Prepared:
                "file_warnings": [{"file": Path(r.path).name, "warning": w} for r in runs for w in r.warnings]}
     summary = data_summary(splits, vocab, feats, listing, oddities, cfg)
     summary["split"] = split_info
+    for note in summary["vocab_warnings"]:
+        log.warning("%s", note)
     prepared = Prepared(splits=splits, vocab=vocab, features=feats, summary=summary)
     if folder:
         save_prepared(prepared, cfg, cache)

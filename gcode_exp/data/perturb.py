@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from gcode_exp.data.read import CLOCK, DAY, DataError, RecordedRun, silent_boards, time_seconds
+from gcode_exp.data.read import CLOCK, DAY, DataError, RecordedRun, board_columns, silent_boards, time_seconds
 from gcode_exp.data.vocab import parse_line
 
 log = logging.getLogger(__name__)
@@ -229,16 +229,17 @@ def unplug(run: RecordedRun, share: float, seed: int, from_share: float = 0.0) -
     and its name: boards come loose or fail, and a shop may fit fewer of them. `from_share` 0: their columns
     removed; else their cells empty from that share of the rows on (a board failing mid-job, as a logger
     writes it: the columns stay, the cells go blank)."""
-    boards = sorted({c.split(".")[0] for c in run.columns if "." in c})
+    columns = board_columns(run.columns)
+    boards = list(columns)
     n = min(len(boards), int(np.ceil(share * len(boards) - 1e-9)))
     rng = np.random.default_rng([seed, zlib.crc32(run.name.encode())])
-    gone = {boards[i] for i in rng.choice(len(boards), size=n, replace=False)} if n else set()
-    failed = [i for i, c in enumerate(run.columns) if "." in c and c.split(".")[0] in gone]
+    gone = [boards[i] for i in rng.choice(len(boards), size=n, replace=False)] if n else []
+    failed = sorted(j for board in gone for j in columns[board])
     if from_share:
         values = run.values.copy()
         values[crop_rows(len(run.lines), from_share):, failed] = np.nan
         return recounted(replace(run, values=values))
-    keep = [i for i in range(len(run.columns)) if i not in set(failed)]
+    keep = sorted(set(range(len(run.columns))) - set(failed))
     return recounted(replace(run, columns=[run.columns[i] for i in keep], values=run.values[:, keep]))
 
 

@@ -122,7 +122,7 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = Tru
     bad = ~np.isfinite(values)
     silent = silent_boards(columns, bad)
     if silent.any():  # a board that fails mid-job: absent on those rows (its flag), not damage to the file
-        boards = sorted({columns[j].split(".")[0] for j in np.flatnonzero(silent.any(0))})
+        boards = [b for b, mine in board_columns(columns).items() if silent[:, mine].any()]
         rows = np.flatnonzero(silent.any(1))
         notes.append(f"{path}: IMU board {', '.join(boards)} silent (every cell empty) on {len(rows)} rows, first "
                      f"at row {int(np.flatnonzero(alive)[rows[0]]) + 2}: read as absent there")
@@ -194,11 +194,19 @@ def time_notes(path: Path, times: list[str], values: np.ndarray, file_rows: np.n
     return notes
 
 
+def board_columns(columns: list[str]) -> dict[str, list[int]]:
+    """Each IMU board (`frame_b1` of `frame_b1.Ax`) -> the indices of its columns, boards sorted by name."""
+    out: dict[str, list[int]] = {}
+    for j, c in enumerate(columns):
+        if "." in c:
+            out.setdefault(c.split(".")[0], []).append(j)
+    return dict(sorted(out.items()))
+
+
 def silent_boards(columns: list[str], bad: np.ndarray) -> np.ndarray:
     """[rows, columns] the empty cells of boards with every cell of the row empty (a board that failed)."""
     out = np.zeros_like(bad)
-    for board in {c.split(".")[0] for c in columns if "." in c}:
-        mine = [j for j, c in enumerate(columns) if "." in c and c.split(".")[0] == board]
+    for mine in board_columns(columns).values():
         out[np.ix_(bad[:, mine].all(1), mine)] = True
     return out
 

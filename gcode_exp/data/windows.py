@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gcode_exp.data.cache import RowFile
-from gcode_exp.data.read import DataError, RecordedRun, channel_group
+from gcode_exp.data.read import DataError, RecordedRun, board_columns, channel_group
 from gcode_exp.data.vocab import BOS, EOS, PAD, Vocab
 
 ELAPSED_SCALE = 1000.0  # features.elapsed: rows per unit of the elapsed input (~4 min at 3.9 Hz)
@@ -75,7 +75,7 @@ def fit_features(train: list[RecordedRun], groups: list[str], board_flags: bool,
     channels = sorted({c for r in train for c in r.columns if channel_group(c) in groups})
     if not channels:
         raise DataError(f"no training file has a column of features.groups={groups}")
-    boards = sorted({c.split(".")[0] for c in channels if "." in c}) if board_flags else []
+    boards = list(board_columns(channels)) if board_flags else []
     total = np.zeros(len(channels))
     square = np.zeros(len(channels))
     count = np.zeros(len(channels))
@@ -105,19 +105,13 @@ def run_inputs(run: RecordedRun, feats: Features, first_row: int = 0) -> np.ndar
         raise DataError(f"{run.name}: none of the model's {len(feats.channels)} input channels are in this file")
     mean, std = np.asarray(feats.mean, np.float32), np.asarray(feats.std, np.float32)
     x[:, dst] = (run.values[:, src] - mean[dst]) / std[dst]
-    for k, board in enumerate(feats.boards):  # per row: a board failing mid-job is absent from there on
-        x[:, len(feats.channels) + k] = board_present(run, board)
+    has = board_columns(run.columns)
+    for k, board in enumerate(feats.boards):  # per row, a value in one of its columns: a failed board's are empty
+        x[:, len(feats.channels) + k] = np.isfinite(run.values[:, has[board]]).any(1) if board in has else 0.0
     if feats.elapsed:
         x[:, -1] = (first_row + np.arange(len(run.lines))) / ELAPSED_SCALE
     np.nan_to_num(x, copy=False, nan=0.0)
     return x
-
-
-def board_present(run: RecordedRun, board: str) -> np.ndarray:
-    """[rows] whether the recording has `board` on each row: its columns, and a value in at least one of them
-    (a logger writes a failed board's cells empty)."""
-    mine = [j for j, c in enumerate(run.columns) if c.split(".")[0] == board and "." in c]
-    return np.isfinite(run.values[:, mine]).any(1) if mine else np.zeros(len(run.lines), dtype=bool)
 
 
 def window_target(lines: list[str], mode: str, max_lines: int) -> list[str] | None:
