@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gcode_exp import GcodeExpError, distributed, plots, run_folder, trust
+from gcode_exp import GcodeExpError, distributed, run_folder, trust
 from gcode_exp.atomic import write_csv, write_json
 from gcode_exp.config_checks import check_against_data, validate
 from gcode_exp.data import perturb
@@ -177,6 +177,8 @@ def write_outputs(cfg, run_dir: Path, metrics: dict, pred, target, vocab, histor
     rows = per_class(pred, target, vocab)
     write_csv(run_dir / "per_class.csv", rows, list(rows[0]) if rows else ["token"])
     if cfg.trainer.plots:
+        from gcode_exp import plots  # matplotlib: 0.4 s that a run without plots (or one refused) need not wait
+
         out = run_dir / "plots"
         if history:
             plots.learning_curves(history, out / "learning_curves.png")

@@ -1,9 +1,8 @@
 """Token-level metrics. Every metric is over non-PAD target positions after BOS (EOS included);
 docs/METRICS.md states each definition. A majority reference is scored with the same code.
 
-Class-wise counts, precision and recall come from torchmetrics; line_exact and the majority reference,
-which no library has, are ours. torchmetrics is imported inside the functions that use it: its import
-(~0.35 s) would otherwise slow every task that imports this module through tasks.py, prepare and predict too."""
+Class-wise recall and precision come from one confusion count (`confusion`, a bincount). torchmetrics gave the
+same numbers, but importing it took 1.2 s of every run that scored anything (docs/RESULTS.md, "Speed")."""
 
 from __future__ import annotations
 
@@ -36,18 +35,29 @@ def _share(hit: torch.Tensor, where: torch.Tensor) -> float:
     return float((hit & where).sum()) / n if n else float("nan")
 
 
+def confusion(pred: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """Counts [n, n] of class ids in 0 .. n - 1: row the target, column the prediction."""
+    return torch.bincount(target.long() * n + pred.long(), minlength=n * n).view(n, n)
+
+
+def recall_and_precision(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class of a confusion count: recall (NaN for a class absent from the targets) and precision (0 for
+    a class never predicted)."""
+    right = counts.diagonal().double()
+    support, predicted = counts.sum(1).double(), counts.sum(0).double()
+    recall = torch.where(support > 0, right / support.clamp(min=1), torch.nan)
+    return recall, right / predicted.clamp(min=1)
+
+
 def macro_recall(pred: torch.Tensor, target: torch.Tensor, classes: torch.Tensor) -> float:
     """Mean over the classes present in `target` of the share of their positions predicted right.
 
-    Not torchmetrics' average="macro", which also counts a class predicted but absent from the targets
-    (as recall 0): an absent class gets recall NaN here and the mean skips it."""
-    from torchmetrics.functional.classification import multiclass_recall
-
+    A class predicted but absent from the targets is not counted (as recall 0, as some libraries' macro
+    average does): its recall is NaN and the mean skips it."""
     if not len(target):
         return float("nan")
     n = max(int(pred.max()), int(target.max()), *classes.tolist()) + 1
-    recall = multiclass_recall(pred, target, max(n, 2), average=None, zero_division=float("nan"))  # needs 2 classes
-    return float(recall[classes].double().nanmean())
+    return float(recall_and_precision(confusion(pred, target, n))[0][classes].nanmean())
 
 
 def token_metrics(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> dict[str, float]:
@@ -88,25 +98,18 @@ def line_exact(generated: torch.Tensor, target: torch.Tensor) -> float:
 def per_class(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> list[dict]:
     """Support, predicted count, precision and recall of every token present in the targets, commands first.
     A token never predicted has precision 0."""
-    from torchmetrics.functional.classification import (
-        multiclass_confusion_matrix,
-        multiclass_precision,
-        multiclass_recall,
-    )
-
     types = vocab.structure()["type"]
     mask = target != PAD
     p, t, n = pred[mask], target[mask], len(vocab)
     if not len(t):
         return []
-    counts = multiclass_confusion_matrix(p, t, n)  # rows: target, columns: predicted
+    counts = confusion(p, t, n)
     support, predicted = counts.sum(1).tolist(), counts.sum(0).tolist()
-    precision = multiclass_precision(p, t, n, average=None).tolist()
-    recall = multiclass_recall(p, t, n, average=None).tolist()
+    recall, precision = (x.tolist() for x in recall_and_precision(counts))
     present = sorted((c for c in range(n) if support[c]), key=lambda c: (types[c] != COMMAND, c))
     return [
         {"token": vocab.tokens[c], "type": TYPES[types[c]], "support": support[c], "predicted": predicted[c],
-         "precision": round(precision[c], 6), "recall": round(recall[c], 6)}  # float32's digits, not its noise
+         "precision": round(precision[c], 6), "recall": round(recall[c], 6)}
         for c in present
     ]
 
@@ -114,8 +117,6 @@ def per_class(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> list[di
 def command_confusion(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) -> torch.Tensor:
     """Counts [commands, commands + 1] over positions whose target is a command (vocabulary order): row the
     target, column the command predicted; the last column lumps every non-command prediction together."""
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
     index = torch.tensor(vocab.structure()["command"])  # per token id: its command index, -1 if not a command
     n = int((index >= 0).sum())
     t, p = index[target.flatten()], index[pred.flatten()]
@@ -123,7 +124,7 @@ def command_confusion(pred: torch.Tensor, target: torch.Tensor, vocab: Vocab) ->
     if not keep.any():
         return torch.zeros(n, n + 1, dtype=torch.long)
     p = torch.where(p >= 0, p, n)
-    return multiclass_confusion_matrix(p[keep], t[keep], n + 1)[:n]
+    return confusion(p[keep], t[keep], n + 1)[:n]
 
 
 def majority_line(train_targets: torch.Tensor) -> torch.Tensor:
