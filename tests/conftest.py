@@ -72,11 +72,11 @@ def kill_after(epoch: int) -> dict:
 
 
 def run_py(*args: str, cache: Path, timeout: int = 300, env: dict | None = None):
-    """`python run.py` in a subprocess (run_py_command), run to its end."""
-    import subprocess
+    """`python run.py` in a process of its own (run_py_command; tests/forked_python.py), run to its end."""
+    from tests import forked_python
 
     cmd, full_env = run_py_command(*args, cache=cache, env=env)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return forked_python.run(cmd, cwd=ROOT, env=full_env, timeout=timeout)
 
 
 def default_run_and_two_programs(ws: Path) -> dict:
@@ -113,3 +113,28 @@ def pg_url() -> str:
     finally:
         engine.dispose()
     return url
+
+
+DOC_GROUPS = 3  # the documented commands run in this many groups, each in its own scratch session
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test file on one worker, so that its module fixtures are built once (`--dist loadgroup` with a
+    group per file), except the documented commands: a third of the suite's time in one file, which alone
+    would keep one worker busy after the rest had finished. Those run in DOC_GROUPS groups, each command
+    with the commands it needs (tests/test_docs_commands.py runs a missing one first), and go first."""
+    from tests.test_docs_commands import COMMANDS
+
+    def first_needed(command: str) -> str:
+        needs = COMMANDS[command].needs if command in COMMANDS else ()
+        return first_needed(needs[0]) if needs else command
+
+    roots: dict[str, int] = {}
+    for item in items:
+        group = item.path.name
+        command = getattr(item, "callspec", None) and item.callspec.params.get("command")
+        if command:
+            root = first_needed(command)
+            group += f"-{roots.setdefault(root, len(roots) % DOC_GROUPS)}"
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: not getattr(item, "callspec", None) or "command" not in item.callspec.params)

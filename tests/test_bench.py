@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from gcode_exp import bench
+from tests import forked_python
 from tests.conftest import ROOT, SAMPLE
 
 
@@ -30,8 +31,8 @@ def bench_cmd(tmp_path, *args, timeout: int = 60) -> subprocess.CompletedProcess
     far below a benchmark's minutes: a refusal must come before any timing."""
     (tmp_path / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
-    return subprocess.run([sys.executable, "-m", "gcode_exp.bench", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return forked_python.run([sys.executable, "-m", "gcode_exp.bench", *map(str, args)], cwd=ROOT, env=env,
+                             timeout=timeout)
 
 
 def refused(tmp_path, ran: subprocess.CompletedProcess, line: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from gcode_exp.config import SCHEMA, ConfigError
 from gcode_exp.config_checks import check_against_data, validate
 from gcode_exp.data.vocab import Vocab
 from gcode_exp.training.metrics import TOKEN_METRICS, metric_names, token_metrics
+from tests import forked_python
 from tests.conftest import ROOT, make_cfg, run_py
 
 GROUPS = ("data", "features", "vocab", "model", "aug", "trainer", "hardware", "logger", "experiment", "hparams_search",
@@ -223,8 +223,8 @@ def test_hydra_refusals_are_one_line_too(override, line, tmp_path):
     """What Hydra refuses while composing (it prints several lines, exit 1) reads like our own errors:
     one line naming the override, exit 2, no folder."""
     run_dir = tmp_path / "run"  # not run_py: its tiny token-model sizes would give model.d_model a place
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), override, f"hydra.run.dir={run_dir}"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = forked_python.run([sys.executable, str(ROOT / "run.py"), override, f"hydra.run.dir={run_dir}"],
+                               cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and result.stderr.splitlines() == [result.stderr.strip()], result.stderr
     assert result.stderr.startswith(f"error: {line}"), result.stderr
     assert not run_dir.exists()

@@ -4,11 +4,11 @@ leaves training running but learning nothing fails here."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
+from tests import forked_python
 from tests.conftest import ROOT, SAMPLE
 
 TOKEN_MARGIN = 0.06  # test/token_macro_recall must exceed majority/ by this much
@@ -44,7 +44,7 @@ def test_default_model_beats_the_majority_reference_on_the_sample(tmp_path, mode
     cmd = [sys.executable, str(ROOT / "run.py"), f"data.dir={SAMPLE}", f"data.cache_dir={tmp_path / 'cache'}",
            f"hydra.run.dir={run}", "data.window=32", "trainer.max_epochs=5", "hardware.threads=1",
            "trainer.progress=false", "trainer.plots=false", "trainer.line_exact=false", *model]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = forked_python.run(cmd, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["epochs"] == (5 if model else 0)

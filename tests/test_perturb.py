@@ -7,7 +7,6 @@ import csv
 import json
 import logging
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -32,6 +31,7 @@ from gcode_exp.data.perturb import (
 from gcode_exp.data.read import DataError, RecordedRun
 from gcode_exp.data.windows import fit_features, run_inputs
 from gcode_exp.run_folder import RUN_FILES
+from tests import forked_python
 from tests.conftest import ROOT, default_run_and_two_programs, make_cfg, run_py
 
 OPTIONS = sorted(p.stem for p in (ROOT / "conf" / "perturb").glob("*.yaml"))
@@ -275,8 +275,7 @@ def test_eval_sweep_over_perturbations_and_its_summary(checkpoint):
     assert [r["recording"] for r in per] == ["face_003", "pocket_016"]
     mean = sum(int(r["windows"]) * float(r["line_exact"]) for r in per) / sum(int(r["windows"]) for r in per)
     assert mean == pytest.approx(json.loads((jobs[1] / "metrics.json").read_text())["test/line_exact"], abs=1e-3)
-    res = subprocess.run([sys.executable, "-m", "gcode_exp.summarize", str(sweep)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    res = forked_python.run([sys.executable, "-m", "gcode_exp.summarize", str(sweep)], cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     with open(sweep / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -32,6 +32,7 @@ from gcode_exp.data.read import DataError, list_runs, read_run
 from gcode_exp.data.vocab import parse_line
 from gcode_exp.data.windows import run_inputs
 from gcode_exp.training.checkpoint import Checkpoint, save_checkpoint
+from tests import forked_python
 from tests.conftest import ROOT, SAMPLE, TINY, make_cfg
 from tests.test_summarize import make_run
 
@@ -672,7 +673,7 @@ def test_finished_run_folder_is_never_overwritten_unasked(tmp_path, trained):
 def cli(tmp: Path, *args: str, cache: Path | None = None, wrap: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [*wrap, sys.executable, str(ROOT / "run.py"), f"data.cache_dir={cache or tmp / 'cache'}",
            f"hydra.run.dir={tmp / 'run'}", *FAST, *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return forked_python.run(cmd, cwd=ROOT, timeout=300)  # `wrap`: a real interpreter under it
 
 
 def file_modes_apply() -> tuple[str, ...]:
