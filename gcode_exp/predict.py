@@ -33,6 +33,7 @@ from gcode_exp.training.device import autocast, pick_device
 
 log = logging.getLogger(__name__)
 AXES = "XYZ"
+MOVES = {0.0: "rapid", 1.0: "line", 2.0: "arc", 3.0: "arc"}  # what a move is, by its motion mode G0 .. G3
 ROW_FIELDS = ("time", "row", "line", "p", "runner_up", "runner_up_p", "program", "true_line", "correct")
 
 
@@ -158,6 +159,18 @@ def axis_moves(lines: list[str]) -> list[tuple[int, int, int]]:
     return out
 
 
+def move_types(lines: list[str]) -> list[str]:
+    """Per row: the kind of move its line makes (rapid, line or arc). The motion mode is modal: a line that
+    names none (`X3.2 Y0.4`) goes on in the mode of the lines before ("" until one is named)."""
+    out, mode, last = [], "", None
+    for line in lines:
+        if line != last:
+            mode = next((MOVES[v] for k, v in reversed(parse_line(line)[0]) if k == "G" and v in MOVES), mode)
+            last = line
+        out.append(mode)
+    return out
+
+
 def edit_similarity(a: list[str], b: list[str]) -> float:
     """1 - Levenshtein distance / the longer length (1: the same sequence).
 
@@ -180,14 +193,19 @@ def edit_similarity(a: list[str], b: list[str]) -> float:
 
 
 def score_rows(pred: list[str], true: list[str]) -> dict[str, float]:
-    """Row line accuracy, axis accuracy (counts), sequence similarity and each row's end-point error (how far
-    its predicted line's end is from its true line's, in the data's units) on the labelled rows; `true`
-    already at the vocabulary's resolution ("" where unlabelled)."""
+    """Counts on the labelled rows: lines right, move directions right (X, Y, Z each -, 0 or +), moving axes
+    right (which of X, Y, Z move), move types right (of the rows whose true mode is known); the sequence
+    similarity and each row's end-point error (how far its predicted line's end is from its true line's, in
+    the data's units). `true` already at the vocabulary's resolution ("" where unlabelled)."""
     keep = [i for i, t in enumerate(true) if t]
     p, t = [pred[i] for i in keep], [true[i] for i in keep]
     miss = np.linalg.norm(endpoints(p) - endpoints(t), axis=1)  # NaN where either end is not known yet
+    moves = list(zip(axis_moves(p), axis_moves(t)))
+    kinds = [(a, b) for a, b in zip(move_types(p), move_types(t)) if b]
     return {"rows": len(keep), "right": sum(a == b for a, b in zip(p, t)),
-            "axis_right": sum(a == b for a, b in zip(axis_moves(p), axis_moves(t))),
+            "axis_right": sum(a == b for a, b in moves),
+            "moving_right": sum(np.array_equal(np.abs(a), np.abs(b)) for a, b in moves),
+            "move_rows": len(kinds), "move_right": sum(a == b for a, b in kinds),
             "similarity": edit_similarity([x for _, x in merge_repeats(p)], [x for _, x in merge_repeats(t)]),
             "end_errors": miss[np.isfinite(miss)]}
 
@@ -273,8 +291,10 @@ def predict_job(cfg, run_dir: Path) -> dict:
                           majority_program=majority_op == true_op)
         if rec.labelled:
             s, m = score_rows([v.line for v in votes], true), score_rows([majority_line] * len(true), true)
-            totals.update(files=1, rows=s["rows"], right=s["right"], axis=s["axis_right"], sim=s["similarity"],
-                          m_right=m["right"], m_axis=m["axis_right"], m_sim=m["similarity"])
+            for key, scored in (("", s), ("m_", m)):
+                totals.update({f"{key}{k}": scored[k] for k in ("right", "axis_right", "moving_right", "move_rows",
+                                                               "move_right", "similarity")})
+            totals.update(files=1, rows=s["rows"])
             end_errors["predict"].append(s["end_errors"])
             end_errors["majority"].append(m["end_errors"])
         named = "no known program" if new else f"program {ranked[0][0] or '?'} (p={ranked[0][1]:.2f})"
@@ -290,8 +310,11 @@ def predict_job(cfg, run_dir: Path) -> dict:
     if totals["rows"]:
         for prefix, key in (("predict", ""), ("majority", "m_")):
             metrics[f"{prefix}/row_line_acc"] = totals[f"{key}right"] / totals["rows"]
-            metrics[f"{prefix}/axis_acc"] = totals[f"{key}axis"] / totals["rows"]
-            metrics[f"{prefix}/sequence_similarity"] = totals[f"{key}sim"] / totals["files"]
+            metrics[f"{prefix}/axis_acc"] = totals[f"{key}axis_right"] / totals["rows"]
+            metrics[f"{prefix}/moving_axes_acc"] = totals[f"{key}moving_right"] / totals["rows"]
+            if totals[f"{key}move_rows"]:
+                metrics[f"{prefix}/move_type_acc"] = totals[f"{key}move_right"] / totals[f"{key}move_rows"]
+            metrics[f"{prefix}/sequence_similarity"] = totals[f"{key}similarity"] / totals["files"]
             errors = np.concatenate(end_errors[prefix])
             if len(errors):  # the lines' end points, where the rows' lines name them
                 metrics[f"{prefix}/end_error_mean"] = float(errors.mean())

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from gcode_exp.data.read import text_rows
-from gcode_exp.predict import axis_moves, edit_similarity, endpoints, reconstruct, score_rows
+from gcode_exp.predict import axis_moves, edit_similarity, endpoints, move_types, reconstruct, score_rows
 from gcode_exp.programs import name_program
 from gcode_exp.row_votes import Guess, RowVote, position_weights, row_head_answers, vote, window_starts
 from gcode_exp.run_folder import RUN_FILES
+from tests import forked_python
 from tests.conftest import ROOT, SAMPLE, default_run_and_two_programs, run_py
 
 LIVE_LINE = re.compile(r"^\S+  .*  \(p=\d\.\d\d\)$")
@@ -102,6 +103,9 @@ def test_reconstruction_merges_repeats_and_marks_low_confidence():
 def test_axis_moves_and_sequence_similarity():
     moves = axis_moves(["G0 X0 Y0 Z5", "G0 X0 Y0 Z5", "G1 Z-1", "G1 X2", "G1 Y-3"])
     assert moves == [(0, 0, 0), (0, 0, 0), (0, 0, -1), (1, 0, 0), (0, -1, 0)]
+    # the motion mode is modal: a line without one goes on in the mode before it; none named yet: ""
+    assert move_types(["M3 S1000", "G0 X0 Y0 Z5", "X1", "G1 Z-1", "G17 G2 Y2 R1", "X3", "G3 X4 R1", "M30"]) == [
+        "", "rapid", "rapid", "line", "arc", "arc", "arc", "arc"]
     assert edit_similarity(["a", "b", "c"], ["a", "b", "c"]) == 1.0
     assert edit_similarity(["a", "b", "c", "d"], ["a", "x", "c"]) == pytest.approx(0.5)  # 2 edits / 4
 
@@ -110,12 +114,16 @@ def test_scores_of_a_perfect_and_of_a_majority_predictor():
     # "" is an unlabelled row: not scored
     true = ["G0 X0 Y0 Z5", "G0 X0 Y0 Z5", "", "G1 Z-1", "G1 X2", "G1 X2", "G0 Z5"]
     perfect = score_rows(true, true)
-    assert {k: v for k, v in perfect.items() if k != "end_errors"} == {"rows": 6, "right": 6, "axis_right": 6,
-                                                                        "similarity": 1.0}
+    assert {k: v for k, v in perfect.items() if k != "end_errors"} == {
+        "rows": 6, "right": 6, "axis_right": 6, "moving_right": 6, "move_rows": 6, "move_right": 6, "similarity": 1.0}
     assert perfect["end_errors"].tolist() == [0.0] * 6
     majority = score_rows(["G0 X0 Y0 Z5"] * len(true), true)
     assert majority["rows"] == 6 and majority["right"] == 2  # the rows whose line is the majority line
-    assert majority["axis_right"] == 2  # it never moves; only the first line's rows (no move yet) agree
+    assert majority["axis_right"] == majority["moving_right"] == 2  # it never moves; only the first line's rows
+    # (no move yet) agree, in direction and in which axes move
+    assert majority["move_right"] == 3  # rapid on every row: right on the three G0 rows, wrong on the G1 ones
+    wrong_way = score_rows(["G0 X0 Y0 Z5", "G0 X0 Y0 Z5", "", "G1 Z9", "G1 X-2", "G1 X-2", "G0 Z5"], true)
+    assert (wrong_way["axis_right"], wrong_way["moving_right"]) == (2, 6)  # the right axes, the wrong way
     assert majority["similarity"] == pytest.approx(1 - 3 / 4)  # 1 merged line against 4: 3 edits / 4
     # its end stays at (0, 0, 5); the true ends: (0,0,5) x2, (0,0,-1), (2,0,-1) x2, (2,0,5) (modal axes kept)
     assert majority["end_errors"] == pytest.approx([0, 0, 6, (4 + 36) ** 0.5, (4 + 36) ** 0.5, 2])
@@ -137,7 +145,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
 
 
 def predict_py(t: dict, out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(predict_cmd(t, out, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return forked_python.run(predict_cmd(t, out, *args), cwd=ROOT, timeout=timeout)
 
 
 def predict_cmd(t: dict, out: Path, *args: str) -> list[str]:
@@ -172,7 +180,8 @@ def test_predict_writes_rows_program_gcode_and_metrics(trained):
     assert {p.name for p in out.iterdir()} <= set(RUN_FILES)  # what overwrite=true sets aside and restores
     metrics = json.loads((out / "metrics.json").read_text())
     for prefix in ("predict", "majority"):
-        for key in ("row_line_acc", "axis_acc", "sequence_similarity", "program_acc"):
+        for key in ("row_line_acc", "axis_acc", "moving_axes_acc", "move_type_acc", "sequence_similarity",
+                    "program_acc"):
             assert 0.0 <= metrics[f"{prefix}/{key}"] <= 1.0, key
     with open(out / "predictions" / "face_003.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -425,9 +434,9 @@ def test_scoring_recordings_the_checkpoint_trained_on_is_warned_and_recorded(tra
     scored ones are named in a warning and in data_summary.json (their scores are not of unseen runs)."""
     train_files = json.loads((trained["ws"] / "train" / "data_summary.json").read_text())["train"]["files"]
     out = tmp_path / "eval"
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "task=eval", f"ckpt_path={trained['ckpt']}",
-                        f"data.dir={SAMPLE}", f"data.cache_dir={trained['cache']}", "hardware.threads=1",
-                        f"hydra.run.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = forked_python.run([sys.executable, str(ROOT / "run.py"), "task=eval", f"ckpt_path={trained['ckpt']}",
+                           f"data.dir={SAMPLE}", f"data.cache_dir={trained['cache']}", "hardware.threads=1",
+                           f"hydra.run.dir={out}"], cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((out / "data_summary.json").read_text())
     assert sorted(summary["seen_in_training"]) == sorted(train_files)
