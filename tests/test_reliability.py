@@ -28,7 +28,7 @@ from gcode_exp import GcodeExpError, summarize, tasks
 from gcode_exp.config import ConfigError
 from gcode_exp.config_checks import validate
 from gcode_exp.data.dataset import load_prepared, prepare, read_runs
-from gcode_exp.data.read import DataError, list_runs, read_run
+from gcode_exp.data.read import FROZEN_ROWS, RUNNING, DataError, list_runs, read_run
 from gcode_exp.data.vocab import parse_line
 from gcode_exp.data.windows import run_inputs
 from gcode_exp.training.checkpoint import Checkpoint, save_checkpoint
@@ -628,6 +628,29 @@ def test_a_clock_that_goes_backwards_and_rows_written_twice_are_named(tmp_path, 
         f"{folder / 'pocket_101_aligned.csv'}: 1 rows repeat the row before (its time and every value; first at "
         "row 203): kept, each read as a row of its own"], notes
     assert all(n in caplog.text for n in notes) and len(read_run(folder / "pocket_101_aligned.csv").lines) == 301
+
+
+def test_a_work_position_frozen_while_the_controller_runs_is_named(tmp_path, frame, caplog):
+    """Position channels that stop updating while the job runs would read, with all inputs, as a machine
+    standing still. Held for FROZEN_ROWS rows or more while `stat` says running: a warning naming the file,
+    the first row and how long; a shorter stand (a dwell, a slow corner) and the recording as made: none."""
+    folder = good_folder(tmp_path / "data", frame)
+    pos = ["posx", "posy", "posz"]
+    for name, first, rows in (("pocket_101", 120, FROZEN_ROWS + 20), ("pocket_102", 120, FROZEN_ROWS // 2)):
+        odd = frame.copy()
+        odd.loc[first : first + rows - 1, pos] = odd.loc[first - 1, pos].to_numpy()
+        odd.loc[first - 1 : first + rows - 1, "stat"] = RUNNING
+        odd.to_csv(folder / f"{name}_aligned.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        data = prepare(make_cfg(f"data.dir={folder}", tmp=tmp_path))
+    notes = {w["file"]: w["warning"] for w in data.summary["file_warnings"]}
+    assert list(notes) == ["pocket_101_aligned.csv"], notes
+    said = re.fullmatch(rf"{re.escape(str(folder / 'pocket_101_aligned.csv'))}: the work position \(posx, posy, posz\) "
+                        rf"stays the same for (\d+) rows from row (\d+) while the controller reports running "
+                        rf"\(stat {RUNNING}\), 1 such stretch\(es\): a frozen position channel or a long pause; rows "
+                        r"kept as recorded", notes["pocket_101_aligned.csv"])
+    assert said and int(said[1]) >= FROZEN_ROWS + 21 and int(said[2]) <= 121, notes  # row 121: the file's row 119
+    assert notes["pocket_101_aligned.csv"] in caplog.text
 
 
 def test_eval_folder_whose_channels_do_not_match_the_checkpoint(tmp_path, trained, frame):

@@ -34,6 +34,8 @@ DAY = 86400.0
 RECORDING_SUFFIXES = (".csv", ".csv.gz")  # any case; everything else the pattern matches is not read
 SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'"}  # what a one-column header holding them was saved with
 FIELDS = re.compile(r"Expected (?P<want>\d+) fields in line (?P<row>\d+), saw (?P<saw>\d+)")  # pandas' words
+FROZEN_ROWS = 40  # the work position unchanged this long while running: a frozen channel (shared recordings: at most 6)
+RUNNING = 5  # the controller's `stat` while it executes a program
 GZIP = b"\x1f\x8b"
 MAGIC = {GZIP: ("gzip-compressed data", "rename it to .csv.gz"),  # first bytes that are not CSV text
          b"PK\x03\x04": ("a ZIP archive (an Excel .xlsx?)", "export it as CSV")}
@@ -140,6 +142,7 @@ def read_run(path: str | Path, max_nonfinite: float = 0.05, labelled: bool = Tru
              else [str(i) for i in np.flatnonzero(alive)])
     if "t_console" in frame.columns:
         notes += time_notes(path, times, values, np.flatnonzero(alive))
+    notes += frozen_notes(path, columns, values, np.flatnonzero(alive))
     if labelled and not any(lines):
         raise DataError(f"{path}: gcode_string is empty on every row: no labelled row to learn from or score")
     dropped = {line: parse_line(line)[1] for line in set(lines)}
@@ -192,6 +195,25 @@ def time_notes(path: Path, times: list[str], values: np.ndarray, file_rows: np.n
         notes.append(f"{path}: {int(same.sum())} rows repeat the row before (its time and every value; first at "
                      f"row {file_rows[np.flatnonzero(same)[0]] + 2}): kept, each read as a row of its own")
     return notes
+
+
+def frozen_notes(path: Path, columns: list[str], values: np.ndarray, file_rows: np.ndarray) -> list[str]:
+    """A warning where the work position stays exactly the same for FROZEN_ROWS rows or more while the
+    controller reports running: a position channel that stopped updating (or a long dwell). features=all
+    would read the machine as standing there; the rows are kept as recorded."""
+    if not all(c in columns for c in ("posx", "posy", "posz", "stat")) or len(values) < FROZEN_ROWS:
+        return []
+    pos = values[:, [columns.index(c) for c in ("posx", "posy", "posz")]]
+    held = np.concatenate([[False], (pos[1:] == pos[:-1]).all(1)]) & (values[:, columns.index("stat")] == RUNNING)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], held.astype(np.int8), [0]])))  # starts and ends, paired
+    starts, ends = edges[::2], edges[1::2]
+    long = np.flatnonzero(ends - starts + 1 >= FROZEN_ROWS)  # + 1: the row the position was first held at
+    if not long.size:
+        return []
+    k = long[np.argmax((ends - starts)[long])]
+    return [f"{path}: the work position (posx, posy, posz) stays the same for {ends[k] - starts[k] + 1} rows from "
+            f"row {file_rows[starts[k] - 1] + 2} while the controller reports running (stat {RUNNING}), "
+            f"{long.size} such stretch(es): a frozen position channel or a long pause; rows kept as recorded"]
 
 
 def board_columns(columns: list[str]) -> dict[str, list[int]]:
