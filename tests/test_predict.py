@@ -103,9 +103,9 @@ def test_reconstruction_merges_repeats_and_marks_low_confidence():
 def test_axis_moves_and_sequence_similarity():
     moves = axis_moves(["G0 X0 Y0 Z5", "G0 X0 Y0 Z5", "G1 Z-1", "G1 X2", "G1 Y-3"])
     assert moves == [(0, 0, 0), (0, 0, 0), (0, 0, -1), (1, 0, 0), (0, -1, 0)]
-    # the motion mode is modal: a line without one goes on in the mode before it; none named yet: ""
-    assert move_types(["M3 S1000", "G0 X0 Y0 Z5", "X1", "G1 Z-1", "G17 G2 Y2 R1", "X3", "G3 X4 R1", "M30"]) == [
-        "", "rapid", "rapid", "line", "arc", "arc", "arc", "arc"]
+    # each line's own words: its motion word, else arc parameters (an arc goes on), else X/Y/Z (a straight move)
+    assert move_types(["M3 S1000", "G0 X0 Y0 Z5", "G1 Z-1 F40", "G17 G2 Y2 R1", "X3 Y1 R0.5", "X4", "G3 X4 I1 J0",
+                       "X2 J1", "M30"]) == ["", "rapid", "line", "arc", "arc", "line", "arc", "arc", ""]
     assert edit_similarity(["a", "b", "c"], ["a", "b", "c"]) == 1.0
     assert edit_similarity(["a", "b", "c", "d"], ["a", "x", "c"]) == pytest.approx(0.5)  # 2 edits / 4
 
