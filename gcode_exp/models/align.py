@@ -26,6 +26,8 @@ moved by how far its sensor boards trail its controller rows (`lagged`). It answ
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -168,7 +170,11 @@ class AlignModel(Reference):
     @torch.no_grad()
     def predict(self, windows: Windows, batch_size: int = 256) -> Answer:
         out_rows, out_off = [], []
-        aligned = {a: self.align(windows.gather(torch.arange(a, b))) for a, b in windows.recordings()}
+        spans = windows.recordings()
+        # recordings aligned side by side, one per torch thread: the walk is numpy, which lets go of the GIL
+        with ThreadPoolExecutor(max(1, min(len(spans), torch.get_num_threads()))) as pool:
+            paths = pool.map(lambda span: self.align(windows.gather(torch.arange(*span))), spans)
+            aligned = {a: path for (a, _), path in zip(spans, paths)}
         steps = torch.arange(windows.length)
         for i, s in enumerate(windows.starts.tolist()):
             a = int(windows.first[i])
