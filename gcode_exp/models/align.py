@@ -15,13 +15,11 @@ path through the whole recording (past `max_cells`: the best path ending `lag` r
 the line holding most of its rows, as its target is defined.
 
 The key (`model.key`): `position` (features=all) compares the work position, the G-code's own frame;
-`signal` compares every input but the elapsed time, each channel smoothed over `smooth` rows; with
-`shared_boards` (and board flags among the inputs) only the channels of the boards both rows' recordings have,
-as a mean over them, each board on its own principal directions: a board unplugged in one recording (or
-never fitted in another shop) is no evidence either way, where compared as zeros it pulled rows to wherever
-the training signal of that board is near its mean. A signal places a row only roughly, so there each
-stretch of the path in one program is read at one pace (`straightened`), and each training run's lines are
-moved by how far its sensor boards trail its controller rows (`lagged`). It answers only lines of programs seen.
+`signal` every input but the elapsed time, each channel smoothed over `smooth` rows, with `shared_boards` only
+on the boards both rows' recordings have (models/board_keys.py: an unplugged board is no evidence either
+way). A signal places a row only roughly, so there each stretch of the path in one program is read at one pace
+(`straightened`), and each training run's lines are moved by how far its sensor boards trail its controller
+rows (`lagged`). It answers only lines of programs seen.
 """
 
 from __future__ import annotations
@@ -169,16 +167,14 @@ class AlignModel(Reference):
 
     @torch.no_grad()
     def predict(self, windows: Windows, batch_size: int = 256) -> Answer:
-        out_rows, out_off = [], []
-        spans = windows.recordings()
+        out_rows, out_off, spans = [], [], windows.recordings()
         # recordings aligned side by side, one per torch thread: the walk is numpy, which lets go of the GIL
         with ThreadPoolExecutor(max(1, min(len(spans), torch.get_num_threads()))) as pool:
-            paths = pool.map(lambda span: self.align(windows.gather(torch.arange(*span))), spans)
-            aligned = {a: path for (a, _), path in zip(spans, paths)}
+            walks = pool.map(lambda span: self.align(windows.gather(torch.arange(*span))), spans)
+            aligned = dict(zip([a for a, _ in spans], walks))
         steps = torch.arange(windows.length)
         for i, s in enumerate(windows.starts.tolist()):
-            a = int(windows.first[i])
-            lines, off = aligned[a]
+            lines, off = aligned[a := int(windows.first[i])]
             out_rows.append(lines[s - a + steps])
             out_off.append(off[s - a + steps] if off is not None else None)
         if not out_rows:
