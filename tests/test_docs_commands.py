@@ -564,7 +564,7 @@ COMMANDS: dict[str, Doc] = {
         Doc(files=("metrics.json", "history.csv", "checkpoints/best.pt"), check=trained_by_two_processes),
     "python run.py debug=fast": Doc(files=("metrics.json",), check=few_batches),
     "python run.py debug=overfit": Doc(files=("metrics.json",), extra=("trainer.max_epochs=3",),
-                                       check=one_batch_per_epoch),  # tests/test_debug_and_cli.py: the loss falls
+                                       check=one_batch_per_epoch),  # tests/cli/test_debug_and_cli.py: the loss falls
     "python run.py debug=profile": Doc(files=("metrics.json", "profile/trace.json"), check=profiled_steps),
     "python -m gcode_exp debug=fast": Doc(files=("metrics.json",), check=few_batches),
     "gcode-exp debug=fast data.dir=DIR": Doc(files=("metrics.json",), check=few_batches),
@@ -901,7 +901,7 @@ def test_every_documented_command_is_in_the_table():
 
 def test_every_cited_test_file_exists():
     for doc in [*DOCS, ROOT / ".ci" / "run"]:
-        for cited in re.findall(r"tests/\w+\.py", doc.read_text()):
+        for cited in re.findall(r"tests/[\w/]+\.py", doc.read_text()):
             assert (ROOT / cited).is_file(), f"{doc.relative_to(ROOT)} cites {cited}, which does not exist"
 
 

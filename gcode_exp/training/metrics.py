@@ -15,7 +15,7 @@ from gcode_exp.data.vocab import COMMAND, NUMERIC, PAD, PARAMETER, TYPES, Vocab
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-# the keys of token_metrics, by name, for the config checks (tests/test_config.py keeps the two in step)
+# the keys of token_metrics, by name, for the config checks (tests/cli/test_config.py keeps the two in step)
 TOKEN_METRICS = ("overall_acc", "command_acc", "type_acc", "param_type_acc", "param_value_acc", "unique_tokens",
                  "token_coverage", "command_macro_recall", "token_macro_recall")
 LOWER_IS_BETTER = ("loss",)

@@ -1,8 +1,8 @@
 """Fault injection for the resume tests, kept out of the package: with this folder on PYTHONPATH and
 GCODE_EXP_KILL_AFTER_EPOCH=k, a training process SIGKILLs itself right after epoch k's checkpoint and history
 are written, so that a test of `kill -9` does not depend on the machine's load. Python imports
-`sitecustomize` at start-up, so run.py and every torchrun worker get it (tests/test_run_folder.py,
-tests/test_ddp.py)."""
+`sitecustomize` at start-up, so run.py and every torchrun worker get it (tests/cli/test_run_folder.py,
+tests/training/test_ddp.py)."""
 
 import os
 

@@ -24,7 +24,7 @@ def compose_conf(*overrides: str, hydra: bool = False):
 
 
 def test_every_experiment_file_is_tested():
-    # the guide's four here; `recommended` and `new_programs` below; `cv` in tests/test_splits.py
+    # the guide's four here; `recommended` and `new_programs` below; `cv` in tests/data/test_splits.py
     assert {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")} == {
         *EXPERIMENTS, "recommended", "new_programs", "cv"}
 

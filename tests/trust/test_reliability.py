@@ -1,7 +1,7 @@
 """Issue 5, reliability: every kind of damaged recording and bad config stops with one line naming the
 file (row) or key, exit code 2, no traceback and nothing half-written; `data.on_error=skip` goes on
 without the bad files; recoverable oddities are handled by a rule and counted; finished results are
-never overwritten unasked (run folders, kill -9 and resume: tests/test_run_folder.py).
+never overwritten unasked (run folders, kill -9 and resume: tests/cli/test_run_folder.py).
 
 Damaged files are made from a real recording (data/sample/pocket_016_aligned.csv.gz). The subprocess
 tests drive `run.py` itself; the rest use the Python API so the module stays fast."""
@@ -34,7 +34,7 @@ from gcode_exp.data.windows import run_inputs
 from gcode_exp.training.checkpoint import Checkpoint, save_checkpoint
 from tests import forked_python
 from tests.conftest import ROOT, SAMPLE, TINY, make_cfg
-from tests.test_summarize import make_run
+from tests.tasks.test_summarize import make_run
 
 GOOD = SAMPLE / "pocket_016_aligned.csv.gz"
 ONE_THREAD = "hardware.threads=1"  # fast and fair on a shared 2-core machine, and deterministic on CPU

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from gcode_exp.training.checkpoint import FORMAT
+from tests.cli.test_run_folder import hashes, one_error_line
 from tests.conftest import ROOT, default_run_and_two_programs, run_py
-from tests.test_run_folder import hashes, one_error_line
 
 pytestmark = pytest.mark.slow
 

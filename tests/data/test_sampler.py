@@ -188,7 +188,7 @@ class Floored(WarmupCosine):
 def test_a_schedule_that_hands_on_kwargs_is_given_the_run_length(tmp_path):
     data = prepare(make_cfg(tmp=tmp_path))
     model, _ = new_model(make_cfg("model=multihead"), data)
-    cfg = make_cfg("model=multihead", "trainer.scheduler._target_=tests.test_sampler.Floored",
+    cfg = make_cfg("model=multihead", "trainer.scheduler._target_=tests.data.test_sampler.Floored",
                    "+trainer.scheduler.floor=0.2", "trainer.max_epochs=3", tmp=tmp_path)
     validate(cfg)
     sched = Trainer(cfg, data, model, tmp_path, checkpoint={}).sched
