@@ -123,18 +123,22 @@ def pytest_collection_modifyitems(config, items):
     group per file), except the documented commands: a third of the suite's time in one file, which alone
     would keep one worker busy after the rest had finished. Those run in DOC_GROUPS groups, each command
     with the commands it needs (tests/test_docs_commands.py runs a missing one first), and go first."""
-    from tests.test_docs_commands import COMMANDS
+
+    def documented(item) -> str | None:
+        """The documented command the item runs, if it is one of tests/test_docs_commands.py's."""
+        callspec = getattr(item, "callspec", None)
+        return callspec.params.get("command") if callspec else None
 
     def first_needed(command: str) -> str:
+        from tests.test_docs_commands import COMMANDS  # only where documented commands were collected
+
         needs = COMMANDS[command].needs if command in COMMANDS else ()
         return first_needed(needs[0]) if needs else command
 
     roots: dict[str, int] = {}
     for item in items:
-        group = item.path.name
-        command = getattr(item, "callspec", None) and item.callspec.params.get("command")
+        group, command = item.path.name, documented(item)
         if command:
-            root = first_needed(command)
-            group += f"-{roots.setdefault(root, len(roots) % DOC_GROUPS)}"
+            group += f"-{roots.setdefault(first_needed(command), len(roots) % DOC_GROUPS)}"
         item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: not getattr(item, "callspec", None) or "command" not in item.callspec.params)
+    items.sort(key=lambda item: documented(item) is None)
