@@ -7,8 +7,10 @@ import io
 import pandas as pd
 
 from gcode_exp.summary.groups import SHORT_LABEL, Finished
+from gcode_exp.summary.tables import source
 
 CHART_METRICS = ("line_exact", "command_macro_recall", "token_macro_recall", "overall_acc")
+PREDICT_CHART = ("row_line_acc", "program_acc", "axis_acc", "move_type_acc")  # task=predict's runs
 
 
 def chart(runs: Finished, labels: pd.DataFrame) -> bytes:
@@ -21,10 +23,13 @@ def chart(runs: Finished, labels: pd.DataFrame) -> bytes:
 
     names = [chart_label(label) for _, label in labels.iterrows()]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)) + 1.8, 4))
-    width = 0.8 / len(CHART_METRICS)
-    for k, key in enumerate(CHART_METRICS):
+    keys = [m for m in CHART_METRICS if runs.column(source(m)).notna().any()]
+    keys += [m for m in PREDICT_CHART if runs.column(source(m)).notna().any()]
+    keys = keys or list(CHART_METRICS)
+    width = 0.8 / len(keys)
+    for k, key in enumerate(keys):
         at = [i + k * width for i in range(len(names))]
-        test = runs.per_group(f"test/{key}")
+        test = runs.per_group(source(key))
         ax.bar(at, test["mean"], width, yerr=test["std"].fillna(0), label=key, capsize=2)
         ax.hlines(runs.per_group(f"majority/{key}")["mean"], [x - width / 2 for x in at],
                   [x + width / 2 for x in at], colors="black", linewidth=2,

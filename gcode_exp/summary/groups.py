@@ -79,6 +79,7 @@ def finished_runs(runs: list[RunResult]) -> Finished:
     data = [k for k in config if k.startswith("data.") and k.split(".")[1] not in HOW_READ]
     data += [k for k in config if k.startswith("perturb.")]  # perturbed recordings are another test set
     settings = config.drop(columns=[k for k in config if k in ("seed", "data.fold") or k.split(".")[0] == "hydra"])
+    settings = settings.copy()  # one block: the column added next would otherwise warn of a fragmented frame
     settings["optuna_trial"] = [f"{r.trial.get('study')} #{r.trial.get('trial')}" if r.trial else "-" for r in done]
     info = pd.DataFrame([describe(r.config, r.trial) for r in done], columns=LABEL).assign(
         group=key_of(settings), fold=[shown(r.fold) for r in done],

@@ -16,20 +16,36 @@ from gcode_exp.summary.runs import RunResult
 METRICS = ("unique_tokens", "command_acc", "overall_acc", "type_acc", "param_type_acc", "command_macro_recall",
            "token_macro_recall", "token_coverage", "line_exact")
 RUN_COLUMNS = ("sec_per_epoch", "epochs", "collapsed")  # of the run, not of its test set: after the metrics
+# task=predict's per-row answer (predict/* in its metrics.json, majority/* beside them)
+PREDICT_METRICS = ("program_acc", "row_line_acc", "axis_acc", "moving_axes_acc", "move_type_acc",
+                   "sequence_similarity", "end_error_mean", "end_error_p95")
 DIGITS = {"unique_tokens": 1, "sec_per_epoch": 1, "epochs": 0}  # every other metric: 3
 
 
+def scored(runs: list[RunResult], prefix: str) -> set[str]:
+    """The metrics the runs wrote under `prefix` (test/ for train and eval, predict/ for predict)."""
+    return {k.split("/", 1)[1] for r in runs if r.metrics for k in r.metrics if k.startswith(prefix)}
+
+
 def known_metrics(runs: list[RunResult]) -> list[str]:
-    """What --metrics may name: the table's metrics, any other test metric of the runs, the run columns."""
-    found = {k.split("/", 1)[1] for r in runs if r.metrics for k in r.metrics if k.startswith("test/")}
-    return [*METRICS, *sorted(found - set(METRICS)), *RUN_COLUMNS]
+    """What --metrics may name: the table's metrics, any other test metric of the runs, predict's metrics
+    where task=predict runs are among them, the run columns."""
+    predict = [*PREDICT_METRICS] if scored(runs, "predict/") else []
+    return [*METRICS, *sorted(scored(runs, "test/") - set(METRICS)), *predict, *RUN_COLUMNS]
+
+
+def default_metrics(runs: list[RunResult]) -> list[str]:
+    """Every one of METRICS and the run columns, and PREDICT_METRICS where task=predict runs are among the
+    runs (only those where they are all there is)."""
+    predict = [*PREDICT_METRICS] if scored(runs, "predict/") else []
+    return predict if predict and not scored(runs, "test/") else [*METRICS, *predict, *RUN_COLUMNS]
 
 
 def pick_metrics(spec: str | None, runs: list[RunResult]) -> list[str]:
-    """The metric columns, `--metrics a,b,c` in that order (the default: every one of METRICS, then the
-    run columns); an unknown name is refused, naming it and listing the known ones."""
+    """The metric columns, `--metrics a,b,c` in that order (the default: `default_metrics`); an unknown name
+    is refused, naming it and listing the known ones."""
     if spec is None:
-        return [*METRICS, *RUN_COLUMNS]
+        return default_metrics(runs)
     known = known_metrics(runs)
     names = list(dict.fromkeys(m.strip() for m in spec.split(",") if m.strip()))
     if not names:
@@ -77,8 +93,10 @@ def fmt_interval(stats: pd.Series, digits: int = 3) -> str:
 
 
 def source(metric: str) -> str:
-    """The metrics.json entry behind a column: a test metric, or sec_per_epoch / epochs of the run."""
-    return metric if metric in RUN_COLUMNS else f"test/{metric}"
+    """The metrics.json entry behind a column: a test or predict metric, or sec_per_epoch / epochs of the run."""
+    if metric in RUN_COLUMNS:
+        return metric
+    return f"predict/{metric}" if metric in PREDICT_METRICS else f"test/{metric}"
 
 
 def metric_column(runs: Finished, metric: str) -> pd.Series:

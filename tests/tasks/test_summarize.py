@@ -359,3 +359,20 @@ def test_markdown_columns_line_up_and_missing_cells_are_empty():
         "| 0     | 0.1 | a      |       |",
         "| 12    |     | bb     | 1     |"]
     assert csv_text(table) == "trial,lr,folder,extra\r\n0,0.1,a,\r\n12,,bb,1\r\n"
+
+
+def test_predict_runs_get_predicts_columns_and_its_majority_row_without_warnings(tmp_path):
+    """task=predict writes predict/* and majority/*, no test/*: the table shows those, not a row of `-`."""
+    for n, (name, acc) in enumerate((("none", 0.7), ("crop", 0.5))):
+        run = make_run(tmp_path / f"{n}_predict-{name}", model="align", metrics={
+            "predict/row_line_acc": acc, "majority/row_line_acc": 0.2, "predict/program_acc": 0.8,
+            "majority/program_acc": 0.1, "predict/files": 15})
+        with_config(run, perturb={"name": name, "crop_start": 0.25 if name == "crop" else 0.0}, task="predict")
+    ran = summarize_cmd(tmp_path)
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr  # no pandas warning either
+    header, *rows = md_tables((tmp_path / "summary.md").read_text())[0]
+    assert "line_exact" not in header and "sec_per_epoch" not in header
+    cell = {(r[header.index("perturb.name")], m): r[header.index(m)] for r in rows for m in ("row_line_acc", "program_acc")}
+    assert cell["none", "row_line_acc"] == "0.700" and cell["crop", "row_line_acc"] == "0.500"
+    assert cell["-", "row_line_acc"] == "0.200 ± 0.000" and cell["-", "program_acc"] == "0.100 ± 0.000"
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
