@@ -55,7 +55,7 @@ class AlignModel(Reference):
              "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
              "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0),
              "max_lag": Int(ge=0), "off_path": Float(gt=0), "shared_boards": Bool(), "snap_rows": Int(ge=0),
-             "snap_margin": Float(ge=0)}
+             "snap_margin": Float(ge=0), "merge": Bool()}
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
@@ -143,6 +143,11 @@ class AlignModel(Reference):
             return x.new_zeros(len(x), 0)
         return torch.cat([x[:, self.flag_columns].float().round(), x.new_ones(len(x), 1)], 1)
 
+    def query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, n_inputs] one recording -> its keys [T, k] in the unit of every cost, and its masks [T, groups]."""
+        qm = self.mask_rows(x)
+        return self.project(self.key_rows(x, torch.tensor([0])), qm) / self.scale.sqrt(), qm
+
     def row_cost(self, u: torch.Tensor, um: torch.Tensor, v: torch.Tensor, vm: torch.Tensor) -> torch.Tensor:
         """[..., k] keys and [..., groups] masks -> [...] squared distance per pair of rows (with masks: over the
         boards both have, gcode_exp/models/board_keys.py)."""
@@ -197,8 +202,7 @@ class AlignModel(Reference):
         Viterbi in numpy over float32 costs (its per-step overhead is a fraction of torch's at these sizes);
         each step keeps, per state, how it was reached: 0 .. K rows on, or K + 1 for a jump (from `tops`)."""
         cfg, T = self.cfg, len(x)
-        qm = self.mask_rows(x)
-        q = self.project(self.key_rows(x, torch.tensor([0])), qm) / self.scale.sqrt()
+        q, qm = self.query(x)
         jump_cost = np.float32(cfg.jump)
         S, K, lag = len(self.keys), int(cfg.max_step), int(cfg.lag)
         # the cost of reaching row s from s - k (k = 0 .. K) of the same training recording; inf from another
@@ -284,7 +288,8 @@ class AlignModel(Reference):
         """Each stretch of the path in one program read at one pace: a line fitted to its places in the
         training run it is most in, the line's ends put on that run's first or last row where they come
         within `snap` rows of it, or the stretch taken as the whole job where both do or that matches the
-        signal better. Also, per row, whether it was so placed from a run's first or last row (the
+        signal better; stretches of one program side by side read as one where a line over both matches
+        better (`merged`). Also, per row, whether it was so placed from a run's first or last row (the
         controller's clock) rather than by the signal alone.
 
         A signal places a row only to within several rows (smoothed, repeated motions) while a line of
@@ -298,39 +303,82 @@ class AlignModel(Reference):
         program, place = self.programs[recording], states - self.firsts[recording]
         moved = (recording[1:] != recording[:-1]) & ((place[1:] - place[:-1]).abs() > 2 * cfg.snap)
         cuts = (torch.nonzero((program[1:] != program[:-1]) | moved).flatten() + 1).tolist()
+        placed = [(t0, t1, *self.stretch_line(q, qm, t0, t1, recording, place))
+                  for t0, t1 in zip([0, *cuts], [*cuts, len(states)]) if t1 - t0 >= max(2 * cfg.snap, 2 * cfg.max_step)]
+        if cfg.get("merge", False):  # a checkpoint from before model.merge reads as it did
+            placed = self.merged(q, qm, placed)
         out, clocked = states.clone(), torch.zeros(len(states), dtype=torch.bool)
-        for t0, t1 in zip([0, *cuts], [*cuts, len(states)]):
-            if t1 - t0 < max(2 * cfg.snap, 2 * cfg.max_step):
-                continue
-            runs = recording[t0:t1]
-            home = int(runs.mode().values)  # the training run most of the stretch is in: its rows are the answer
+        for t0, t1, home, a, b, by_clock in placed:
             first, n = int(self.firsts[home]), int(self.firsts[home + 1] - self.firsts[home])
-            t = torch.arange(t0, t1, dtype=torch.float64)
-            fit, rows = torch.stack([torch.ones_like(t), t], 1), place[t0:t1].double()
-            keep = torch.ones(len(t), dtype=torch.bool)
-            for _ in range(4):  # least squares, then again on the 70 % of rows nearest the line
-                a, b = torch.linalg.lstsq(fit[keep], rows[keep, None]).solution.flatten().tolist()
-                miss = (rows - (a + b * t)).abs()
-                keep = miss <= miss.quantile(0.7)
-            b = min(max(b, 1 / (cfg.max_step + 1)), float(cfg.max_step))
-            whole = (n - 1) / max(t1 - 1 - t0, 1)  # the pace at which the stretch is the whole job
-            paces = [b, whole] if 1 / (cfg.max_step + 1) <= whole <= cfg.max_step else [b]
-            starts = abs(a + b * t0) <= cfg.snap and self.starts_there(q, qm, t0, t1, home, paces)
-            ends = abs(a + b * (t1 - 1) - (n - 1)) <= cfg.snap
-            if starts:
-                a = -b * t0
-            elif ends:
-                a = (n - 1) - b * (t1 - 1)
-            # the stretch as the whole job, its first and last rows on the run's: taken where both ends came
-            # near, or where its rows match the run better than the line fitted (a pace the path did not follow)
-            if len(paces) > 1 and (
-                    (starts and ends) or self.line_cost(q[t0:t1], qm[t0:t1], first, n, -whole * t0 + whole * t) <
-                    self.line_cost(q[t0:t1], qm[t0:t1], first, n, a + b * t)):
-                a, b = -whole * t0, whole
-            out[t0:t1] = (a + b * t).round().long().clamp(0, n - 1) + first
-            # its first or last row on the run's: placed by the controller's clock, not the signal
-            clocked[t0:t1] = abs(a + b * t0) < 0.5 or abs(a + b * (t1 - 1) - (n - 1)) < 0.5
+            out[t0:t1] = (a + b * torch.arange(t0, t1, dtype=torch.float64)).round().long().clamp(0, n - 1) + first
+            clocked[t0:t1] = by_clock
         return out, clocked
+
+    def stretch_line(self, q: torch.Tensor, qm: torch.Tensor, t0: int, t1: int, recording: torch.Tensor,
+                     place: torch.Tensor) -> tuple[int, float, float, bool]:
+        """The training run a stretch of the path is most in, the line place = a + b t on it (`straightened`),
+        and whether that line was placed from the run's first or last row (the controller's clock, not the
+        signal: its rows take the controller's lines, not the lagged ones)."""
+        cfg = self.cfg
+        home = int(recording[t0:t1].mode().values)  # the training run most of the stretch is in: its rows are the answer
+        first, n = int(self.firsts[home]), int(self.firsts[home + 1] - self.firsts[home])
+        t = torch.arange(t0, t1, dtype=torch.float64)
+        fit, rows = torch.stack([torch.ones_like(t), t], 1), place[t0:t1].double()
+        keep = torch.ones(len(t), dtype=torch.bool)
+        for _ in range(4):  # least squares, then again on the 70 % of rows nearest the line
+            a, b = torch.linalg.lstsq(fit[keep], rows[keep, None]).solution.flatten().tolist()
+            miss = (rows - (a + b * t)).abs()
+            keep = miss <= miss.quantile(0.7)
+        b = min(max(b, 1 / (cfg.max_step + 1)), float(cfg.max_step))
+        whole = (n - 1) / max(t1 - 1 - t0, 1)  # the pace at which the stretch is the whole job
+        paces = [b, whole] if 1 / (cfg.max_step + 1) <= whole <= cfg.max_step else [b]
+        starts = abs(a + b * t0) <= cfg.snap and self.starts_there(q, qm, t0, t1, home, paces)
+        ends = abs(a + b * (t1 - 1) - (n - 1)) <= cfg.snap
+        if starts:
+            a = -b * t0
+        elif ends:
+            a = (n - 1) - b * (t1 - 1)
+        # the stretch as the whole job, its first and last rows on the run's: taken where both ends came
+        # near, or where its rows match the run better than the line fitted (a pace the path did not follow)
+        if len(paces) > 1 and (
+                (starts and ends) or self.line_cost(q[t0:t1], qm[t0:t1], first, n, -whole * t0 + whole * t) <
+                self.line_cost(q[t0:t1], qm[t0:t1], first, n, a + b * t)):
+            a, b = -whole * t0, whole
+        return home, a, b, abs(a + b * t0) < 0.5 or abs(a + b * (t1 - 1) - (n - 1)) < 0.5
+
+    def merged(self, q: torch.Tensor, qm: torch.Tensor, placed: list[tuple]) -> list[tuple]:
+        """Stretches of one program side by side taken as one where a line of either, carried over both, matches
+        their rows (on the program's best-matching training run) within `model.jump` of the two lines apart: a
+        job keeps its pace, and a path that crossed a stretch where the program looks alike everywhere
+        (repeated passes) and jumped is mended."""
+        out = placed[:1]
+        for nxt in placed[1:]:
+            (t0, t1, *line), (_, t2, *line2) = out[-1], nxt
+            if int(self.programs[line[0]]) != int(self.programs[line2[0]]):
+                out.append(nxt)
+                continue
+            apart = self.best_run(q, qm, t0, t1, *line)[0] + self.best_run(q, qm, t1, t2, *line2)[0]
+            joined = min(self.best_run(q, qm, t0, t2, *line), self.best_run(q, qm, t0, t2, *line2))
+            if joined[0] <= apart + self.cfg.jump:
+                out[-1] = (t0, t2, *joined[1:])
+            else:
+                out.append(nxt)
+        return out
+
+    def best_run(self, q: torch.Tensor, qm: torch.Tensor, t0: int, t1: int, run: int, a: float, b: float,
+                 by_clock: bool) -> tuple[float, int, float, float, bool]:
+        """Rows t0..t1 laid at place a + b t of training `run` (on its controller's clock where `by_clock`,
+        else on its boards'), moved to the run of its program they match best (the runs' controller rows line
+        up; their boards trail them by `run_lags`): the summed clipped cost, and the line on that run."""
+        t = torch.arange(t0, t1, dtype=torch.float64)
+        best = (float("inf"), run, a, b, by_clock)
+        for other in torch.nonzero(self.programs == self.programs[run]).flatten().tolist():
+            first, n = int(self.firsts[other]), int(self.firsts[other + 1] - self.firsts[other])
+            moved = a if by_clock else a + int(self.run_lags[other]) - int(self.run_lags[run])
+            signal = moved + (int(self.run_lags[other]) if by_clock else 0)  # where its boards are at that row
+            cost = float(self.line_cost(q[t0:t1], qm[t0:t1], first, n, signal + b * t)) * (t1 - t0)
+            best = min(best, (cost, other, moved, b, by_clock))
+        return best
 
     def starts_there(self, q: torch.Tensor, qm: torch.Tensor, t0: int, t1: int, run: int, paces: list[float]
                      ) -> bool:

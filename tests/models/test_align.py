@@ -285,3 +285,19 @@ def test_a_board_unplugged_in_the_scored_recording_is_no_evidence(shared, at_lea
     assert model.masked == shared
     assert at_least <= share_right(model, with_boards(rows, (1.0, 0.0)), lines[100:]) < below
     assert share_right(model, with_boards(rows), lines[100:]) >= 0.95  # with both boards: read as before
+
+
+def test_stretches_of_one_program_split_by_a_jump_forward_are_read_as_one_and_two_jobs_are_not():
+    """A path that jumped forward inside its program (a stretch alike everywhere) left two stretches, the second
+    on a wrong line; the first's line carried over both matches better, so they are one. A job run twice in one
+    recording is two: the first's line carried on runs off the training run."""
+    model = fitted_on([noisy_job(0), noisy_job(1)], [f"frame.A{i}" for i in range(C)])
+    rows, _ = noisy_job(2)
+    q, qm = model.query(rows)
+    jumped = [(0, 100, 0, 0.0, 1.0, True), (100, len(rows), 1, 160.0, 0.5, False)]
+    (t0, t1, run, a, b, clocked), = model.merged(q, qm, jumped)
+    assert (t0, t1, a, b, clocked) == (0, len(rows), 0.0, 1.0, True) and run in (0, 1)
+    q2, qm2 = model.query(torch.cat([rows, rows]))
+    twice = [(0, len(rows), 0, 0.0, 1.0, True), (len(rows), 2 * len(rows), 0, -float(len(rows)), 1.0, True)]
+    assert model.merged(q2, qm2, twice) == twice
+    assert model.merged(q, qm, jumped[:1]) == jumped[:1]
