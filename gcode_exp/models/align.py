@@ -55,7 +55,7 @@ class AlignModel(Reference):
              "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
              "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0),
              "max_lag": Int(ge=0), "off_path": Float(gt=0), "shared_boards": Bool(), "snap_rows": Int(ge=0),
-             "snap_margin": Float(ge=0), "merge": Bool()}
+             "snap_margin": Float(ge=0), "merge": Bool(), "late_boards": Bool()}
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
@@ -334,6 +334,13 @@ class AlignModel(Reference):
         paces = [b, whole] if 1 / (cfg.max_step + 1) <= whole <= cfg.max_step else [b]
         starts = abs(a + b * t0) <= cfg.snap and self.starts_there(q, qm, t0, t1, home, paces)
         ends = abs(a + b * (t1 - 1) - (n - 1)) <= cfg.snap
+        # the recording's own boards trailing its controller: its path starts on the job's first rows and its
+        # line lies behind them (a recording that starts late lies ahead). Its rows are the job's from its first,
+        # and its last row is the job's where the controller's clock (not the late signal) ends there.
+        # cfg.get: a checkpoint from before model.late_boards reads as it did
+        if not starts and cfg.get("late_boards", False) and t0 == 0 and int(place[0]) <= cfg.snap and (
+                -(cfg.max_lag + cfg.snap) <= a < 0):
+            a, starts, ends = 0.0, True, abs(b * (t1 - 1) - (n - 1)) <= cfg.snap
         if starts:
             a = -b * t0
         elif ends:

@@ -235,6 +235,18 @@ def test_a_recording_that_starts_a_few_rows_into_its_job_is_not_pulled_onto_the_
     assert share_right(path_ends_alone, rows[dropped:], lines[dropped:]) < 0.3
 
 
+@pytest.mark.parametrize("late_boards, at_least, below", [(True, 0.95, 1.01), (False, 0.0, 0.2)])
+def test_a_recording_whose_own_boards_trail_its_controller_is_read_from_its_jobs_start(late_boards, at_least, below):
+    """The recording starts with its job (its controller's lines from row 0) but its boards' signal comes 24 rows
+    late: its path starts on the job's first rows and its fitted line lies 24 rows behind them. A recording
+    that starts late lies ahead instead, so this one is read from the job's start; placed by the signal alone
+    (model.late_boards=false) every row would take the line the signal shows, 12 lines behind."""
+    model = fitted_on([noisy_job(0), noisy_job(1)], [f"frame.A{i}" for i in range(C)],
+                      f"model.late_boards={late_boards}")
+    (rows, lines), late = noisy_job(2), 24
+    assert at_least <= share_right(model, torch.cat([rows[:1].repeat(late, 1), rows[:-late]]), lines) < below
+
+
 def test_a_training_run_whose_boards_trail_its_controller_is_read_at_its_boards_place():
     """Three runs of one program with the same lines at the same rows; the third's signal comes 6 rows late
     (its boards' clock). A row of it placed by the signal takes the line from 6 rows before; the others keep
