@@ -55,7 +55,8 @@ class AlignModel(Reference):
              "stay": Float(ge=0), "skip": Float(ge=0), "jump": Float(gt=0), "clip": Float(gt=0), "lag": Int(ge=0),
              "max_cells": Int(ge=0), "straight": Bool(), "snap": Int(ge=0),
              "max_lag": Int(ge=0), "off_path": Float(gt=0), "shared_boards": Bool(), "snap_rows": Int(ge=0),
-             "snap_margin": Float(ge=0), "merge": Bool(), "late_boards": Bool()}
+             "snap_margin": Float(ge=0), "merge": Bool(), "late_boards": Bool(),
+             "steady_pace": Bool()}
 
     def __init__(self, cfg, max_len: int, **shapes):
         super().__init__()
@@ -320,7 +321,7 @@ class AlignModel(Reference):
         and whether that line was placed from the run's first or last row (the controller's clock, not the
         signal: its rows take the controller's lines, not the lagged ones)."""
         cfg = self.cfg
-        home = int(recording[t0:t1].mode().values)  # the training run most of the stretch is in: its rows are the answer
+        home = int(recording[t0:t1].mode().values)  # the run most of the stretch is in: its rows are the answer
         first, n = int(self.firsts[home]), int(self.firsts[home + 1] - self.firsts[home])
         t = torch.arange(t0, t1, dtype=torch.float64)
         fit, rows = torch.stack([torch.ones_like(t), t], 1), place[t0:t1].double()
@@ -351,6 +352,17 @@ class AlignModel(Reference):
                 (starts and ends) or self.line_cost(q[t0:t1], qm[t0:t1], first, n, -whole * t0 + whole * t) <
                 self.line_cost(q[t0:t1], qm[t0:t1], first, n, a + b * t)):
             a, b = -whole * t0, whole
+        # most jobs run at the training runs' pace: a line anchored on a job's first or last row whose pace differs from
+        # theirs by at most `snap` rows over the stretch is read at theirs, unless its own matches better
+        # by `snap_margin` (a recording a few rows short of its job read whole drifts by those rows)
+        if cfg.get("steady_pace", False) and 1e-6 < abs(b - 1) * (t1 - t0) <= cfg.snap:
+            cost = self.line_cost(q[t0:t1], qm[t0:t1], first, n, a + b * t)
+            anchors = [-t0] if abs(a + b * t0) < 0.5 else []
+            anchors += [(n - 1) - (t1 - 1)] if abs(a + b * (t1 - 1) - (n - 1)) < 0.5 else []
+            for steady in anchors:
+                c = self.line_cost(q[t0:t1], qm[t0:t1], first, n, steady + t)
+                if c <= cost + cfg.snap_margin:
+                    a, b, cost = float(steady), 1.0, c
         return home, a, b, abs(a + b * t0) < 0.5 or abs(a + b * (t1 - 1) - (n - 1)) < 0.5
 
     def merged(self, q: torch.Tensor, qm: torch.Tensor, placed: list[tuple]) -> list[tuple]:

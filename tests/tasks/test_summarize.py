@@ -372,7 +372,8 @@ def test_predict_runs_get_predicts_columns_and_its_majority_row_without_warnings
     assert ran.returncode == 0 and ran.stderr == "", ran.stderr  # no pandas warning either
     header, *rows = md_tables((tmp_path / "summary.md").read_text())[0]
     assert "line_exact" not in header and "sec_per_epoch" not in header
-    cell = {(r[header.index("perturb.name")], m): r[header.index(m)] for r in rows for m in ("row_line_acc", "program_acc")}
+    cell = {(r[header.index("perturb.name")], m): r[header.index(m)]
+            for r in rows for m in ("row_line_acc", "program_acc")}
     assert cell["none", "row_line_acc"] == "0.700" and cell["crop", "row_line_acc"] == "0.500"
     assert cell["-", "row_line_acc"] == "0.200 ± 0.000" and cell["-", "program_acc"] == "0.100 ± 0.000"
     assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
