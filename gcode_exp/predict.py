@@ -320,6 +320,9 @@ def predict_job(cfg, run_dir: Path) -> dict:
                 metrics[f"{prefix}/move_type_acc"] = totals[f"{key}move_right"] / totals[f"{key}move_rows"]
             metrics[f"{prefix}/sequence_similarity"] = totals[f"{key}similarity"] / totals["files"]
             errors = np.concatenate(end_errors[prefix])
+            # the share of labelled rows the end error is over: a recording that starts mid-job knows where its
+            # lines end only once each axis has been named, so its error covers fewer rows
+            metrics[f"{prefix}/end_error_rows"] = len(errors) / totals["rows"]
             if len(errors):  # the lines' end points, where the rows' lines name them
                 metrics[f"{prefix}/end_error_mean"] = float(errors.mean())
                 metrics[f"{prefix}/end_error_p95"] = float(np.percentile(errors, 95))

@@ -18,7 +18,7 @@ METRICS = ("unique_tokens", "command_acc", "overall_acc", "type_acc", "param_typ
 RUN_COLUMNS = ("sec_per_epoch", "epochs", "collapsed")  # of the run, not of its test set: after the metrics
 # task=predict's per-row answer (predict/* in its metrics.json, majority/* beside them)
 PREDICT_METRICS = ("program_acc", "row_line_acc", "axis_acc", "moving_axes_acc", "move_type_acc",
-                   "sequence_similarity", "end_error_mean", "end_error_p95")
+                   "sequence_similarity", "end_error_mean", "end_error_p95", "end_error_rows")
 DIGITS = {"unique_tokens": 1, "sec_per_epoch": 1, "epochs": 0}  # every other metric: 3
 
 

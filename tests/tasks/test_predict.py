@@ -183,6 +183,13 @@ def test_predict_writes_rows_program_gcode_and_metrics(trained):
         for key in ("row_line_acc", "axis_acc", "moving_axes_acc", "move_type_acc", "sequence_similarity",
                     "program_acc"):
             assert 0.0 <= metrics[f"{prefix}/{key}"] <= 1.0, key
+    known = []  # per labelled row: whether both its predicted and its recorded line's ends are known
+    for name in ("face_003", "pocket_016"):
+        with open(out / "predictions" / f"{name}.csv", newline="") as f:
+            labelled = [row for row in csv.DictReader(f) if row["true_line"]]
+        ends = [endpoints([row[k] for row in labelled]) for k in ("line", "true_line")]
+        known += np.isfinite(ends[0] - ends[1]).all(1).tolist()
+    assert metrics["predict/end_error_rows"] == pytest.approx(np.mean(known)) and 0 < np.mean(known) < 1
     with open(out / "predictions" / "face_003.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     with gzip.open(SAMPLE / "face_003_aligned.csv.gz", "rt", newline="") as f:
