@@ -41,13 +41,16 @@ class Reference:
         over the groups q has, less 2 q.s (a key is zero on a group its row lacks), as one matrix product of
         keys widened by their per-group squares and masks; then over the dimensions both have."""
         sizes = group_sizes(self.dim_group, qm.shape[1], q.dtype)
-        out = q.new_empty(len(q), len(self.keys))
         masks, which = torch.unique(qm, dim=0, return_inverse=True)
+        out = None if len(masks) == 1 else q.new_empty(len(q), len(self.keys))
         for i, m in enumerate(masks):
             rows = torch.nonzero(which == i).flatten()
             q_square = q.new_zeros(len(rows), len(m)).index_add_(1, self.dim_group, q[rows].square())
             d = torch.addmm((self.square @ m)[None], torch.cat([q[rows], q_square], 1), self.wide)
-            out[rows] = d.div_((self.mask @ (m * sizes)).clamp(min=1)).clamp_(min=0)
+            d = d.div_((self.mask @ (m * sizes)).clamp(min=1)).clamp_(min=0)
+            if out is None:  # one set of boards on every row (the usual case): no copy into place
+                return d
+            out[rows] = d
         return out
 
 
