@@ -324,6 +324,15 @@ class AlignModel(Reference):
         home = int(recording[t0:t1].mode().values)  # the run most of the stretch is in: its rows are the answer
         first, n = int(self.firsts[home]), int(self.firsts[home + 1] - self.firsts[home])
         t = torch.arange(t0, t1, dtype=torch.float64)
+
+        def cost(a: float, b: float) -> torch.Tensor:
+            """The stretch's rows laid on the run at place a + b t: their mean clipped cost."""
+            return self.line_cost(q[t0:t1], qm[t0:t1], first, n, a + b * t)
+
+        def anchored(a: float, b: float) -> tuple[bool, bool]:
+            """Whether the line puts the stretch's first row on the run's first, its last on the run's last."""
+            return abs(a + b * t0) < 0.5, abs(a + b * (t1 - 1) - (n - 1)) < 0.5
+
         fit, rows = torch.stack([torch.ones_like(t), t], 1), place[t0:t1].double()
         keep = torch.ones(len(t), dtype=torch.bool)
         for _ in range(4):  # least squares, then again on the 70 % of rows nearest the line
@@ -348,22 +357,19 @@ class AlignModel(Reference):
             a = (n - 1) - b * (t1 - 1)
         # the stretch as the whole job, its first and last rows on the run's: taken where both ends came
         # near, or where its rows match the run better than the line fitted (a pace the path did not follow)
-        if len(paces) > 1 and (
-                (starts and ends) or self.line_cost(q[t0:t1], qm[t0:t1], first, n, -whole * t0 + whole * t) <
-                self.line_cost(q[t0:t1], qm[t0:t1], first, n, a + b * t)):
+        if len(paces) > 1 and ((starts and ends) or cost(-whole * t0, whole) < cost(a, b)):
             a, b = -whole * t0, whole
-        # most jobs run at the training runs' pace: a line anchored on a job's first or last row whose pace differs from
-        # theirs by at most `snap` rows over the stretch is read at theirs, unless its own matches better
-        # by `snap_margin` (a recording a few rows short of its job read whole drifts by those rows)
+        # most jobs run at the training runs' pace: a line anchored on a job's first or last row whose pace
+        # differs from theirs by at most `snap` rows over the stretch is read at theirs, unless its own
+        # matches better by `snap_margin` (a recording a few rows short of its job read whole drifts by those rows)
         if cfg.get("steady_pace", False) and 1e-6 < abs(b - 1) * (t1 - t0) <= cfg.snap:
-            cost = self.line_cost(q[t0:t1], qm[t0:t1], first, n, a + b * t)
-            anchors = [-t0] if abs(a + b * t0) < 0.5 else []
-            anchors += [(n - 1) - (t1 - 1)] if abs(a + b * (t1 - 1) - (n - 1)) < 0.5 else []
-            for steady in anchors:
-                c = self.line_cost(q[t0:t1], qm[t0:t1], first, n, steady + t)
-                if c <= cost + cfg.snap_margin:
-                    a, b, cost = float(steady), 1.0, c
-        return home, a, b, abs(a + b * t0) < 0.5 or abs(a + b * (t1 - 1) - (n - 1)) < 0.5
+            own = cost(a, b)
+            for steady, on in zip((-t0, (n - 1) - (t1 - 1)), anchored(a, b)):
+                if not on:
+                    continue
+                if (c := cost(steady, 1.0)) <= own + cfg.snap_margin:
+                    a, b, own = float(steady), 1.0, c
+        return home, a, b, any(anchored(a, b))
 
     def merged(self, q: torch.Tensor, qm: torch.Tensor, placed: list[tuple]) -> list[tuple]:
         """Stretches of one program side by side taken as one where a line of either, carried over both, matches
